@@ -1,0 +1,1 @@
+"""Verification of TEE evidence: parse (`abi`) → verify (`verify`) → validate (`policy`)."""

@@ -1,0 +1,72 @@
+"""The verified result: the one object the rest of veil reads claims from.
+
+Only `veil.attestation.verifier` builds a `VerifiedEvidence`, and only after every signature, chain,
+collateral and policy check passed. Code that needs a measurement, the report data or the TCB status
+reads it here and never re-parses the raw evidence.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import MappingProxyType
+
+__all__ = ["Platform", "VerifiedEvidence"]
+
+
+class Platform(enum.StrEnum):
+    SGX = "sgx"
+    TDX = "tdx"
+    SEV_SNP = "sev-snp"
+
+
+def _frozen(mapping: Mapping[str, bytes]) -> Mapping[str, bytes]:
+    return MappingProxyType(dict(mapping))
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedEvidence:
+    """Claims of evidence that passed verification and the policy.
+
+    Attributes:
+        platform: which TEE produced the evidence.
+        report_data: the 64 bytes the TEE bound into the evidence (veil puts SHA-256 of its TLS
+            certificate in the first 32).
+        measurements: the platform's measurement registers by name, as bytes. Names:
+            SGX ``mr_enclave``, ``mr_signer``; TDX ``mr_td``, ``mr_seam``, ``rtmr0``..``rtmr3``,
+            ``mr_config_id``, ``mr_owner``, ``mr_owner_config``; SEV-SNP ``measurement``,
+            ``host_data``, ``id_key_digest``, ``author_key_digest``.
+        debug: whether the TEE allows a debugger (its memory is then readable by the host).
+        tcb_status: Intel's TCB status ("UpToDate", "SWHardeningNeeded", ...) for SGX/TDX;
+            "UpToDate" for SEV-SNP when the reported TCB matches the VCEK/VLEK.
+        advisory_ids: Intel security advisories (INTEL-SA-…) that apply to this TCB level.
+        valid_from: start of the window in which every certificate and collateral item is valid.
+        valid_until: end of that window; the verdict must be renewed after it.
+        simulated: true when the evidence chains to veil's simulated root (no TEE, no security).
+        details: further platform facts (SVNs, attributes, policy bits) as ints or bytes.
+    """
+
+    platform: Platform
+    report_data: bytes
+    measurements: Mapping[str, bytes]
+    debug: bool
+    tcb_status: str
+    advisory_ids: tuple[str, ...]
+    valid_from: datetime
+    valid_until: datetime
+    simulated: bool = False
+    details: Mapping[str, int | bytes | str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "measurements", _frozen(self.measurements))
+        object.__setattr__(self, "details", MappingProxyType(dict(self.details)))
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={v.hex()}" for k, v in self.measurements.items())
+        return (
+            f"VerifiedEvidence(platform={self.platform.value}, tcb_status={self.tcb_status}, "
+            f"debug={self.debug}, simulated={self.simulated}, {shown}, "
+            f"report_data={self.report_data.hex()})"
+        )

@@ -1,0 +1,41 @@
+"""`veil` command line: each subcommand lives in `veil.commands.<name>` and registers itself."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+# module name in veil.commands -> subcommand; each module defines register(subparsers) and the
+# handler it sets with parser.set_defaults(handler=...), which returns the exit status.
+_COMMANDS = ("serve", "verify_evidence", "keys", "demo", "export")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="veil",
+        description="Confidential inference for ONNX models inside trusted execution environments.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in _COMMANDS:
+        try:
+            module = importlib.import_module(f"veil.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"veil.commands.{name}":
+                raise
+            continue
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    status: int = args.handler(args)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
