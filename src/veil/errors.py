@@ -16,6 +16,7 @@
     │   └── BindingError                 the TLS certificate is not the one the evidence binds
     ├── TensorError (also ValueError)    an input cannot be encoded as a tensor (dtype, shape, size)
     ├── TransportError                   the network failed: refused, reset, timed out
+    ├── ExportError                      a model did not export to ONNX, or ONNX Runtime disagrees with PyTorch
     └── ApiError                         the server answered with an error status
         ├── BadRequestError              400 / 413 / 422: malformed request, limits, wrong inputs
         ├── AuthenticationError          401: missing or unknown API key
@@ -41,6 +42,7 @@ __all__ = [
     "ConflictError",
     "EvidenceUnavailableError",
     "ExpiredError",
+    "ExportError",
     "MalformedEvidenceError",
     "NotFoundError",
     "PermissionDeniedError",
@@ -112,6 +114,10 @@ class TensorError(VeilError, ValueError):
 
 class TransportError(VeilError):
     """The network failed: connection refused or reset, TLS failure, time-out."""
+
+
+class ExportError(VeilError):
+    """A model could not be exported to ONNX, or the exported graph's outputs differ from PyTorch's."""
 
 
 class ApiError(VeilError):

@@ -1,0 +1,373 @@
+"""A verified connection to a veil (or BlindAI 0.6) server.
+
+`Connection` attests the server before anything leaves this machine:
+
+1. fetch the server's TLS certificate, its evidence and collateral from the unattested port;
+2. refuse a simulated ("mock") server unless ``simulation=True``;
+3. verify the evidence (signatures, chains, collateral, TCB status) and check it against the
+   policy (`veil.attestation.verifier.verify_evidence`);
+4. check the evidence binds the certificate: report data starts with SHA-256(certificate DER);
+5. open HTTPS channels that trust that one certificate and nothing else.
+
+Inputs, models and outputs travel only on step 5's channels; they are verified once per
+connection and kept alive for every request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import ssl
+import warnings
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import cbor2
+import httpx
+
+from veil import __version__, wire
+from veil.attestation.claims import VerifiedEvidence
+from veil.attestation.policy import Policy, SgxPolicy
+from veil.attestation.trust import TrustStore
+from veil.attestation.verifier import verify_evidence
+from veil.client.responses import ModelInfo, PredictResponse, Tensor, UploadResponse
+from veil.errors import (
+    ApiError,
+    AttestationError,
+    BindingError,
+    EvidenceUnavailableError,
+    PolicyError,
+    SimulationModeWarning,
+    TransportError,
+    api_error_for_status,
+)
+from veil.tensors import encode_inputs
+from veil.tls import SERVER_NAME, certificate_digest, pinned_client_context
+
+__all__ = ["API_KEY_HEADER", "Connection", "connect"]
+
+API_KEY_HEADER = "X-Veil-Api-Key"
+_SNI = {"sni_hostname": SERVER_NAME}
+_CLIENT_INFO = {"user_agent": "veil_python", "user_agent_version": __version__}
+
+
+def _simulated_policy() -> Policy:
+    # Imported late: the measurement hashes veil's own code, which costs a few milliseconds.
+    from veil.providers.measurement import simulated_measurement
+
+    return Policy(sgx=SgxPolicy(mr_enclave=(simulated_measurement(),)))
+
+
+def _host(addr: str) -> str:
+    return f"[{addr}]" if ":" in addr and not addr.startswith("[") else addr
+
+
+class Connection:
+    """An attested connection to one server; use it as a context manager.
+
+    Example::
+
+        import veil
+
+        with veil.Connection("10.0.0.5", policy=veil.Policy.from_toml(policy_text)) as client:
+            client.upload_model("model.onnx", model_id="my-model")
+            result = client.predict("my-model", inputs)
+            result.output[0].as_numpy()
+
+    Args:
+        addr: the server's host name or IP address.
+        api_key: sent as ``X-Veil-Api-Key`` with every request, if given.
+        simulation: accept a simulated server (no TEE: NO SECURITY). Warns on every connection.
+            Without a policy it pins the measurement of this veil version's simulated server.
+        policy: what the TEE must prove (measurements, TCB status); required unless
+            `simulation` is set.
+        unattested_port, attested_port, management_port: the server's three ports.
+        timeout: seconds allowed for connecting and for each request.
+        upload_timeout: seconds allowed for an upload.
+        now: the time to verify the evidence at (default: now).
+
+    Raises:
+        AttestationError: (or a subclass) the server could not prove what it runs; nothing
+            was sent to it.
+        TransportError: the server could not be reached.
+    """
+
+    def __init__(
+        self,
+        addr: str,
+        *,
+        api_key: str | None = None,
+        simulation: bool = False,
+        policy: Policy | None = None,
+        unattested_port: int = 9923,
+        attested_port: int = 9924,
+        management_port: int = 9925,
+        timeout: float = 30.0,
+        upload_timeout: float = 600.0,
+        now: datetime | None = None,
+    ) -> None:
+        if simulation:
+            warnings.warn_explicit(
+                "veil: simulation mode: the server runs in no TEE and its evidence proves "
+                "nothing; never send real data",
+                SimulationModeWarning,
+                __file__,
+                0,
+                module=__name__,
+                registry=None,  # no once-per-location memory: warn on every connection
+            )
+        if policy is None:
+            if not simulation:
+                raise PolicyError(
+                    "no policy: pass policy= (e.g. veil.Policy.from_toml(...)) naming the "
+                    "measurements you accept"
+                )
+            policy = _simulated_policy()
+        self._timeout = httpx.Timeout(timeout)
+        self._upload_timeout = httpx.Timeout(timeout, read=upload_timeout, write=upload_timeout)
+        host = _host(addr)
+        self._unattested_url = f"http://{host}:{unattested_port}"
+        self._attested_url = f"https://{host}:{attested_port}"
+        self._management_url = f"https://{host}:{management_port}"
+        headers = {"user-agent": f"veil-python/{__version__}"}
+        if api_key is not None:
+            headers[API_KEY_HEADER] = api_key
+
+        certificate, quote, collateral, server = self._fetch_evidence(headers)
+        # Step 2: a mock server is refused before any verification unless asked for.
+        mock = "mock" in server.lower()
+        if mock and not simulation:
+            raise AttestationError(
+                f"the server is simulated (Server: {server!r}): it runs in no TEE; "
+                "connect with simulation=True only for development"
+            )
+        trust = TrustStore.simulated_only() if simulation and mock else TrustStore.production()
+        # Step 3: evidence, collateral and policy.
+        verified = verify_evidence(quote, collateral, policy=policy, trust=trust, now=now)
+        # Step 4: the evidence must bind the certificate the server showed us.
+        expected = certificate_digest(certificate)
+        if verified.report_data[:32] != expected:
+            raise BindingError(
+                f"certificate binding: report data starts with {verified.report_data[:32].hex()}, "
+                f"expected SHA-256 of the server certificate {expected.hex()}"
+            )
+        self.verified: VerifiedEvidence = verified
+        """The verified evidence of the server (measurements, TCB status, report data)."""
+        self.certificate_der = certificate
+        # Step 5: channels that trust only the attested certificate.
+        self._client = httpx.Client(
+            verify=pinned_client_context(certificate), headers=headers, timeout=self._timeout
+        )
+        try:
+            self._request("GET", f"{self._attested_url}/")
+        except BaseException:
+            self._client.close()
+            raise
+
+    def _fetch_evidence(self, headers: Mapping[str, str]) -> tuple[bytes, bytes, Any, str]:
+        """Step 1: certificate, quote, collateral and the Server header."""
+        with httpx.Client(headers=dict(headers), timeout=self._timeout) as plain:
+
+            def get(path: str) -> httpx.Response:
+                try:
+                    response = plain.get(f"{self._unattested_url}{path}")
+                except httpx.HTTPError as exc:
+                    raise TransportError(
+                        f"{self._unattested_url}{path}: {type(exc).__name__}: {exc}"
+                    ) from None
+                if response.status_code >= 400:
+                    raise EvidenceUnavailableError(
+                        f"{self._unattested_url}{path}: status {response.status_code}"
+                    )
+                return response
+
+            def decode(response: httpx.Response, kind: type, what: str) -> Any:
+                try:
+                    value = cbor2.loads(response.content)
+                except Exception:
+                    raise EvidenceUnavailableError(f"{what}: malformed CBOR") from None
+                if not isinstance(value, kind):
+                    raise EvidenceUnavailableError(
+                        f"{what}: got {type(value).__name__}, expected {kind.__name__}"
+                    )
+                return value
+
+            first = get("/")
+            server = first.headers.get("server", "")
+            certificate = decode(first, bytes, "certificate")
+            quote = decode(get("/quote"), bytes, "quote")
+            collateral = decode(get("/collateral"), dict, "collateral")
+        return certificate, quote, collateral, server
+
+    def _request(
+        self,
+        method: str,
+        url: str,
+        body: bytes | None = None,
+        timeout: httpx.Timeout | None = None,
+    ) -> bytes:
+        try:
+            response = self._client.request(
+                method, url, content=body, timeout=timeout or self._timeout, extensions=_SNI
+            )
+        except httpx.ConnectError as exc:
+            if (
+                isinstance(exc.__context__, ssl.SSLCertVerificationError)
+                or "CERTIFICATE" in str(exc).upper()
+            ):
+                raise BindingError(
+                    f"{url}: the server's certificate is not the attested one ({exc})"
+                ) from None
+            raise TransportError(f"{url}: {type(exc).__name__}: {exc}") from None
+        except httpx.HTTPError as exc:
+            raise TransportError(f"{url}: {type(exc).__name__}: {exc}") from None
+        if response.status_code >= 400:
+            raise api_error_for_status(response.status_code, wire.decode_error(response.content))
+        return response.content
+
+    # ---- models -----------------------------------------------------------------------------
+
+    def upload_model(
+        self,
+        model: str | os.PathLike[str] | bytes | Any,
+        *,
+        model_id: str | None = None,
+        model_name: str | None = None,
+    ) -> UploadResponse:
+        """Send an ONNX model over the attested channel.
+
+        Args:
+            model: a path to an ``.onnx`` file, the model's bytes, or an ``onnx.ModelProto``.
+            model_id: the id to run it by (veil extension); the server picks one if None.
+            model_name: a label kept with the model (default: the file name).
+
+        Raises:
+            ConflictError: `model_id` is taken. BadRequestError: not a model the server can load.
+        """
+        if isinstance(model, str | os.PathLike):
+            path = Path(model)
+            data = path.read_bytes()
+            model_name = model_name if model_name is not None else path.name
+        elif isinstance(model, bytes | bytearray | memoryview):
+            data = bytes(model)
+        elif hasattr(model, "SerializeToString"):
+            data = model.SerializeToString()
+        else:
+            raise TypeError(
+                f"model: got {type(model).__name__}, expected a path, bytes or onnx.ModelProto"
+            )
+        body = wire.encode_upload_request(
+            data, model_name=model_name or "", model_id=model_id, client_info=_CLIENT_INFO
+        )
+        url = f"{self._management_url}/upload"
+        reply = self._request("POST", url, body, self._upload_timeout)
+        got_id, got_hash = wire.decode_upload_reply(reply)
+        expected = hashlib.sha256(data).digest()
+        if got_hash != expected:
+            raise ApiError(200, f"upload: server hash {got_hash.hex()}, expected {expected.hex()}")
+        return UploadResponse(model_id=got_id, hash=got_hash)
+
+    def predict(
+        self,
+        model_id: str,
+        inputs: Any,
+        *,
+        dtype: Any = None,
+        shape: Any = None,
+    ) -> PredictResponse:
+        """Run a model on `inputs` inside the TEE.
+
+        Args:
+            model_id: the model's id.
+            inputs: a numpy array, a torch tensor, a flat list (with `dtype` and `shape`), a
+                list of those (fed to the model's inputs in order), or a dict by input name.
+            dtype, shape: for flat lists: the element type and dimensions (one, or one per input).
+
+        Raises:
+            TensorError: an input cannot be encoded. NotFoundError: no such model.
+            BadRequestError: the inputs do not fit the model (type, shape, count).
+        """
+        return self._run(model_id, None, inputs, dtype, shape)
+
+    def run_model(
+        self,
+        model_id: str = "",
+        model_hash: str = "",
+        input_tensors: Any = None,
+        dtypes: Any = None,
+        shapes: Any = None,
+    ) -> PredictResponse:
+        """BlindAI's name for `predict`; also finds the model by its hex SHA-256 hash."""
+        if bool(model_id) == bool(model_hash):
+            raise ValueError("give exactly one of model_id and model_hash")
+        return self._run(model_id or None, model_hash or None, input_tensors, dtypes, shapes)
+
+    def _run(
+        self, model_id: str | None, model_hash: str | None, inputs: Any, dtype: Any, shape: Any
+    ) -> PredictResponse:
+        tensors = encode_inputs(inputs, dtype=dtype, shape=shape)
+        body = wire.encode_run_request(
+            model_id=model_id, model_hash=model_hash, inputs=tensors, client_info=_CLIENT_INFO
+        )
+        reply = self._request("POST", f"{self._attested_url}/run", body)
+        return PredictResponse([Tensor.from_wire(t) for t in wire.decode_run_reply(reply)])
+
+    def delete_model(self, model_id: str) -> None:
+        """Delete a model from the server. Raises NotFoundError if it has no such model."""
+        self._request(
+            "POST", f"{self._management_url}/delete", wire.encode_delete_request(model_id)
+        )
+
+    def list_models(self) -> list[ModelInfo]:
+        """The models the server holds (veil extension)."""
+        reply = self._request("GET", f"{self._management_url}/models")
+        try:
+            items = cbor2.loads(reply)
+            return [
+                ModelInfo(
+                    model_id=item["model_id"],
+                    model_name=item["model_name"],
+                    hash=item["hash"],
+                    size=item["size"],
+                    inputs=tuple(item["inputs"]),
+                    outputs=tuple(item["outputs"]),
+                )
+                for item in items
+            ]
+        except (KeyError, TypeError, ValueError, cbor2.CBORDecodeError):
+            raise ApiError(200, "model list: malformed reply") from None
+
+    # ---- lifetime -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the connection's sockets."""
+        self._client.close()
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Connection({self._attested_url}, verified={self.verified!r})"
+
+
+def connect(addr: str, **kwargs: Any) -> Connection:
+    """Connect to a server and verify it; same arguments as `Connection`.
+
+    Example::
+
+        with veil.connect("127.0.0.1", simulation=True) as client:   # development only
+            client.upload_model("model.onnx", model_id="my-model")
+            print(client.predict("my-model", x).output[0].as_numpy())
+    """
+    return Connection(addr, **kwargs)

@@ -1,0 +1,363 @@
+"""API keys, roles and the authorization rules the server applies.
+
+Keys are 32 random bytes. The server stores only SHA-256 of the secret (a slow password hash buys
+nothing for a 256-bit random value) in an embedded SQLite database, ``keys.sqlite3`` in the data
+directory, and compares digests in constant time. A key is shown once, when it is created::
+
+    veil_<key id: 16 hex>_<secret: 64 hex>
+
+Roles, from most to least powerful (each includes the rights of those below it):
+
+- ``admin``: manage keys (create, list, revoke); upload; delete any model; predict.
+- ``owner``: upload models; delete and list the models it uploaded; predict.
+- ``user``: predict.
+
+A model is either ``public`` (any valid key may predict) or ``restricted`` to named key ids (plus
+the key that uploaded it). An admin gets no implicit access to a restricted model: restricted
+means exactly the keys listed.
+
+Auth policy: `auth_required` — authentication is ON whenever the server listens beyond loopback,
+and whenever keys exist; ``--no-auth`` turns it off for local development only, and the server
+must print `NO_AUTH_BANNER` when it does. Secrets and their hashes are never logged; `KeyInfo`
+carries neither.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import ipaddress
+import os
+import re
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, get_args
+
+from veil.errors import api_error_for_status
+
+__all__ = [
+    "API_KEY_HEADER",
+    "KEYS_FILENAME",
+    "NO_AUTH_BANNER",
+    "PUBLIC",
+    "RESTRICTED",
+    "ROLES",
+    "KeyInfo",
+    "KeyStore",
+    "Principal",
+    "Role",
+    "Visibility",
+    "auth_required",
+    "can_delete",
+    "can_list",
+    "can_manage_keys",
+    "can_predict",
+    "can_upload",
+    "principal_from_api_key",
+    "principal_from_authorization",
+]
+
+KEYS_FILENAME = "keys.sqlite3"
+
+Role = Literal["admin", "owner", "user"]
+ROLES: tuple[Role, ...] = get_args(Role)
+_RANK: dict[str, int] = {"user": 0, "owner": 1, "admin": 2}
+
+Visibility = Literal["public", "restricted"]
+PUBLIC: Visibility = "public"
+RESTRICTED: Visibility = "restricted"
+
+_PREFIX = "veil"
+_ID_BYTES = 8
+_SECRET_BYTES = 32
+_KEY_RE = re.compile(r"veil_([0-9a-f]{16})_([0-9a-f]{64})")
+_MAX_NAME = 200
+# Compared against when the key id is unknown, so that a miss costs the same hash + compare.
+_DUMMY_HASH = hashlib.sha256(b"veil: no such key").digest()
+
+NO_AUTH_BANNER = (
+    "WARNING: authentication is DISABLED (--no-auth). Anyone who can reach this server may "
+    "upload, delete and query models. Use this for local development only."
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS keys (
+    key_id      TEXT PRIMARY KEY,
+    role        TEXT NOT NULL CHECK (role IN ('admin', 'owner', 'user')),
+    name        TEXT,
+    secret_hash BLOB NOT NULL,
+    created_at  REAL NOT NULL,
+    revoked_at  REAL
+)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    """What the server knows about a key: never its secret or its hash.
+
+    Attributes:
+        key_id: public identifier (16 hex digits), also the owner id of the models it uploads.
+        role: ``admin``, ``owner`` or ``user``.
+        name: free-form label given at creation, or None.
+        created_at: creation time, seconds since the epoch.
+        revoked_at: revocation time, or None while the key is valid.
+    """
+
+    key_id: str
+    role: Role
+    name: str | None
+    created_at: float
+    revoked_at: float | None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+    @property
+    def principal(self) -> Principal:
+        return Principal(key_id=self.key_id, role=self.role)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is making a request: a key id and its role.
+
+    ``key_id`` is None only for the local-development principal used when auth is off
+    (`Principal.unauthenticated`), which has every right.
+    """
+
+    key_id: str | None
+    role: Role
+
+    @classmethod
+    def unauthenticated(cls) -> Principal:
+        """The principal of every request when the server runs with ``--no-auth``."""
+        return cls(key_id=None, role="admin")
+
+    def has_role(self, role: Role) -> bool:
+        """True when this principal's role is `role` or a more powerful one."""
+        return _RANK[self.role] >= _RANK[role]
+
+
+def can_manage_keys(p: Principal) -> bool:
+    """Only admins create, list and revoke keys."""
+    return p.has_role("admin")
+
+
+def can_upload(p: Principal) -> bool:
+    """Owners and admins may upload models."""
+    return p.has_role("owner")
+
+
+def can_delete(p: Principal, model_owner: str | None) -> bool:
+    """Admins may delete any model; owners only the models their key uploaded."""
+    if p.has_role("admin"):
+        return True
+    return p.has_role("owner") and p.key_id is not None and p.key_id == model_owner
+
+
+def can_list(p: Principal, model_owner: str | None) -> bool:
+    """Whether `p` sees the model when listing models it manages (admins: all; owners: own)."""
+    return can_delete(p, model_owner)
+
+
+def can_predict(
+    p: Principal,
+    model_visibility: str,
+    allowed_key_ids: Collection[str],
+    model_owner: str | None = None,
+) -> bool:
+    """Whether `p` may run a model.
+
+    Args:
+        p: the caller.
+        model_visibility: ``"public"`` or ``"restricted"``; anything else is refused (fail closed).
+        allowed_key_ids: for a restricted model, the key ids allowed to predict.
+        model_owner: the key id that uploaded the model; it may always run its own model.
+    """
+    if p.key_id is None:  # auth off: local development, every right
+        return True
+    if model_visibility == PUBLIC:
+        return True
+    if model_visibility != RESTRICTED:
+        return False
+    return p.key_id in allowed_key_ids or (model_owner is not None and p.key_id == model_owner)
+
+
+def auth_required(host: str, no_auth: bool, *, keys_exist: bool = False) -> bool:
+    """Whether the server must demand an API key on every request.
+
+    Rule: with ``no_auth`` (the ``--no-auth`` flag, for local development) auth is off and the
+    server must print `NO_AUTH_BANNER`. Otherwise auth is on when `host` is anything but a
+    loopback address (``127.0.0.0/8``, ``::1``, ``localhost``) — wildcard binds (``0.0.0.0``,
+    ``::``, empty) and host names count as beyond loopback — and also on loopback as soon as any
+    key exists (`keys_exist`, from `KeyStore.any_keys`).
+    """
+    if no_auth:
+        return False
+    return keys_exist or not _is_loopback(host)
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _hash(secret: bytes) -> bytes:
+    return hashlib.sha256(secret).digest()
+
+
+class KeyStore:
+    """API keys in an SQLite database (`path`, normally ``<data dir>/keys.sqlite3``).
+
+    Safe to use from several threads and processes: every call opens its own short connection.
+
+    Example::
+
+        store = KeyStore(data_dir / KEYS_FILENAME)
+        key_id, secret = store.create("owner", name="alice")   # show `secret` once
+        info = store.authenticate(secret)                       # KeyInfo, or None
+    """
+
+    def __init__(self, path: Path | str, *, now: Callable[[], float] = time.time) -> None:
+        self._path = Path(path)
+        self._now = now
+        self._lock = threading.Lock()
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        if not self._path.exists():
+            # Create it private before SQLite does (hashes only, but no reason to share them).
+            fd = os.open(self._path, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600)
+            os.close(fd)
+        with self._connect() as db:
+            db.execute(_SCHEMA)
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            db = sqlite3.connect(self._path, timeout=10.0, isolation_level=None)
+            try:
+                db.execute("PRAGMA synchronous=FULL")
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield db
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+            finally:
+                db.close()
+
+    def create(self, role: Role, name: str | None = None) -> tuple[str, str]:
+        """Create a key; return ``(key_id, secret_string)``. The secret is not stored anywhere."""
+        if role not in ROLES:
+            raise ValueError(f"role: got {role!r}, expected one of {', '.join(ROLES)}")
+        if name is not None and (len(name) > _MAX_NAME or not name.isprintable()):
+            raise ValueError(f"name: expected at most {_MAX_NAME} printable characters")
+        secret = secrets.token_bytes(_SECRET_BYTES)
+        with self._connect() as db:
+            while True:
+                key_id = secrets.token_hex(_ID_BYTES)
+                try:
+                    db.execute(
+                        "INSERT INTO keys (key_id, role, name, secret_hash, created_at)"
+                        " VALUES (?, ?, ?, ?, ?)",
+                        (key_id, role, name, _hash(secret.hex().encode()), self._now()),
+                    )
+                except sqlite3.IntegrityError:  # 2^-64 id collision: draw again
+                    continue
+                break
+        return key_id, f"{_PREFIX}_{key_id}_{secret.hex()}"
+
+    def list(self) -> list[KeyInfo]:
+        """Every key, revoked ones included, oldest first."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT key_id, role, name, created_at, revoked_at FROM keys"
+                " ORDER BY created_at, key_id"
+            ).fetchall()
+        return [KeyInfo(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+    def get(self, key_id: str) -> KeyInfo | None:
+        """The key `key_id`, or None."""
+        with self._connect() as db:
+            r = db.execute(
+                "SELECT key_id, role, name, created_at, revoked_at FROM keys WHERE key_id = ?",
+                (key_id,),
+            ).fetchone()
+        return None if r is None else KeyInfo(r[0], r[1], r[2], r[3], r[4])
+
+    def revoke(self, key_id: str) -> None:
+        """Revoke `key_id` (idempotent). Raises `NotFoundError` (404) for an unknown id."""
+        with self._connect() as db:
+            cur = db.execute(
+                "UPDATE keys SET revoked_at = COALESCE(revoked_at, ?) WHERE key_id = ?",
+                (self._now(), key_id),
+            )
+            if cur.rowcount == 0:
+                raise api_error_for_status(404, f"key id: got {key_id!r}, no such key")
+
+    def any_keys(self) -> bool:
+        """True when at least one key (valid or revoked) was ever created."""
+        with self._connect() as db:
+            return db.execute("SELECT 1 FROM keys LIMIT 1").fetchone() is not None
+
+    def authenticate(self, secret_string: str) -> KeyInfo | None:
+        """The key whose secret is `secret_string`, or None (malformed, unknown or revoked)."""
+        m = _KEY_RE.fullmatch(secret_string)
+        if m is None:
+            return None
+        key_id, secret_hex = m.group(1), m.group(2)
+        with self._connect() as db:
+            r = db.execute(
+                "SELECT key_id, role, name, created_at, revoked_at, secret_hash"
+                " FROM keys WHERE key_id = ?",
+                (key_id,),
+            ).fetchone()
+        stored = _DUMMY_HASH if r is None else bytes(r[5])
+        ok = hmac.compare_digest(_hash(secret_hex.encode()), stored)
+        if r is None or not ok or r[4] is not None:
+            return None
+        return KeyInfo(r[0], r[1], r[2], r[3], r[4])
+
+
+API_KEY_HEADER = "X-Veil-Api-Key"
+
+
+def principal_from_api_key(api_key: str | None, store: KeyStore) -> Principal:
+    """The principal of a request, from its ``X-Veil-Api-Key`` header value (the SDK's header).
+
+    Raises `AuthenticationError` (401) when the key is missing, malformed, unknown or revoked.
+    The message never repeats the key.
+    """
+    if not api_key:
+        raise api_error_for_status(401, f"missing API key: send it in the {API_KEY_HEADER} header")
+    info = store.authenticate(api_key.strip())
+    if info is None:
+        raise api_error_for_status(401, "invalid or revoked API key")
+    return info.principal
+
+
+def principal_from_authorization(authorization: str | None, store: KeyStore) -> Principal:
+    """Like `principal_from_api_key`, from an ``Authorization: Bearer <key>`` header value."""
+    if not authorization:
+        raise api_error_for_status(401, "missing API key: send 'Authorization: Bearer <key>'")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise api_error_for_status(401, "Authorization header: expected 'Bearer <key>'")
+    return principal_from_api_key(token.strip(), store)

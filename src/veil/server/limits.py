@@ -1,0 +1,282 @@
+"""Resource limits: what one request, one key and the whole server may consume.
+
+Every breach raises an `ApiError` built by `veil.errors.api_error_for_status`, so the server's one
+error-to-status mapping applies, with a message naming the limit and its value::
+
+    413 request body exceeds max_request_bytes=67108864
+    422 tensor 'input' has 20000000 elements, exceeds max_tensor_elements=16777216
+    429 rate limit exceeded: requests_per_second=50.0 (burst 100) for this key
+
+413 is for sizes of bodies, models and storage; 422 for tensors that do not fit the limits; 429 for
+rate and concurrency; 400 for malformed input. The defaults keep a 24 GiB machine alive under
+hostile load: at most `max_concurrent_requests` requests each holding at most `max_request_bytes`
+of body and their tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, fields
+
+from veil.errors import ApiError, api_error_for_status
+
+__all__ = [
+    "ConcurrencyLimiter",
+    "Limits",
+    "RateLimiter",
+    "iter_body_limited",
+    "limit_error",
+    "read_body_limited",
+]
+
+_MiB = 1 << 20
+_GiB = 1 << 30
+
+
+def limit_error(status: int, message: str) -> ApiError:
+    """The typed error for a breached limit (413 / 422 / 429 / 400)."""
+    return api_error_for_status(status, message)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Server resource limits. Sizes are bytes, times seconds.
+
+    Attributes:
+        max_request_bytes: body of a run/predict request (413).
+        max_upload_bytes: body of a model upload request (413).
+        max_model_bytes: a decoded ONNX model (413).
+        max_total_stored_bytes: all stored models together (413).
+        max_tensor_bytes: one input or output tensor's data (422).
+        max_tensor_elements: elements of one tensor (422).
+        max_inputs: tensors in one request (422).
+        max_initializer_bytes: one ONNX initializer / constant, by its declared shape (422).
+        max_initializers_total_bytes: all initializers of a model, by declared shape (422).
+        request_timeout_s: wall time of one inference (the server answers 503 or 504 past it).
+        max_concurrent_requests: requests processed at once; more are refused with 429.
+        requests_per_second: sustained request rate per API key (429).
+        burst: requests a key may send at once before the rate applies.
+        max_tracked_keys: rate-limiter buckets kept in memory (least recently used dropped).
+    """
+
+    max_request_bytes: int = 64 * _MiB
+    max_upload_bytes: int = 1 * _GiB
+    max_model_bytes: int = 1 * _GiB
+    max_total_stored_bytes: int = 8 * _GiB
+    max_tensor_bytes: int = 64 * _MiB
+    max_tensor_elements: int = 16 * _MiB
+    max_inputs: int = 64
+    max_initializer_bytes: int = 1 * _GiB
+    max_initializers_total_bytes: int = 1 * _GiB
+    request_timeout_s: float = 60.0
+    max_concurrent_requests: int = 8
+    requests_per_second: float = 50.0
+    burst: int = 100
+    max_tracked_keys: int = 10_000
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not (isinstance(value, int | float) and value > 0 and math.isfinite(value)):
+                raise ValueError(f"{f.name}: got {value!r}, expected a positive number")
+
+    # --- checks: each raises the typed error, naming the limit -------------------------------
+
+    def check_request_bytes(self, n: int) -> None:
+        if n > self.max_request_bytes:
+            raise limit_error(
+                413, f"request body exceeds max_request_bytes={self.max_request_bytes}"
+            )
+
+    def check_upload_bytes(self, n: int) -> None:
+        if n > self.max_upload_bytes:
+            raise limit_error(413, f"upload body exceeds max_upload_bytes={self.max_upload_bytes}")
+
+    def check_model_bytes(self, n: int) -> None:
+        if n > self.max_model_bytes:
+            raise limit_error(
+                413, f"model of {n} bytes exceeds max_model_bytes={self.max_model_bytes}"
+            )
+
+    def check_storage(self, stored_bytes: int, new_bytes: int) -> None:
+        """Refuse a model of `new_bytes` when `stored_bytes` are already stored."""
+        if stored_bytes + new_bytes > self.max_total_stored_bytes:
+            raise limit_error(
+                413,
+                f"storing {new_bytes} more bytes exceeds "
+                f"max_total_stored_bytes={self.max_total_stored_bytes} "
+                f"({stored_bytes} already stored)",
+            )
+
+    def check_inputs(self, count: int) -> None:
+        if count > self.max_inputs:
+            raise limit_error(422, f"{count} input tensors exceed max_inputs={self.max_inputs}")
+
+    def check_tensor(self, shape: Sequence[int], itemsize: int, name: str = "") -> None:
+        """Check a tensor's declared shape before allocating it (negative dims are 400)."""
+        label = f"tensor {name!r}" if name else "tensor"
+        if any(d < 0 for d in shape):
+            raise limit_error(400, f"{label} shape {list(shape)}: dimensions must be >= 0")
+        elements = math.prod(shape)
+        if elements > self.max_tensor_elements:
+            raise limit_error(
+                422,
+                f"{label} has {elements} elements, "
+                f"exceeds max_tensor_elements={self.max_tensor_elements}",
+            )
+        nbytes = elements * itemsize
+        if nbytes > self.max_tensor_bytes:
+            raise limit_error(
+                422, f"{label} has {nbytes} bytes, exceeds max_tensor_bytes={self.max_tensor_bytes}"
+            )
+
+
+class RateLimiter:
+    """Token bucket per key: `rate` tokens a second, up to `burst` saved up.
+
+    `now` is injected (monotonic seconds). Thread-safe. Memory is bounded: past `max_keys`
+    buckets, the least recently used one is forgotten (it restarts full, which only errs on the
+    side of letting a long-idle key through).
+    """
+
+    def __init__(
+        self,
+        rate: float,
+        burst: int,
+        *,
+        now: Callable[[], float] = time.monotonic,
+        max_keys: int = 10_000,
+    ) -> None:
+        if rate <= 0 or burst < 1 or max_keys < 1:
+            raise ValueError("rate, burst and max_keys must be positive")
+        self._rate = float(rate)
+        self._burst = float(burst)
+        self._now = now
+        self._max_keys = max_keys
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_limits(
+        cls, limits: Limits, *, now: Callable[[], float] = time.monotonic
+    ) -> RateLimiter:
+        return cls(
+            limits.requests_per_second, limits.burst, now=now, max_keys=limits.max_tracked_keys
+        )
+
+    def try_acquire(self, key: str, cost: float = 1.0) -> bool:
+        """Take `cost` tokens from `key`'s bucket; False (and nothing taken) if too few."""
+        t = self._now()
+        with self._lock:
+            tokens, last = self._buckets.pop(key, (self._burst, t))
+            tokens = min(self._burst, tokens + max(0.0, t - last) * self._rate)
+            ok = tokens >= cost
+            if ok:
+                tokens -= cost
+            self._buckets[key] = (tokens, t)
+            while len(self._buckets) > self._max_keys:
+                self._buckets.popitem(last=False)
+        return ok
+
+    def acquire(self, key: str, cost: float = 1.0) -> None:
+        """Like `try_acquire`, but raise `RateLimitError` (429) when the bucket is empty."""
+        if not self.try_acquire(key, cost):
+            raise limit_error(
+                429,
+                f"rate limit exceeded: requests_per_second={self._rate:g} "
+                f"(burst {self._burst:g}) for this key",
+            )
+
+
+class ConcurrencyLimiter:
+    """At most `limit` requests inside at once; the next one is refused at once with 429.
+
+    Refusing instead of queueing keeps memory bounded: a queued request still holds its body.
+    Use ``async with limiter.slot(): ...``.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"limit: got {limit}, expected >= 1")
+        self._limit = limit
+        self._active = 0
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        # Single event loop: the check and the increment happen with no await between them.
+        if self._active >= self._limit:
+            raise limit_error(
+                429, f"server busy: max_concurrent_requests={self._limit} requests in progress"
+            )
+        self._active += 1
+        try:
+            yield
+        finally:
+            self._active -= 1
+
+
+def _declared_too_large(content_length: str | None, max_bytes: int) -> bool:
+    if content_length is None:
+        return False
+    try:
+        return int(content_length) > max_bytes
+    except ValueError:
+        return False
+
+
+async def iter_body_limited(
+    stream: AsyncIterable[bytes],
+    max_bytes: int,
+    *,
+    limit_name: str = "max_request_bytes",
+    content_length: str | None = None,
+) -> AsyncIterator[bytes]:
+    """Yield the chunks of a request body, raising 413 as soon as more than `max_bytes` arrived.
+
+    `stream` is e.g. Starlette's ``request.stream()``. A `content_length` header value above the
+    limit is refused before reading; a smaller one is not trusted: the count of bytes actually
+    received is what is enforced.
+    """
+    message = f"request body exceeds {limit_name}={max_bytes}"
+    if _declared_too_large(content_length, max_bytes):
+        raise limit_error(413, message)
+    total = 0
+    async for chunk in stream:
+        total += len(chunk)
+        if total > max_bytes:
+            raise limit_error(413, message)
+        if chunk:
+            yield chunk
+
+
+async def read_body_limited(
+    stream: AsyncIterable[bytes],
+    max_bytes: int,
+    *,
+    limit_name: str = "max_request_bytes",
+    content_length: str | None = None,
+) -> bytes:
+    """Read a whole request body, holding at most `max_bytes` (plus one chunk) in memory.
+
+    Example (Starlette)::
+
+        body = await read_body_limited(
+            request.stream(), limits.max_request_bytes,
+            content_length=request.headers.get("content-length"),
+        )
+    """
+    parts: list[bytes] = []
+    async for chunk in iter_body_limited(
+        stream, max_bytes, limit_name=limit_name, content_length=content_length
+    ):
+        parts.append(chunk)
+    return b"".join(parts)

@@ -1,0 +1,233 @@
+"""ONNX Runtime sessions: load a model from bytes, check inputs against it, run it.
+
+Inputs are viewed in place (``np.frombuffer``), checked for name, type, rank and fixed
+dimensions, and handed to ONNX Runtime; outputs go back as raw bytes. No tensor content is
+ever logged or put in an error message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from veil.errors import BadRequestError, ConflictError, NotFoundError, TensorError
+from veil.tensors import DatumType, WireTensor, datum_type_from_onnx, datum_type_of, decode_array
+
+__all__ = ["LoadedModel", "ModelRegistry", "TensorSpec", "load_model"]
+
+Dim = int | None
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """A model input or output: name, element type, dimensions (None where dynamic)."""
+
+    name: str
+    datum_type: DatumType
+    shape: tuple[Dim, ...]
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "datum_type": int(self.datum_type), "shape": list(self.shape)}
+
+
+def _spec(node: Any, role: str) -> TensorSpec:
+    datum_type = datum_type_from_onnx(node.type)
+    if datum_type is None:
+        raise BadRequestError(
+            422,
+            f"invalid model: {role} {node.name!r} has type {node.type}, "
+            f"the protocol carries {', '.join(t.name for t in DatumType)}",
+        )
+    shape = tuple(d if isinstance(d, int) and d >= 0 else None for d in (node.shape or ()))
+    return TensorSpec(node.name, datum_type, shape)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class LoadedModel:
+    """A model ready to run."""
+
+    model_id: str
+    model_name: str
+    model_hash: bytes
+    size: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    session: ort.InferenceSession
+
+    def __repr__(self) -> str:
+        return f"LoadedModel(model_id={self.model_id!r}, hash={self.model_hash.hex()})"
+
+    def feeds(self, tensors: Sequence[WireTensor]) -> dict[str, npt.NDArray[Any]]:
+        """Match request tensors to the model's inputs and view them as arrays.
+
+        Named tensors go to that input; unnamed ones fill the inputs in order.
+
+        Raises:
+            BadRequestError: (422) unknown, missing or repeated inputs, wrong type or shape.
+        """
+        expected = ", ".join(spec.name for spec in self.inputs)
+        if len(tensors) != len(self.inputs):
+            raise BadRequestError(
+                422, f"inputs: got {len(tensors)}, expected {len(self.inputs)} ({expected})"
+            )
+        by_name = {spec.name: spec for spec in self.inputs}
+        feeds: dict[str, npt.NDArray[Any]] = {}
+        for position, tensor in enumerate(tensors):
+            if tensor.name is None:
+                spec = self.inputs[position]
+            elif tensor.name in by_name:
+                spec = by_name[tensor.name]
+            else:
+                raise BadRequestError(
+                    422, f"input {tensor.name!r}: no such input, expected one of {expected}"
+                )
+            if spec.name in feeds:
+                raise BadRequestError(422, f"input {spec.name!r}: given twice")
+            feeds[spec.name] = self._check(spec, tensor)
+        return feeds
+
+    @staticmethod
+    def _check(spec: TensorSpec, tensor: WireTensor) -> npt.NDArray[Any]:
+        if tensor.datum_type != spec.datum_type:
+            raise BadRequestError(
+                422,
+                f"input {spec.name!r}: dtype got {tensor.datum_type.name}, "
+                f"expected {spec.datum_type.name}",
+            )
+        fits = len(tensor.shape) == len(spec.shape) and all(
+            want is None or want == got for got, want in zip(tensor.shape, spec.shape, strict=True)
+        )
+        if not fits:
+            shown = ["?" if d is None else d for d in spec.shape]
+            raise BadRequestError(
+                422,
+                f"input {spec.name!r}: shape got {list(tensor.shape)}, expected {shown}",
+            )
+        try:
+            return decode_array(tensor.data, tensor.datum_type, tensor.shape)
+        except TensorError as exc:
+            raise BadRequestError(422, f"input {spec.name!r}: {exc}") from None
+
+    def run(self, tensors: Sequence[WireTensor]) -> list[WireTensor]:
+        """Run the model (blocking: call it from a worker thread)."""
+        feeds = self.feeds(tensors)
+        names = [spec.name for spec in self.outputs]
+        results = self.session.run(names, feeds)
+        outputs = []
+        for spec, value in zip(self.outputs, results, strict=True):
+            array = np.asarray(value)
+            datum_type = datum_type_of(array.dtype)
+            array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+            outputs.append(WireTensor(tuple(array.shape), datum_type, spec.name, array.tobytes()))
+        return outputs
+
+
+def load_model(
+    blob: bytes, *, model_id: str, model_name: str, threads: int, model_hash: bytes | None = None
+) -> LoadedModel:
+    """Build an ONNX Runtime session from model bytes (blocking).
+
+    Raises:
+        BadRequestError: (422) the bytes are not a model ONNX Runtime can load, or it has inputs
+            or outputs of a type the protocol cannot carry.
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise BadRequestError(422, f"invalid ONNX model: {detail}") from None
+    inputs = tuple(_spec(node, "input") for node in session.get_inputs())
+    outputs = tuple(_spec(node, "output") for node in session.get_outputs())
+    return LoadedModel(
+        model_id=model_id,
+        model_name=model_name,
+        model_hash=model_hash or hashlib.sha256(blob).digest(),
+        size=len(blob),
+        inputs=inputs,
+        outputs=outputs,
+        session=session,
+    )
+
+
+class ModelRegistry:
+    """The loaded models by id; safe to use from the event loop and worker threads."""
+
+    def __init__(self, models: Iterable[LoadedModel] = ()) -> None:
+        self._lock = threading.Lock()
+        self._models: dict[str, LoadedModel] = {m.model_id: m for m in models}
+        self._reserved: set[str] = set()
+
+    def reserve(self, model_id: str) -> None:
+        """Claim an id for an upload in progress.
+
+        Raises:
+            ConflictError: (409) the id is taken or being uploaded.
+        """
+        with self._lock:
+            if model_id in self._models or model_id in self._reserved:
+                raise ConflictError(409, f"model id {model_id!r} is already taken")
+            self._reserved.add(model_id)
+
+    def release(self, model_id: str) -> None:
+        with self._lock:
+            self._reserved.discard(model_id)
+
+    def add(self, model: LoadedModel) -> None:
+        with self._lock:
+            self._reserved.discard(model.model_id)
+            self._models[model.model_id] = model
+
+    def get(self, model_id: str | None, model_hash: str | None = None) -> LoadedModel:
+        """A model by id, else by hex hash.
+
+        Raises:
+            NotFoundError: (404) no such model.
+        """
+        with self._lock:
+            if model_id:
+                model = self._models.get(model_id)
+                if model is None:
+                    raise NotFoundError(404, f"unknown model id {model_id!r}")
+                return model
+            if model_hash:
+                wanted = model_hash.lower()
+                for model in self._models.values():
+                    if model.model_hash.hex() == wanted:
+                        return model
+                raise NotFoundError(404, f"no model with hash {model_hash[:80]!r}")
+        raise BadRequestError(400, "expected a model_id or a model_hash")
+
+    def remove(self, model_id: str) -> LoadedModel:
+        with self._lock:
+            model = self._models.pop(model_id, None)
+        if model is None:
+            raise NotFoundError(404, f"unknown model id {model_id!r}")
+        return model
+
+    def all(self) -> list[LoadedModel]:
+        with self._lock:
+            return list(self._models.values())
+
+    def describe(self) -> list[Mapping[str, Any]]:
+        return [
+            {
+                "model_id": m.model_id,
+                "model_name": m.model_name,
+                "hash": m.model_hash,
+                "size": m.size,
+                "inputs": [s.describe() for s in m.inputs],
+                "outputs": [s.describe() for s in m.outputs],
+            }
+            for m in self.all()
+        ]

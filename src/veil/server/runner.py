@@ -1,0 +1,162 @@
+"""Start `veil serve`: identity, evidence, stored models, then three uvicorn servers in one loop.
+
+Order at start (each step inside the TEE):
+1. a fresh TLS key and self-signed certificate (`veil.tls`);
+2. evidence whose report data starts with SHA-256 of that certificate;
+3. the stored models, loaded into ONNX Runtime;
+4. the unattested, attested and management servers; when all three listen, one ready line.
+SIGINT and SIGTERM stop all three cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import uvicorn
+
+from veil import __version__
+from veil.errors import BadRequestError
+from veil.providers import detect_provider
+from veil.server.app import ServerState, build_apps
+from veil.server.config import ServerConfig
+from veil.server.models import ModelRegistry, load_model
+from veil.server.store import ModelStore, ModelStoreProtocol
+from veil.tls import binding_report_data, generate_identity, server_context
+
+__all__ = ["prepare_state", "serve"]
+
+_log = logging.getLogger("veil.server")
+
+
+def prepare_state(
+    config: ServerConfig, *, store: ModelStoreProtocol | None = None
+) -> tuple[ServerState, Any]:
+    """Steps 1-3: the state the apps serve and the TLS identity (blocking)."""
+    provider = detect_provider(config.platform, data_dir=config.data_dir)
+    # 1. TLS identity, made here so its key never leaves this process.
+    identity = generate_identity()
+    # 2. Evidence binding SHA-256(certificate DER).
+    evidence = provider.evidence(binding_report_data(identity.certificate_der))
+    served = identity.certificate_der
+    if config.hazmat_test_tamper_certificate:
+        _log.warning("HAZMAT: serving a certificate the evidence does not bind (tests only)")
+        served = generate_identity().certificate_der
+    # 3. Models kept from earlier runs.
+    store = store or ModelStore(config.data_dir / "models")
+    registry = ModelRegistry()
+    for meta, blob in store.load_all():
+        try:
+            registry.add(
+                load_model(
+                    blob,
+                    model_id=meta.model_id,
+                    model_name=meta.model_name,
+                    threads=config.threads,
+                    model_hash=meta.model_hash,
+                )
+            )
+        except BadRequestError as exc:
+            _log.warning("stored model %s not loaded: %s", meta.model_id, exc.message)
+    state = ServerState(
+        certificate_der=served,
+        quote=evidence.quote,
+        collateral=dict(evidence.collateral),
+        simulated=provider.simulated,
+        registry=registry,
+        store=store,
+        config=config,
+    )
+    return state, identity
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to `serve` (three share one loop)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _bound_port(server: uvicorn.Server) -> int:
+    for listener in server.servers:
+        for sock in listener.sockets:
+            port: int = sock.getsockname()[1]
+            return port
+    raise RuntimeError("server has no listening socket")
+
+
+async def _run(
+    config: ServerConfig, state: ServerState, identity: Any, ready: Callable[[str], None]
+) -> int:
+    unattested, attested, management = build_apps(state)
+    platform = f"platform={config.platform}" + (" (INSECURE: no TEE)" if state.simulated else "")
+    server_header = f"veil/{__version__}" + (" mock" if state.simulated else "")
+    servers = []
+    for app, port, tls in (
+        (unattested, config.unattested_port, False),
+        (attested, config.attested_port, True),
+        (management, config.management_port, True),
+    ):
+        uv_config = uvicorn.Config(
+            app,
+            host=config.host,
+            port=port,
+            log_level=config.log_level,
+            access_log=False,
+            lifespan="off",
+            server_header=False,
+            date_header=True,
+            headers=[("server", server_header)],
+            timeout_graceful_shutdown=5,
+        )
+        uv_config.load()
+        if tls:
+            uv_config.ssl = server_context(identity)
+        servers.append(_Server(uv_config))
+
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        for server in servers:
+            server.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+    tasks = [asyncio.create_task(server.serve()) for server in servers]
+    try:
+        while not all(server.started for server in servers):
+            if any(task.done() for task in tasks):
+                stop()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                return 1
+            await asyncio.sleep(0.02)
+        a, b, c = (_bound_port(server) for server in servers)
+        ready(
+            f"veil: serving on {config.host} (unattested http :{a}, attested https :{b}, "
+            f"management https :{c}), {platform}"
+        )
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    return 1 if failed else 0
+
+
+def serve(config: ServerConfig, *, ready: Callable[[str], None] | None = None) -> int:
+    """Run the server until SIGINT/SIGTERM; returns the exit status.
+
+    Raises:
+        EvidenceUnavailableError: the platform cannot produce evidence.
+    """
+    state, identity = prepare_state(config)
+
+    def announce(line: str) -> None:
+        print(line, flush=True)
+
+    return asyncio.run(_run(config, state, identity, ready or announce))

@@ -1,0 +1,146 @@
+"""Models kept in the data directory, so a restart serves the same ids and hashes.
+
+Each model is two files named after SHA-256 of its id (ids are user-chosen; names on disk must
+not be): ``<key>.onnx`` (the blob) and ``<key>.json`` (its metadata). Both are written to a
+temporary file, fsynced and renamed; the metadata goes last, so a crash leaves either nothing
+or an orphan blob, which `load_all` removes.
+
+`ModelStore` keeps plain bytes. Encryption at rest is a separate store with the same interface,
+injected into the app in its place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+__all__ = ["ModelStore", "ModelStoreProtocol", "StoredModel"]
+
+_log = logging.getLogger("veil.server.store")
+_TMP_PREFIX = ".tmp-"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredModel:
+    """What the store remembers about a model beside its bytes.
+
+    Attributes:
+        model_id: the id clients use.
+        model_hash: SHA-256 of the ONNX bytes.
+        model_name: the label the uploader gave.
+        size: the ONNX byte count.
+    """
+
+    model_id: str
+    model_hash: bytes
+    model_name: str
+    size: int
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "model_id": self.model_id,
+            "model_hash": self.model_hash.hex(),
+            "model_name": self.model_name,
+            "size": self.size,
+        }
+
+    @classmethod
+    def from_json(cls, value: object) -> StoredModel:
+        if not isinstance(value, dict):
+            raise ValueError("metadata is not an object")
+        model_id, model_hash = value.get("model_id"), value.get("model_hash")
+        model_name, size = value.get("model_name", ""), value.get("size")
+        if not isinstance(model_id, str) or not isinstance(model_hash, str):
+            raise ValueError("metadata lacks model_id or model_hash")
+        if not isinstance(model_name, str) or not isinstance(size, int):
+            raise ValueError("metadata has a bad model_name or size")
+        return cls(model_id, bytes.fromhex(model_hash), model_name, size)
+
+
+class ModelStoreProtocol(Protocol):
+    """The interface the app needs from a store (plain or sealed)."""
+
+    def put(self, meta: StoredModel, blob: bytes) -> None: ...
+
+    def delete(self, model_id: str) -> None: ...
+
+    def load_all(self) -> Iterator[tuple[StoredModel, bytes]]: ...
+
+
+def _key(model_id: str) -> str:
+    return hashlib.sha256(model_id.encode("utf-8")).hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ModelStore:
+    """Plain model files under ``root`` (created if missing, mode 0700)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def _write_atomic(self, target: Path, data: bytes) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=self.root)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def put(self, meta: StoredModel, blob: bytes) -> None:
+        """Store a model durably: blob first, then its metadata."""
+        key = _key(meta.model_id)
+        self._write_atomic(self.root / f"{key}.onnx", blob)
+        self._write_atomic(
+            self.root / f"{key}.json", json.dumps(meta.to_json(), sort_keys=True).encode()
+        )
+        _fsync_dir(self.root)
+
+    def delete(self, model_id: str) -> None:
+        """Forget a model: metadata first, so a crash leaves only an orphan blob."""
+        key = _key(model_id)
+        for suffix in (".json", ".onnx"):
+            with contextlib.suppress(FileNotFoundError):
+                (self.root / f"{key}{suffix}").unlink()
+        _fsync_dir(self.root)
+
+    def load_all(self) -> Iterator[tuple[StoredModel, bytes]]:
+        """Every stored model; removes temporary files and blobs without metadata."""
+        for path in sorted(self.root.iterdir()):
+            if path.name.startswith(_TMP_PREFIX):
+                path.unlink(missing_ok=True)
+        for path in sorted(self.root.glob("*.json")):
+            blob_path = path.with_suffix(".onnx")
+            try:
+                meta = StoredModel.from_json(json.loads(path.read_bytes()))
+                blob = blob_path.read_bytes()
+            except (OSError, ValueError) as exc:
+                _log.warning("skipping stored model %s: %s", path.name, type(exc).__name__)
+                continue
+            if _key(meta.model_id) != path.stem or hashlib.sha256(blob).digest() != meta.model_hash:
+                _log.warning("skipping stored model %s: contents do not match", path.name)
+                continue
+            yield meta, blob
+        for path in sorted(self.root.glob("*.onnx")):
+            if not path.with_suffix(".json").exists():
+                path.unlink(missing_ok=True)

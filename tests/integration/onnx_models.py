@@ -1,0 +1,97 @@
+"""Small ONNX models built with onnx.helper, and in-process ONNX Runtime as the reference."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+IR_VERSION = 8
+
+# numpy dtype name -> ONNX element type, for the protocol's 11 datum types
+ONNX_TYPES = {
+    "float32": TensorProto.FLOAT,
+    "float64": TensorProto.DOUBLE,
+    "int32": TensorProto.INT32,
+    "int64": TensorProto.INT64,
+    "uint32": TensorProto.UINT32,
+    "uint64": TensorProto.UINT64,
+    "uint8": TensorProto.UINT8,
+    "uint16": TensorProto.UINT16,
+    "int8": TensorProto.INT8,
+    "int16": TensorProto.INT16,
+    "bool": TensorProto.BOOL,
+}
+
+
+def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    return model
+
+
+def identity_model(dtype: str, shape: tuple[int, ...] = (2, 3)) -> onnx.ModelProto:
+    """y = Identity(x) for one element type: what goes in must come back bit for bit."""
+    element = ONNX_TYPES[dtype]
+    x = helper.make_tensor_value_info("x", element, list(shape))
+    y = helper.make_tensor_value_info("y", element, list(shape))
+    return _model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "id", [x], [y]))
+
+
+def multi_io_model() -> onnx.ModelProto:
+    """Inputs a (f32 [2,2]), b (f32 [2,2]), k (i64 [3]); outputs sum=a+b, prod=a*b, twice=k+k."""
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    inputs = [
+        helper.make_tensor_value_info("a", f32, [2, 2]),
+        helper.make_tensor_value_info("b", f32, [2, 2]),
+        helper.make_tensor_value_info("k", i64, [3]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("sum", f32, [2, 2]),
+        helper.make_tensor_value_info("prod", f32, [2, 2]),
+        helper.make_tensor_value_info("twice", i64, [3]),
+    ]
+    nodes = [
+        helper.make_node("Add", ["a", "b"], ["sum"]),
+        helper.make_node("Mul", ["a", "b"], ["prod"]),
+        helper.make_node("Add", ["k", "k"], ["twice"]),
+    ]
+    return _model(helper.make_graph(nodes, "multi", inputs, outputs))
+
+
+def dynamic_batch_model(seed: int = 7) -> onnx.ModelProto:
+    """y = Relu(x @ W + c) with x of shape [batch, 4] (batch dynamic), y [batch, 2]."""
+    rng = np.random.default_rng(seed)
+    weights = numpy_helper.from_array(rng.standard_normal((4, 2)).astype(np.float32), "W")
+    bias = numpy_helper.from_array(rng.standard_normal(2).astype(np.float32), "c")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["xw"]),
+        helper.make_node("Add", ["xw", "c"], ["z"]),
+        helper.make_node("Relu", ["z"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "dense", [x], [y], initializer=[weights, bias])
+    return _model(graph)
+
+
+def reference(model: onnx.ModelProto, feeds: dict[str, Any]) -> list[npt.NDArray[Any]]:
+    """Outputs of in-process ONNX Runtime, in the model's output order."""
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return [np.asarray(v) for v in session.run(None, feeds)]
+
+
+def random_array(dtype: str, shape: tuple[int, ...], seed: int = 0) -> npt.NDArray[Any]:
+    rng = np.random.default_rng(seed)
+    if dtype == "bool":
+        return rng.integers(0, 2, size=shape).astype(bool)
+    if dtype.startswith("float"):
+        return rng.standard_normal(shape).astype(dtype)
+    info = np.iinfo(dtype)
+    return rng.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)

@@ -1,0 +1,206 @@
+"""Limits: each breach is a typed error with the right status, naming the limit and its value."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+
+import pytest
+
+from veil.errors import BadRequestError, RateLimitError
+from veil.server.limits import (
+    ConcurrencyLimiter,
+    Limits,
+    RateLimiter,
+    iter_body_limited,
+    read_body_limited,
+)
+
+
+async def _stream(
+    chunks: Iterable[bytes], consumed: list[int] | None = None
+) -> AsyncIterator[bytes]:
+    for c in chunks:
+        if consumed is not None:
+            consumed.append(len(c))
+        yield c
+        await asyncio.sleep(0)
+
+
+def test_defaults_fit_24_gib() -> None:
+    lim = Limits()
+    worst = lim.max_concurrent_requests * (lim.max_request_bytes + 2 * lim.max_tensor_bytes)
+    assert worst < 4 << 30
+    assert lim.max_request_bytes == 64 << 20
+
+
+def test_limits_reject_nonsense() -> None:
+    with pytest.raises(ValueError, match="max_inputs: got 0"):
+        Limits(max_inputs=0)
+    with pytest.raises(ValueError, match="request_timeout_s"):
+        Limits(request_timeout_s=float("inf"))
+
+
+@pytest.mark.parametrize(
+    ("call", "status", "message"),
+    [
+        (lambda lim: lim.check_request_bytes(11), 413, "request body exceeds max_request_bytes=10"),
+        (lambda lim: lim.check_upload_bytes(11), 413, "upload body exceeds max_upload_bytes=10"),
+        (lambda lim: lim.check_model_bytes(11), 413, "exceeds max_model_bytes=10"),
+        (lambda lim: lim.check_storage(5, 6), 413, "max_total_stored_bytes=10 (5 already stored)"),
+        (lambda lim: lim.check_inputs(11), 422, "11 input tensors exceed max_inputs=10"),
+        (
+            lambda lim: lim.check_tensor([3, 4], 1, "x"),
+            422,
+            "'x' has 12 elements, exceeds max_tensor_elements=10",
+        ),
+        (lambda lim: lim.check_tensor([2, 2], 4), 422, "16 bytes, exceeds max_tensor_bytes=10"),
+        (lambda lim: lim.check_tensor([2, -1], 4), 400, "dimensions must be >= 0"),
+    ],
+)
+def test_each_breach(call: object, status: int, message: str) -> None:
+    lim = Limits(
+        max_request_bytes=10,
+        max_upload_bytes=10,
+        max_model_bytes=10,
+        max_total_stored_bytes=10,
+        max_inputs=10,
+        max_tensor_elements=10,
+        max_tensor_bytes=10,
+    )
+    with pytest.raises(BadRequestError) as info:
+        call(lim)  # type: ignore[operator]
+    assert info.value.status == status
+    assert message in info.value.message
+
+
+def test_at_the_limit_passes() -> None:
+    lim = Limits(max_request_bytes=10, max_inputs=2, max_tensor_elements=4, max_tensor_bytes=16)
+    lim.check_request_bytes(10)
+    lim.check_inputs(2)
+    lim.check_tensor([2, 2], 4)
+    lim.check_tensor([0, 10**9], 4)  # empty tensor
+
+
+def test_rate_limiter_token_bucket() -> None:
+    t = [0.0]
+    rl = RateLimiter(rate=2.0, burst=3, now=lambda: t[0])
+    assert [rl.try_acquire("a") for _ in range(4)] == [True, True, True, False]
+    assert rl.try_acquire("b")  # buckets are per key
+    t[0] += 0.5  # one token back
+    assert rl.try_acquire("a")
+    assert not rl.try_acquire("a")
+    t[0] += 100.0  # refills only up to the burst
+    assert [rl.try_acquire("a") for _ in range(4)] == [True, True, True, False]
+    with pytest.raises(RateLimitError) as info:
+        rl.acquire("a")
+    assert info.value.status == 429
+    assert "requests_per_second=2 (burst 3)" in info.value.message
+
+
+def test_rate_limiter_bounded_memory() -> None:
+    rl = RateLimiter(rate=1.0, burst=1, now=lambda: 0.0, max_keys=3)
+    for k in "abcde":
+        assert rl.try_acquire(k)
+    assert len(rl._buckets) == 3
+    assert not rl.try_acquire("e")  # recent keys are remembered
+    assert rl.try_acquire("a")  # forgotten: starts full again
+
+
+def test_rate_limiter_from_limits() -> None:
+    rl = RateLimiter.from_limits(Limits(requests_per_second=1.0, burst=2), now=lambda: 0.0)
+    assert [rl.try_acquire("k") for _ in range(3)] == [True, True, False]
+
+
+def test_concurrency_limiter() -> None:
+    async def main() -> None:
+        lim = ConcurrencyLimiter(2)
+        gate = asyncio.Event()
+        entered = 0
+
+        async def hold() -> None:
+            nonlocal entered
+            async with lim.slot():
+                entered += 1
+                await gate.wait()
+
+        tasks = [asyncio.create_task(hold()) for _ in range(2)]
+        while entered < 2:
+            await asyncio.sleep(0)
+        assert lim.active == 2
+        with pytest.raises(RateLimitError, match="max_concurrent_requests=2") as info:
+            async with lim.slot():
+                pass
+        assert info.value.status == 429
+        gate.set()
+        await asyncio.gather(*tasks)
+        assert lim.active == 0
+        async with lim.slot():  # a failure inside releases the slot too
+            assert lim.active == 1
+        with pytest.raises(ZeroDivisionError):
+            async with lim.slot():
+                _ = 1 / 0
+        assert lim.active == 0
+
+    asyncio.run(main())
+
+
+def test_read_body_limited() -> None:
+    async def main() -> None:
+        assert await read_body_limited(_stream([b"ab", b"", b"cd"]), 4) == b"abcd"
+        # Content-Length is never trusted: a small declared length does not lift the limit,
+        # and reading stops at the first chunk past it (the rest is never pulled).
+        consumed: list[int] = []
+        endless = (b"x" * 1000 for _ in range(10**6))
+        with pytest.raises(BadRequestError) as info:
+            await read_body_limited(_stream(endless, consumed), 2500, content_length="3")
+        assert info.value.status == 413
+        assert info.value.message == "request body exceeds max_request_bytes=2500"
+        assert sum(consumed) == 3000
+        # A declared length above the limit is refused before reading anything.
+        consumed.clear()
+        with pytest.raises(BadRequestError, match="max_upload_bytes=5"):
+            await read_body_limited(
+                _stream([b"x"], consumed), 5, limit_name="max_upload_bytes", content_length="6"
+            )
+        assert consumed == []
+        # A garbage Content-Length is ignored, the real count still applies.
+        assert await read_body_limited(_stream([b"abc"]), 5, content_length="zz") == b"abc"
+
+    asyncio.run(main())
+
+
+def test_iter_body_limited_streams() -> None:
+    async def main() -> list[bytes]:
+        return [c async for c in iter_body_limited(_stream([b"a", b"bc"]), 3)]
+
+    assert asyncio.run(main()) == [b"a", b"bc"]
+
+
+def test_with_starlette_request() -> None:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from veil.errors import ApiError
+
+    async def run(request: Request) -> Response:
+        try:
+            body = await read_body_limited(
+                request.stream(), 8, content_length=request.headers.get("content-length")
+            )
+        except ApiError as exc:
+            return Response(exc.message, status_code=exc.status)
+        return Response(body)
+
+    app = Starlette(routes=[Route("/run", run, methods=["POST"])])
+    with TestClient(app) as client:
+        assert client.post("/run", content=b"12345678").content == b"12345678"
+        r = client.post("/run", content=b"123456789")
+        assert r.status_code == 413
+        assert r.text == "request body exceeds max_request_bytes=8"
+        # chunked, no Content-Length at all
+        r = client.post("/run", content=iter([b"1234", b"5678", b"9"]))
+        assert r.status_code == 413
