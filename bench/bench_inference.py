@@ -57,6 +57,8 @@ REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 ORT_THREADS = 2
 SYSTEMS = ("inproc", "batcher", "plain", "veil")
+# Not run by default: the plain server with veil's batcher, one per straggler window (ms).
+EXTRA_SYSTEMS = {"plainbatch0": 0.0, "plainbatch2": 2.0, "plainbatch5": 5.0}
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class Settings:
     cell_requests: int
     connect_samples: int
     upload: bool
+    blindai_upload: bool  # the 2023 client is slow (minutes for 255 MB): not in --quick
 
 
 FULL = Settings(
@@ -76,6 +79,7 @@ FULL = Settings(
     cell_requests=3000,
     connect_samples=20,
     upload=True,
+    blindai_upload=True,
 )
 QUICK = Settings(
     workloads=(("distilbert", 8),),
@@ -84,6 +88,7 @@ QUICK = Settings(
     cell_requests=150,
     connect_samples=5,
     upload=True,
+    blindai_upload=False,
 )
 
 
@@ -289,9 +294,13 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def plain_server(model: _models.BenchModel, workdir: Path) -> Iterator[tuple[ServerProcess, int]]:
+def plain_server(
+    model: _models.BenchModel, workdir: Path, batch_delay_ms: float | None = None
+) -> Iterator[tuple[ServerProcess, int]]:
     argv = [sys.executable, str(REPO / "bench" / "plain_server.py"), str(model.path)]
     argv += ["--threads", str(ORT_THREADS)]
+    if batch_delay_ms is not None:
+        argv += ["--batch-delay-ms", str(batch_delay_ms)]
     server = ServerProcess(argv, workdir / f"plain-{model.name}.log")
     try:
         assert server.popen.stdout is not None
@@ -451,11 +460,17 @@ def bench_batcher(model: _models.BenchModel, seq: int, s: Settings, report: Repo
 
 
 def bench_plain(
-    model: _models.BenchModel, seqs: list[int], s: Settings, report: Report, workdir: Path
+    model: _models.BenchModel,
+    seqs: list[int],
+    s: Settings,
+    report: Report,
+    workdir: Path,
+    system: str = "plain",
 ) -> None:
     import httpx
 
-    with plain_server(model, workdir) as (server, port):
+    delay = EXTRA_SYSTEMS.get(system)
+    with plain_server(model, workdir, delay) as (server, port):
         url = f"http://{HOST}:{port}/predict"
         for seq in seqs:
             bodies = [
@@ -481,7 +496,7 @@ def bench_plain(
                 finally:
                     for c in clients:
                         c.close()
-                row = Row("plain", model.name, seq, concurrency, errors=errors)
+                row = Row(system, model.name, seq, concurrency, errors=errors)
                 fill_latency(row, lat, seconds)
                 row.server_cpu_pct, row.client_cpu_pct = meter.server_pct, meter.client_pct
                 row.server_rss_mb = rss_bytes(server.proc) / 2**20
@@ -572,6 +587,9 @@ def bench_upload(s: Settings, report: Report, workdir: Path) -> None:
         report.upload.append(_upload_row("veil", size, seconds, idle, peak.peak))
 
     blindai_python = REPO / ".work" / "blindai-venv" / "bin" / "python"
+    if not s.blindai_upload:
+        report.skipped.append("upload via BlindAI 0.6.3 client: not in --quick")
+        return
     if not blindai_python.exists():
         report.skipped.append("upload via BlindAI 0.6.3 client: .work/blindai-venv not built")
         return
@@ -652,6 +670,14 @@ def compute_ratios(report: Report) -> None:
                     b.seq_per_s / b32.seq_per_s,
                     "",
                 )
+            for extra in EXTRA_SYSTEMS:
+                e = _find(report.rows, system=extra, model=model, seq=seq, concurrency=conc)
+                if e and p and e.seq_per_s and p.seq_per_s:
+                    add(
+                        f"{tag}: {extra} / plain throughput (c={conc})",
+                        e.seq_per_s / p.seq_per_s,
+                        "",
+                    )
             u = _find(report.rows, system="unbatched", model=model, seq=seq, concurrency=conc)
             if b and u and b.seq_per_s and u.seq_per_s:
                 add(
@@ -713,7 +739,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--systems",
         default=",".join(SYSTEMS),
-        help=f"comma-separated subset of {','.join(SYSTEMS)} (default: all)",
+        help=f"comma-separated subset of {','.join(SYSTEMS)} (default: all), "
+        f"or of {','.join(EXTRA_SYSTEMS)}: the plain server batched with that window (ms)",
     )
     parser.add_argument("--no-upload", action="store_true", help="skip connect/upload measurements")
     parser.add_argument("--seconds", type=float, help="time limit per measurement cell")
@@ -732,9 +759,11 @@ def main(argv: list[str] | None = None) -> int:
         pairs = tuple((w.split(":")[0], int(w.split(":")[1])) for w in args.workloads.split(","))
         s = Settings(**{**asdict(s), "workloads": pairs})
     systems = [x for x in args.systems.split(",") if x]
-    unknown = set(systems) - set(SYSTEMS)
+    unknown = set(systems) - set(SYSTEMS) - set(EXTRA_SYSTEMS)
     if unknown:
-        parser.error(f"unknown systems {sorted(unknown)}, expected some of {SYSTEMS}")
+        parser.error(
+            f"unknown systems {sorted(unknown)}, expected some of {[*SYSTEMS, *EXTRA_SYSTEMS]}"
+        )
 
     report = Report(
         machine={
@@ -744,6 +773,7 @@ def main(argv: list[str] | None = None) -> int:
             "ort_threads": ORT_THREADS,
             "python": platform.python_version(),
             "quick": args.quick,
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         }
     )
     if "veil" in systems:
@@ -765,8 +795,9 @@ def main(argv: list[str] | None = None) -> int:
                     bench_inproc(model, seq, s, report)
                 if "batcher" in systems:
                     bench_batcher(model, seq, s, report)
-            if "plain" in systems:
-                bench_plain(model, seqs, s, report, workdir)
+            for system in ("plain", *EXTRA_SYSTEMS):
+                if system in systems:
+                    bench_plain(model, seqs, s, report, workdir, system)
             if "veil" in systems:
                 try:
                     bench_veil(model, seqs, s, report, workdir)
@@ -779,6 +810,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:
                 report.skipped.append(f"connect/upload: {type(exc).__name__}: {exc}")
 
+    report.machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     compute_ratios(report)
     print_report(report)
     if args.json:

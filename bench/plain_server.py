@@ -5,7 +5,10 @@ and answers ``{"outputs": [nested list, ...]}``. The handler is ``async`` and ca
 ``session.run`` directly, so requests run one at a time on the event loop: what a plain
 FastAPI/Starlette wrapper written in a hurry does.
 
-    python bench/plain_server.py MODEL.onnx [--threads 2] [--port 0]
+    python bench/plain_server.py MODEL.onnx [--threads 2] [--port 0] [--batch-delay-ms D]
+
+``--batch-delay-ms`` (not the baseline) instead sends every request through veil's
+`DynamicBatcher` with that straggler window: the batcher's gain over real HTTP, without TLS.
 
 Binds 127.0.0.1 only and prints ``PORT <n>`` once it listens (port 0 picks a free one).
 """
@@ -36,17 +39,32 @@ _DTYPES = {
 }
 
 
-def build_app(model_path: str, threads: int) -> Starlette:
+def build_app(model_path: str, threads: int, batch_delay_ms: float | None = None) -> Starlette:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
     dtypes = {i.name: _DTYPES[i.type] for i in session.get_inputs()}
+    batcher = None
+    if batch_delay_ms is not None:
+        from veil.server.batching import BatchingConfig, DynamicBatcher, has_dynamic_batch_axis
+
+        def run(feeds: dict[str, Any]) -> list[Any]:
+            return list(session.run(None, feeds))
+
+        batcher = DynamicBatcher(
+            run,
+            config=BatchingConfig(max_delay_ms=batch_delay_ms),
+            dynamic_batch_axis=has_dynamic_batch_axis(session.get_inputs(), session.get_outputs()),
+        )
 
     async def predict(request: Request) -> Response:
         body: Any = json.loads(await request.body())
         try:
             feeds = {name: np.asarray(v, dtype=dtypes[name]) for name, v in body["inputs"].items()}
-            outputs = session.run(None, feeds)  # blocks the loop: one request at a time
+            if batcher is not None:
+                outputs = await batcher.submit(feeds)
+            else:
+                outputs = session.run(None, feeds)  # blocks the loop: one request at a time
         except (KeyError, TypeError, ValueError, ort.capi.onnxruntime_pybind11_state.Fail) as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
         return JSONResponse({"outputs": [o.tolist() for o in outputs]})
@@ -64,9 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--batch-delay-ms", type=float, help="batch with veil's DynamicBatcher")
     args = parser.parse_args(argv)
 
-    app = build_app(args.model, args.threads)
+    app = build_app(args.model, args.threads, args.batch_delay_ms)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", args.port))

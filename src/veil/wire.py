@@ -145,7 +145,9 @@ def _uint_header(body: bytes | memoryview, pos: int, major: int) -> tuple[int, i
 _CHUNK = 1 << 22
 
 
-def _decode_uint8_array(body: bytes, start: int, count: int) -> tuple[bytes, int] | None:
+def _decode_uint8_array(
+    body: bytes, start: int, count: int, chunk: int = _CHUNK
+) -> tuple[bytes, int] | None:
     """Decode `count` CBOR uints 0..255 from `body[start:]` with numpy; (bytes, end) or None.
 
     BlindAI sends a model as ``list(model_bytes)``: each item is one byte (0x00-0x17) or
@@ -158,7 +160,7 @@ def _decode_uint8_array(body: bytes, start: int, count: int) -> tuple[bytes, int
     done = 0
     pos = start
     while done < count:
-        window = view[pos : pos + _CHUNK]
+        window = view[pos : pos + chunk]
         if window.size == 0:
             return None
         is18 = window == 0x18
@@ -191,7 +193,7 @@ def _decode_uint8_array(body: bytes, start: int, count: int) -> tuple[bytes, int
     return out.tobytes(), pos
 
 
-def _fast_upload_fields(body: bytes) -> dict[str, Any] | None:
+def _fast_upload_fields(body: bytes, chunk: int = _CHUNK) -> dict[str, Any] | None:
     """Decode an upload whose first key is ``model`` holding a uint8 array, without cbor2 ints."""
     header = _uint_header(body, 0, 5)
     if header is None or header[0] == 0:
@@ -203,7 +205,9 @@ def _fast_upload_fields(body: bytes) -> dict[str, Any] | None:
     if array is None:
         return None
     count, pos = array
-    decoded = _decode_uint8_array(body, pos, count) if count else (b"", pos)
+    if count > len(body) - pos:  # each item takes at least one byte: a lie, let cbor2 refuse it
+        return None
+    decoded = _decode_uint8_array(body, pos, count, chunk) if count else (b"", pos)
     if decoded is None:
         return None
     model, end = decoded

@@ -149,11 +149,25 @@ def test_demo_against_an_existing_server_with_a_checkpoint(small_checkpoint: Pat
         assert any("MISMATCH" in line for line in lines), lines
 
 
-def test_demo_refuses_a_simulated_server_unless_asked(small_checkpoint: Path) -> None:
+def test_demo_refuses_a_simulated_server_unless_asked(
+    small_checkpoint: Path, tmp_path: Path
+) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[sgx]\nmr_enclave = ["' + "ab" * 32 + '"]\n')
     with LocalServer() as server:
-        with pytest.raises(veil.AttestationError, match="simulated"):
+        # No policy and no simulation: refused before contacting anyone.
+        with pytest.raises(veil.PolicyError, match="no policy"):
             run_demo(
                 model_dir=small_checkpoint, addr=server.host, ports=server.ports, simulation=False
+            )
+        # A policy for real hardware: the simulated server is refused, nothing is uploaded.
+        with pytest.raises(veil.AttestationError, match="simulated"):
+            run_demo(
+                model_dir=small_checkpoint,
+                addr=server.host,
+                ports=server.ports,
+                simulation=False,
+                policy_file=policy,
             )
         with veil.connect(server.host, simulation=True, **server.ports) as client:
             assert client.list_models() == []

@@ -6,7 +6,7 @@ parses (`abi`), verifies signatures, chains and collateral (`verify`), and appli
 
 Example::
 
-    from datetime import UTC, datetime, timedelta
+    from datetime import UTC, datetime
     from veil.attestation.policy import Policy, SnpPolicy
     from veil.attestation.verifier import verify_evidence
     from veil.attestation.verify.snp import SnpCollateral

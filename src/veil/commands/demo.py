@@ -260,6 +260,9 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="with --addr: accept a simulated TEE (insecure; implied without --addr)",
     )
+    parser.add_argument(
+        "--policy", type=Path, help="with --addr: TOML policy naming the measurements to accept"
+    )
     parser.add_argument("--api-key", default=os.environ.get("VEIL_API_KEY"), help="$VEIL_API_KEY")
     parser.add_argument("--atol", type=float, default=1e-4, help="tolerance (default 1e-4)")
     parser.set_defaults(handler=_demo)
@@ -277,6 +280,7 @@ def _demo(args: argparse.Namespace) -> int:
                 "management_port": args.management_port,
             },
             simulation=args.simulation or args.addr is None,
+            policy_file=args.policy,
             api_key=args.api_key,
             atol=args.atol,
         )
@@ -298,11 +302,18 @@ def run_demo(
     addr: str | None = None,
     ports: dict[str, int] | None = None,
     simulation: bool = True,
+    policy_file: Path | None = None,
     api_key: str | None = None,
     atol: float = 1e-4,
     out: Callable[[str], None] = print,
 ) -> int:
-    """The demo; returns 0 when veil's logits equal PyTorch's within `atol`, else 1."""
+    """The demo; returns 0 when veil's logits equal PyTorch's within `atol`, else 1.
+
+    Without `addr` it starts its own simulated server. With `addr`, the server must prove what it
+    runs: pass `policy_file` (TOML, see `veil.Policy.from_toml`), or `simulation=True` for a
+    simulated server (no security). Raises `veil.AttestationError` if the evidence is refused;
+    nothing is uploaded then.
+    """
     from veil import export
 
     export.require_transformers()
@@ -312,6 +323,7 @@ def run_demo(
 
     import veil
 
+    policy = veil.Policy.from_toml(policy_file) if policy_file is not None else None
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     # 1. Tokenize with the bert-base-uncased vocabulary (the bundled MiniLM folder has it).
     own_tokenizer = model_dir is not None and (model_dir / "tokenizer_config.json").is_file()
@@ -357,7 +369,7 @@ def run_demo(
                 warnings.simplefilter("ignore", SimulationModeWarning)
                 out("note: simulated TEE (no hardware): this shows the flow, not confidentiality")
             with veil.connect(
-                host, simulation=simulation, api_key=api_key, **connect_ports
+                host, simulation=simulation, policy=policy, api_key=api_key, **connect_ports
             ) as client:
                 size = report.size_bytes / 2**20
                 with _progress(f"uploading {size:.0f} MiB as {model_id}"):

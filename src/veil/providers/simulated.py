@@ -23,6 +23,7 @@ import os
 import secrets
 import stat
 import struct
+import tempfile
 import threading
 import warnings
 from collections.abc import Callable, Mapping
@@ -270,16 +271,24 @@ class SimulatedSgxProvider:
         """
         path = self._data_dir / _SEALING_KEY_FILE
         self._data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
+        if os.path.lexists(path):
             return _read_key_file(path)
-        key = secrets.token_bytes(_SEALING_KEY_SIZE)
+        # Write a complete private temp file, then link it into place: a concurrent starter
+        # either wins the link or reads the winner's full key, never a half-written file.
+        fd, tmp = tempfile.mkstemp(prefix=".sealing-", dir=self._data_dir)  # mode 0600
         try:
-            os.write(fd, key)
+            key = secrets.token_bytes(_SEALING_KEY_SIZE)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(key)
+                handle.flush()
+                os.fsync(handle.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return _read_key_file(path)
+            return key
         finally:
-            os.close(fd)
-        return key
+            os.unlink(tmp)
 
 
 def _read_key_file(path: Path) -> bytes:

@@ -238,9 +238,9 @@ class KeyStore:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         if not self._path.exists():
             # Create it private before SQLite does (hashes only, but no reason to share them).
-            fd = os.open(self._path, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600)
-            os.close(fd)
-        with self._connect() as db:
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(self._path, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600))
+        with self._connect(write=True) as db:
             db.execute(_SCHEMA)
 
     @property
@@ -248,12 +248,12 @@ class KeyStore:
         return self._path
 
     @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
+    def _connect(self, *, write: bool = False) -> Iterator[sqlite3.Connection]:
         with self._lock:
             db = sqlite3.connect(self._path, timeout=10.0, isolation_level=None)
             try:
                 db.execute("PRAGMA synchronous=FULL")
-                db.execute("BEGIN IMMEDIATE")
+                db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
                 try:
                     yield db
                 except BaseException:
@@ -270,7 +270,7 @@ class KeyStore:
         if name is not None and (len(name) > _MAX_NAME or not name.isprintable()):
             raise ValueError(f"name: expected at most {_MAX_NAME} printable characters")
         secret = secrets.token_bytes(_SECRET_BYTES)
-        with self._connect() as db:
+        with self._connect(write=True) as db:
             while True:
                 key_id = secrets.token_hex(_ID_BYTES)
                 try:
@@ -304,7 +304,7 @@ class KeyStore:
 
     def revoke(self, key_id: str) -> None:
         """Revoke `key_id` (idempotent). Raises `NotFoundError` (404) for an unknown id."""
-        with self._connect() as db:
+        with self._connect(write=True) as db:
             cur = db.execute(
                 "UPDATE keys SET revoked_at = COALESCE(revoked_at, ?) WHERE key_id = ?",
                 (self._now(), key_id),

@@ -24,13 +24,16 @@ goes back to the system) and ONNX Runtime's constant folding disabled: constant 
 own cap) before any request arrives. Shapes computed at run time are bounded only by the
 request limits, the per-request timeout and the concurrency limit: hard memory containment of a
 running graph needs process isolation (a cgroup memory limit on the server), which is left to
-the deployment.
+the deployment. `run_with_timeout` bounds a run's time: past ``request_timeout_s`` it tells ONNX
+Runtime to stop (``RunOptions.terminate``, checked between nodes) and answers 504.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import onnx
@@ -39,7 +42,13 @@ from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto
 from veil.errors import ApiError, api_error_for_status
 from veil.server.limits import Limits
 
-__all__ = ["ALLOWED_DOMAINS", "check_model", "create_session", "session_options"]
+__all__ = [
+    "ALLOWED_DOMAINS",
+    "check_model",
+    "create_session",
+    "run_with_timeout",
+    "session_options",
+]
 
 ALLOWED_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
 
@@ -258,3 +267,37 @@ def create_session(
     except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise _invalid(f"ONNX Runtime refused the model: {message[:300]}") from None
+
+
+async def run_with_timeout(
+    session: Any,
+    feeds: Mapping[str, Any],
+    timeout_s: float,
+    *,
+    output_names: Sequence[str] | None = None,
+    executor: concurrent.futures.Executor | None = None,
+) -> list[Any]:
+    """Run `session` in `executor` (default: the loop's) and stop it after `timeout_s` seconds.
+
+    On time-out the run is terminated (ONNX Runtime stops at the next node boundary, so one very
+    long node still finishes first) and an `ApiError` with status 504 is raised, naming
+    ``request_timeout_s``.
+    """
+    import onnxruntime as ort
+
+    run_options = ort.RunOptions()
+    loop = asyncio.get_running_loop()
+    future = loop.run_in_executor(
+        executor,
+        lambda: session.run(list(output_names) if output_names else None, dict(feeds), run_options),
+    )
+    try:
+        outputs: list[Any] = await asyncio.wait_for(asyncio.shield(future), timeout_s)
+    except TimeoutError:
+        run_options.terminate = True
+        # ORT raises once it notices; swallow that so no "exception never retrieved" is logged.
+        future.add_done_callback(lambda f: f.exception())
+        raise api_error_for_status(
+            504, f"inference exceeded request_timeout_s={timeout_s:g}"
+        ) from None
+    return outputs

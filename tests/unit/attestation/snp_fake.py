@@ -51,7 +51,8 @@ def der_int(value: int) -> bytes:
 
 
 def der_ia5(text: str) -> bytes:
-    return bytes([0x16, len(text)]) + text.encode()
+    raw = text.encode("latin-1")
+    return bytes([0x16, len(raw)]) + raw
 
 
 def ext(oid: str, value: bytes) -> x509.UnrecognizedExtension:
@@ -119,19 +120,17 @@ class FakeAmd:
         hwid: bytes | None = CHIP_ID,
         csp_id: str | None = "CN=fake-csp",
         product_name: str | None = None,
+        omit_product_name: bool = False,
         extra: list[x509.UnrecognizedExtension] = [],  # noqa: B006 - read only
         public_key: ec.EllipticCurvePublicKey | None = None,
         pss: bool = True,
         not_after: datetime = NOT_AFTER,
     ) -> bytes:
         spl = spl if spl is not None else {"1": 3, "2": 0, "3": 8, "8": 115}
-        exts = [
-            ext("1.3.6.1.4.1.3704.1.1", der_int(0)),
-            ext(
-                "1.3.6.1.4.1.3704.1.2",
-                der_ia5(product_name or (self.product if vlek else f"{self.product}-B0")),
-            ),
-        ]
+        exts = [ext("1.3.6.1.4.1.3704.1.1", der_int(0))]
+        if not omit_product_name:
+            product = product_name or (self.product if vlek else f"{self.product}-B0")
+            exts.append(ext("1.3.6.1.4.1.3704.1.2", der_ia5(product)))
         exts += [ext(f"1.3.6.1.4.1.3704.1.3.{k}", der_int(v)) for k, v in spl.items()]
         if vlek and csp_id is not None:
             exts.append(ext("1.3.6.1.4.1.3704.1.5", der_ia5(csp_id)))

@@ -270,3 +270,72 @@ def test_der_reader() -> None:
     for bad in (b"", b"\x02", b"\x16\x01\x05", b"\x02\x02\x05", b"\x02\x83\x00\x00\x01\x05"):
         with pytest.raises(MalformedEvidenceError, match="bad DER"):
             _der_value(bad, 0x02, "x")
+
+
+def test_missing_product_name(milan: FakeAmd) -> None:
+    key = milan.endorsement_key(omit_product_name=True)
+    with pytest.raises(CollateralError, match="productName missing"):
+        run(milan, build_report(key=milan.leaf_key), key)
+
+
+def test_non_ascii_product_name(milan: FakeAmd) -> None:
+    key = milan.endorsement_key(product_name="Mil\xe4n-B0")
+    with pytest.raises(MalformedEvidenceError, match="productName: not ASCII"):
+        run(milan, build_report(key=milan.leaf_key), key)
+
+
+def test_intermediate_with_non_rsa_key(milan: FakeAmd) -> None:
+    ec_ask = make_cert(
+        "SEV-Milan",
+        "ARK-Milan",
+        ec.generate_private_key(ec.SECP384R1()).public_key(),
+        milan.ark_key,
+    )
+    chain = ec_ask.public_bytes(Encoding.PEM).decode()
+    with pytest.raises(ChainError, match="VCEK: issuer key is not RSA"):
+        run(milan, build_report(key=milan.leaf_key), milan.endorsement_key(), chain=chain)
+
+
+def test_embedded_intermediate_fingerprint_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from veil.attestation.verify import snp as snp_module
+
+    pins = dict(snp_module.AMD_INTERMEDIATE_FINGERPRINTS)
+    pins["amd_ask_milan.pem"] = "00" * 32
+    monkeypatch.setattr(snp_module, "AMD_INTERMEDIATE_FINGERPRINTS", pins)
+    snp_module.load_amd_intermediate.cache_clear()
+    try:
+        with pytest.raises(ChainError, match="fingerprint got 67d303bd"):
+            snp_module.load_amd_intermediate("amd_ask_milan.pem")
+    finally:
+        snp_module.load_amd_intermediate.cache_clear()
+
+
+def test_all_embedded_intermediates_load() -> None:
+    from veil.attestation.verify.snp import AMD_INTERMEDIATE_FINGERPRINTS, load_amd_intermediate
+
+    for name in AMD_INTERMEDIATE_FINGERPRINTS:
+        cert = load_amd_intermediate(name)
+        kind = "SEV-VLEK-" if "asvk" in name else "SEV-"
+        product = name.removesuffix(".pem").rsplit("_", 1)[1].capitalize()
+        assert cert.subject.rfc4514_string().startswith(f"CN={kind}{product},")
+
+
+def test_naive_now_refused(milan: FakeAmd) -> None:
+    with pytest.raises(ValueError, match="timezone-aware"):
+        verify_snp_report(
+            parse_snp_report(build_report(key=milan.leaf_key)),
+            SnpCollateral(milan.endorsement_key(), milan.chain_pem()),
+            trust=milan.trust(),
+            now=NOW.replace(tzinfo=None),
+        )
+
+
+@pytest.mark.parametrize("hwid", [bytes(10), b"\x04\x0a" + bytes(10), b"\x04\x41" + bytes(65)])
+def test_hwid_of_wrong_size(milan: FakeAmd, hwid: bytes) -> None:
+    with pytest.raises(MalformedEvidenceError, match="hwID"):
+        run(milan, build_report(key=milan.leaf_key), milan.endorsement_key(hwid=hwid))
+
+
+def test_hwid_in_octet_string_wrapper(milan: FakeAmd) -> None:
+    key = milan.endorsement_key(hwid=b"\x04\x40" + CHIP_ID)
+    assert run(milan, build_report(key=milan.leaf_key), key).chip_id_checked

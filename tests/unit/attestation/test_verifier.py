@@ -295,3 +295,19 @@ def test_simulated_evidence(tmp_path: Path) -> None:
     assert claims.report_data == report_data
     with pytest.raises(ChainError):
         verify_evidence(evidence.quote, evidence.collateral, policy=policy)
+
+
+def test_simulated_debug_enclave_rejected(tmp_path: Path) -> None:
+    from veil.errors import SimulationModeWarning
+    from veil.providers.simulated import SimulatedSgxProvider
+
+    with pytest.warns(SimulationModeWarning):
+        provider = SimulatedSgxProvider(tmp_path, debug=True)
+    evidence = provider.evidence(bytes(64))
+    policy = Policy(sgx=SgxPolicy(mr_enclave=(provider.mr_enclave,)))
+    trust = TrustStore.simulated_only()
+    with pytest.raises(PolicyError, match="debug: got True, expected False"):
+        verify_evidence(evidence.quote, evidence.collateral, policy=policy, trust=trust)
+    claims = hazmat_verify_without_policy(evidence.quote, evidence.collateral, trust=trust)
+    assert claims.debug
+    assert claims.details["attributes"][0] & 0x02  # type: ignore[index]

@@ -9,6 +9,7 @@ import json
 import os
 import struct
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -319,3 +320,11 @@ def test_sealing_key_with_loose_mode_or_bad_size_is_refused(tmp_path: Path) -> N
     path.symlink_to(tmp_path / "elsewhere")
     with pytest.raises(EvidenceUnavailableError, match="not a regular file"):
         prov.sealing_key()
+
+
+def test_sealing_key_concurrent_first_use_agrees(tmp_path: Path) -> None:
+    providers = [SimulatedSgxProvider(tmp_path, clock=lambda: NOW) for _ in range(8)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        keys = set(pool.map(lambda p: p.sealing_key(), providers))
+    assert len(keys) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sealing.key"]  # no temp files left

@@ -269,3 +269,55 @@ def test_session_creation_does_not_materialise_constants() -> None:
     unguarded, guarded = _peak_mib("plain"), _peak_mib("guarded")
     assert unguarded > guarded + 200
     assert guarded < 250
+
+
+def _slow_model(steps: int) -> bytes:
+    nodes, prev = [], "x"
+    for i in range(steps):
+        nodes.append(helper.make_node("MatMul", [prev, "w"], [f"h{i}"]))
+        prev = f"h{i}"
+    nodes.append(helper.make_node("Identity", [prev], ["y"]))
+    w = numpy_helper.from_array(np.eye(768, dtype=np.float32), "w")
+    graph = helper.make_graph(
+        nodes,
+        "slow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [768, 768])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [768, 768])],
+        initializer=[w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def test_run_with_timeout_terminates() -> None:
+    import asyncio
+    import concurrent.futures
+    import time
+
+    from veil.errors import ApiError
+    from veil.server.onnx_guard import run_with_timeout
+
+    # 400 chained 768x768 matmuls on one thread: several seconds if left to run.
+    session = create_session(_slow_model(400), LIMITS, intra_op_threads=1)
+    x = np.ones((768, 768), np.float32)
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+
+    async def main() -> float:
+        t0 = time.monotonic()
+        with pytest.raises(ApiError) as info:
+            await run_with_timeout(session, {"x": x}, 0.2, executor=pool)
+        assert info.value.status == 504
+        assert "request_timeout_s=0.2" in info.value.message
+        # The worker is free again soon: the run was terminated, not left to finish.
+        await asyncio.get_running_loop().run_in_executor(pool, lambda: None)
+        return time.monotonic() - t0
+
+    try:
+        assert asyncio.run(main()) < 2.0
+    finally:
+        pool.shutdown(wait=True)
+    # A run within the limit returns its outputs.
+    fast = create_session(_slow_model(1), LIMITS)
+    (y,) = asyncio.run(run_with_timeout(fast, {"x": x}, 30.0))
+    assert np.array_equal(y, x)

@@ -243,9 +243,12 @@ def test_sigkill_during_puts_and_deletes(tmp_path: Path) -> None:
             stdout=subprocess.PIPE,
             text=True,
         )
-        time.sleep(rng.uniform(0.05, 0.6))
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # the writer is up (imports done): now kill at random
+        time.sleep(rng.uniform(0.0, 0.5))
         proc.send_signal(signal.SIGKILL)
         out, _ = proc.communicate(timeout=30)
+        out = first + out
         kills += proc.returncode == -signal.SIGKILL
         in_flight: tuple[str, str, int] | None = None
         for line in out.splitlines():
@@ -296,3 +299,21 @@ def test_default_codec_is_the_plain_stores_record(tmp_path: Path) -> None:
     assert list(SealedModelStore(tmp_path / "sealed", key).load_all()) == [(record, blob)]
     sealed.delete("my-model")
     assert list(sealed.load_all()) == []
+
+
+def test_streamed_put_uses_bounded_memory(tmp_path: Path) -> None:
+    import tracemalloc
+
+    s = SealedModelStore(tmp_path, os.urandom(32), codec=DICT, chunk_size=1 << 19)
+    part = os.urandom(1 << 19)
+    tracemalloc.start()
+    try:
+        written = s.put_stream(meta("big"), (part for _ in range(32)))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert written == 16 << 20
+    assert peak < 3 << 20  # a few chunks, not the 16 MiB model
+    m, blob = s.load("big")  # type: ignore[misc]
+    assert m == meta("big")
+    assert blob == part * 32

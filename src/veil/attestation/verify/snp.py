@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
 from importlib import resources
+from types import MappingProxyType
 from typing import Any
 
 from cryptography import x509
@@ -63,14 +64,16 @@ PRODUCTS = ("Milan", "Genoa", "Turin")
 
 # SHA-256 of the DER of AMD's public intermediates, as served by the AMD KDS
 # (provenance: ../shared/attestation-vectors/README.md, roots/amd/).
-AMD_INTERMEDIATE_FINGERPRINTS: Mapping[str, str] = {
-    "amd_ask_milan.pem": "67d303bd3905fd38db8b20e0793699870e7fa612eaad5dec358293fd8c0bac1b",
-    "amd_asvk_milan.pem": "c5e081f59b7efab1fe2f8b505e159704e72f29cab7ef7cf628a05a42439082f5",
-    "amd_ask_genoa.pem": "5464738c1546aed5f2cecf1dc98c5c960a92e8913238a61711bc90ec6e828521",
-    "amd_asvk_genoa.pem": "197e610743a917d6b9bb982a5a9226ccc0a15b611be0619e626aca9151457372",
-    "amd_ask_turin.pem": "5b77ef5fe7a7a004fd9032668fba9d0fda22f88c4442069a479636a6ae3b3185",
-    "amd_asvk_turin.pem": "104e10a8bd060a3c20a434261a57d0588fd65a88915b4f65b08bdecaf8df1a3c",
-}
+AMD_INTERMEDIATE_FINGERPRINTS: Mapping[str, str] = MappingProxyType(
+    {
+        "amd_ask_milan.pem": "67d303bd3905fd38db8b20e0793699870e7fa612eaad5dec358293fd8c0bac1b",
+        "amd_asvk_milan.pem": "c5e081f59b7efab1fe2f8b505e159704e72f29cab7ef7cf628a05a42439082f5",
+        "amd_ask_genoa.pem": "5464738c1546aed5f2cecf1dc98c5c960a92e8913238a61711bc90ec6e828521",
+        "amd_asvk_genoa.pem": "197e610743a917d6b9bb982a5a9226ccc0a15b611be0619e626aca9151457372",
+        "amd_ask_turin.pem": "5b77ef5fe7a7a004fd9032668fba9d0fda22f88c4442069a479636a6ae3b3185",
+        "amd_asvk_turin.pem": "104e10a8bd060a3c20a434261a57d0588fd65a88915b4f65b08bdecaf8df1a3c",
+    }
+)
 
 # KDS specification, "VCEK Certificate Extensions" (prefix 1.3.6.1.4.1.3704.1).
 _OID_STRUCT_VERSION = "1.3.6.1.4.1.3704.1.1"
@@ -89,6 +92,9 @@ _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
 
 # cryptography warns on the serial number 0 that AMD's KDS puts in VCEK/VLEK certificates;
 # RFC 5280 forbids it but the certificates are genuine and signed. Only this warning is silenced.
+# (warnings.catch_warnings is process-wide before Python 3.14; racing threads can at worst leave
+# this one harmless warning filtered.) Should cryptography start refusing such certificates, the
+# loader fails with a MalformedEvidenceError naming the certificate.
 _SERIAL_WARNING = r"Parsed a serial number which wasn't positive"
 
 _KEY_NAMES = {SigningKey.VCEK: "VCEK", SigningKey.VLEK: "VLEK"}
@@ -266,6 +272,10 @@ def _read_extensions(cert: x509.Certificate) -> _KeyExtensions:
         value = raw[_OID_HWID]
         # AMD encodes hwID as the raw chip-ID bytes; accept an OCTET STRING wrapper too.
         hwid = value if len(value) in (8, 64) else _der_value(value, 0x04, "hwID")
+        if len(hwid) not in (8, 64):
+            raise MalformedEvidenceError(
+                f"certificate extension hwID: got {len(hwid)} bytes, expected 64 (or 8 on Turin)"
+            )
     return _KeyExtensions(
         product_name=product_name,
         spl={k: v for k, v in spl.items() if v is not None},
@@ -393,7 +403,10 @@ def verify_snp_report(
     Raises:
         SignatureError, ChainError, ExpiredError, CollateralError, TcbError,
         MalformedEvidenceError: as each step fails.
+        ValueError: `now` is naive.
     """
+    if now.tzinfo is None or now.utcoffset() is None:
+        raise ValueError("now must be a timezone-aware datetime")
     # 1. Which key signed the report (ABI spec, signer info at 0x48, bits 4:2).
     if report.signing_key not in _KEY_NAMES:
         raise SignatureError(
