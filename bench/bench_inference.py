@@ -181,7 +181,7 @@ class CpuMeter:
 
 
 class PeakRss:
-    """Samples a process's RSS every few milliseconds in a thread; keeps the peak."""
+    """Peak RSS of a process (and its children) while the block runs, sampled every 5 ms."""
 
     def __init__(self, proc: psutil.Process, interval: float = 0.005) -> None:
         self.proc, self.interval = proc, interval
@@ -205,11 +205,18 @@ class PeakRss:
         self._thread.join()
         with contextlib.suppress(psutil.Error):
             self.peak = max(self.peak, rss_bytes(self.proc))
+        # Linux keeps the exact high-water mark (since the process started: a fresh server's
+        # start-up stays far below an upload's peak), which no sampling can miss.
+        with contextlib.suppress(OSError, ValueError, StopIteration):
+            status = Path(f"/proc/{self.proc.pid}/status").read_text()
+            hwm_kb = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
+            self.peak = max(self.peak, int(hwm_kb.split()[1]) * 1024)
 
 
 def new_session(path: Path) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = ORT_THREADS
+    options.inter_op_num_threads = 1  # as veil's server sets it
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -409,11 +416,12 @@ async def drive_batcher(
 ) -> tuple[list[float], float]:
     """n asyncio callers, each submitting up to `count` requests in a row until time is up."""
     out: list[float] = []
+    # warm: one request per caller, before the clock starts
+    await asyncio.gather(*(batcher.submit(requests[k % len(requests)]) for k in range(n)))
     started = time.perf_counter()
     deadline = started + seconds
 
     async def caller(k: int) -> None:
-        await batcher.submit(requests[k % len(requests)])  # warm
         for _ in range(count):
             if time.perf_counter() > deadline:
                 return
@@ -454,7 +462,7 @@ def bench_batcher(model: _models.BenchModel, seq: int, s: Settings, report: Repo
         fill_latency(row, latencies, seconds)
         row.client_cpu_pct = meter.client_pct
         row.mean_batch = batcher.stats().mean_batch_size
-        row.note = "in-process asyncio callers (incl. warm-up)"
+        row.note = "in-process asyncio callers; mean batch includes the warm-up"
         report.rows.append(row)
     pool.shutdown()
 
@@ -489,6 +497,7 @@ def bench_plain(
                     r.raise_for_status()
                     r.json()
 
+                before = httpx.get(f"http://{HOST}:{port}/stats").json()
                 try:
                     lat, errors, seconds, meter = run_threads(
                         clients, call, s.cell_seconds, s.cell_requests, server.proc
@@ -496,7 +505,12 @@ def bench_plain(
                 finally:
                     for c in clients:
                         c.close()
+                after = httpx.get(f"http://{HOST}:{port}/stats").json()
                 row = Row(system, model.name, seq, concurrency, errors=errors)
+                if after and after["runs"] > before["runs"]:
+                    # includes each client's warm-up request
+                    runs = after["runs"] - before["runs"]
+                    row.mean_batch = (after["requests"] - before["requests"]) / runs
                 fill_latency(row, lat, seconds)
                 row.server_cpu_pct, row.client_cpu_pct = meter.server_pct, meter.client_pct
                 row.server_rss_mb = rss_bytes(server.proc) / 2**20
@@ -698,7 +712,7 @@ def print_report(report: Report) -> None:
         f"ORT intra-op threads {m['ort_threads']}, python {m['python']}"
     )
     head = (
-        f"{'system':<10}{'model':<11}{'seq':>4}{'conc':>5}{'batch':>6}{'n':>6}{'err':>4}"
+        f"{'system':<12}{'model':<11}{'seq':>4}{'conc':>5}{'batch':>6}{'n':>6}{'err':>4}"
         f"{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'seq/s':>9}{'srvCPU%':>8}{'cliCPU%':>8}"
         f"{'RSS MB':>8}{'mean b':>7}"
     )
@@ -706,7 +720,7 @@ def print_report(report: Report) -> None:
     print("-" * len(head))
     for r in report.rows:
         print(
-            f"{r.system:<10}{r.model:<11}{r.seq:>4}{r.concurrency:>5}{r.batch:>6}{r.requests:>6}"
+            f"{r.system:<12}{r.model:<11}{r.seq:>4}{r.concurrency:>5}{r.batch:>6}{r.requests:>6}"
             f"{r.errors:>4}{_fmt(r.p50_ms, 2):>9}{_fmt(r.p90_ms, 2):>9}{_fmt(r.p99_ms, 2):>9}"
             f"{_fmt(r.seq_per_s):>9}{_fmt(r.server_cpu_pct, 0):>8}{_fmt(r.client_cpu_pct, 0):>8}"
             f"{_fmt(r.server_rss_mb, 0):>8}{_fmt(r.mean_batch, 1):>7}"
@@ -795,8 +809,8 @@ def main(argv: list[str] | None = None) -> int:
                     bench_inproc(model, seq, s, report)
                 if "batcher" in systems:
                     bench_batcher(model, seq, s, report)
-            for system in ("plain", *EXTRA_SYSTEMS):
-                if system in systems:
+            for system in systems:  # in the order given: lets repeated runs swap the order
+                if system == "plain" or system in EXTRA_SYSTEMS:
                     bench_plain(model, seqs, s, report, workdir, system)
             if "veil" in systems:
                 try:

@@ -72,8 +72,18 @@ def build_app(model_path: str, threads: int, batch_delay_ms: float | None = None
     async def health(request: Request) -> Response:
         return JSONResponse({"ok": True})
 
+    async def stats(request: Request) -> Response:
+        if batcher is None:
+            return JSONResponse({})
+        st = batcher.stats()
+        return JSONResponse({"runs": st.runs, "requests": st.requests})
+
     return Starlette(
-        routes=[Route("/predict", predict, methods=["POST"]), Route("/health", health)]
+        routes=[
+            Route("/predict", predict, methods=["POST"]),
+            Route("/health", health),
+            Route("/stats", stats),
+        ]
     )
 
 

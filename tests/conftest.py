@@ -14,5 +14,7 @@ VECTORS = REPO_ROOT.parent / "shared" / "attestation-vectors"
 @pytest.fixture(scope="session")
 def vectors() -> Path:
     if not VECTORS.is_dir():
-        pytest.fail(f"attestation vectors not found at {VECTORS}: ../shared must sit beside the clone")
+        pytest.fail(
+            f"attestation vectors not found at {VECTORS}: ../shared must sit beside the clone"
+        )
     return VECTORS

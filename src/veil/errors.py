@@ -117,7 +117,7 @@ class TransportError(VeilError):
 
 
 class ExportError(VeilError):
-    """A model could not be exported to ONNX, or the exported graph's outputs differ from PyTorch's."""
+    """A model did not export to ONNX, or ONNX Runtime's outputs differ from PyTorch's."""
 
 
 class ApiError(VeilError):

@@ -481,8 +481,9 @@ def sentence_embedding_module(
 ) -> torch.nn.Module:
     """A sentence encoder: Transformers encoder + attention-masked mean pooling (+ L2 norm).
 
-    Takes ``input_ids``, ``attention_mask`` and ``token_type_ids`` ([batch, sequence] int64) and
-    returns one embedding per sentence ([batch, hidden]). With the default folder (the bundled
+    Takes ``input_ids``, ``attention_mask`` and, for encoders that have them, ``token_type_ids``
+    ([batch, sequence] int64; the module's ``input_names`` lists them) and returns one embedding
+    per sentence ([batch, hidden]). With the default folder (the bundled
     all-MiniLM-L6-v2) and ``normalize=True`` this is what sentence-transformers computes for that
     model. Returned in eval mode.
     """
@@ -495,7 +496,12 @@ def sentence_embedding_module(
         str(folder), attn_implementation="eager", local_files_only=True
     )
 
+    takes_types = "token_type_ids" in inspect.signature(encoder.forward).parameters
+
     class SentenceEmbedding(torch.nn.Module):
+        #: The inputs to export with: token_type_ids only for encoders that take them.
+        input_names = ("input_ids", "attention_mask") + (("token_type_ids",) if takes_types else ())
+
         def __init__(self) -> None:
             super().__init__()
             self.encoder = encoder
@@ -504,10 +510,11 @@ def sentence_embedding_module(
             self,
             input_ids: torch.Tensor,
             attention_mask: torch.Tensor,
-            token_type_ids: torch.Tensor,
+            token_type_ids: torch.Tensor | None = None,
         ) -> torch.Tensor:
+            extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
             tokens = self.encoder(
-                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+                input_ids=input_ids, attention_mask=attention_mask, **extra
             ).last_hidden_state
             mask = attention_mask.unsqueeze(-1).to(tokens.dtype)
             pooled = (tokens * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)

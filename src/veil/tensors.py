@@ -137,12 +137,15 @@ def datum_type_of(value: Any) -> DatumType:
         if name in _BY_NUMPY_NAME:
             return _BY_NUMPY_NAME[name]
         raise TensorError(f"datum type: got {value}, expected one of {_SUPPORTED}")
-    try:
-        dtype = np.dtype(value)
-    except TypeError:
+    # Only real dtypes and numpy scalar types: np.dtype() of arbitrary values (maps, lists)
+    # builds structured dtypes or raises errors of its own.
+    if not (
+        isinstance(value, np.dtype) or (isinstance(value, type) and issubclass(value, np.generic))
+    ):
         raise TensorError(
             f"datum type: got {type(value).__name__}, expected a code, a name or a dtype"
-        ) from None
+        )
+    dtype = np.dtype(value)
     if dtype.name not in _BY_NUMPY_NAME:
         raise TensorError(f"datum type: got {dtype.name}, expected one of {_SUPPORTED}")
     return _BY_NUMPY_NAME[dtype.name]
@@ -209,7 +212,11 @@ def decode_array(
             f"got {len(data)} bytes, expected {expected} for shape {list(shape)} "
             f"of {datum_type.name}"
         )
-    return np.frombuffer(data, dtype=_NUMPY[datum_type]).reshape(tuple(shape))
+    try:
+        return np.frombuffer(data, dtype=_NUMPY[datum_type]).reshape(tuple(shape))
+    except ValueError:
+        # numpy refuses shapes whose nonzero dims overflow, even when a zero makes them empty
+        raise TensorError(f"shape {list(shape)}: too large to represent") from None
 
 
 def _is_torch_dtype(value: Any) -> bool:

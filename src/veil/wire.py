@@ -51,13 +51,14 @@ class UploadRequest:
     """A decoded UploadModel.
 
     Attributes:
-        model: the ONNX bytes.
+        model: the ONNX bytes (a bytearray when they came as BlindAI's int array: converting
+            it to bytes once the request body is freed saves holding a third copy).
         model_name: the user's label (not an identifier).
         model_id: veil extension: the id the user wants; None lets the server choose.
         length: the length the client declared, when it did.
     """
 
-    model: bytes
+    model: bytes | bytearray
     model_name: str
     model_id: str | None
     length: int | None
@@ -96,7 +97,7 @@ def _bad(message: str) -> BadRequestError:
     return BadRequestError(400, message)
 
 
-def _loads(body: bytes, what: str) -> Any:
+def _loads(body: bytes | bytearray, what: str) -> Any:
     try:
         return cbor2.loads(body)
     except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
@@ -123,7 +124,7 @@ def _opt_str(message: Mapping[str, Any], key: str, what: str) -> str | None:
 # ---- UploadModel --------------------------------------------------------------------------------
 
 
-def _uint_header(body: bytes | memoryview, pos: int, major: int) -> tuple[int, int] | None:
+def _uint_header(body: bytes | bytearray, pos: int, major: int) -> tuple[int, int] | None:
     """Read a definite CBOR header of `major` type at `pos`: (argument, next position)."""
     if pos >= len(body):
         return None
@@ -146,8 +147,8 @@ _CHUNK = 1 << 22
 
 
 def _decode_uint8_array(
-    body: bytes, start: int, count: int, chunk: int = _CHUNK
-) -> tuple[bytes, int] | None:
+    body: bytes | bytearray, start: int, count: int, chunk: int = _CHUNK
+) -> tuple[bytearray, int] | None:
     """Decode `count` CBOR uints 0..255 from `body[start:]` with numpy; (bytes, end) or None.
 
     BlindAI sends a model as ``list(model_bytes)``: each item is one byte (0x00-0x17) or
@@ -155,7 +156,8 @@ def _decode_uint8_array(
     (the byte before it ends one), so inside a run even offsets are headers and odd offsets are
     the value 24. Chunks of 4 MiB keep temporaries small. None means "not this simple form".
     """
-    out = np.empty(count, dtype=np.uint8)
+    result = bytearray(count)
+    out = np.frombuffer(result, dtype=np.uint8)
     view = np.frombuffer(body, dtype=np.uint8)
     done = 0
     pos = start
@@ -190,11 +192,15 @@ def _decode_uint8_array(
         out[done : done + heads.size] = values
         done += heads.size
         pos += end
-    return out.tobytes(), pos
+    return result, pos
 
 
-def _fast_upload_fields(body: bytes, chunk: int = _CHUNK) -> dict[str, Any] | None:
-    """Decode an upload whose first key is ``model`` holding a uint8 array, without cbor2 ints."""
+def _fast_upload_fields(body: bytes | bytearray, chunk: int = _CHUNK) -> dict[str, Any] | None:
+    """Decode an upload whose first key is ``model`` without cbor2 building it.
+
+    A uint8 array (BlindAI) is converted with numpy instead of as ints; a byte string (veil) is
+    copied once out of the body. None means "another layout": cbor2 decodes it then.
+    """
     header = _uint_header(body, 0, 5)
     if header is None or header[0] == 0:
         return None
@@ -202,18 +208,27 @@ def _fast_upload_fields(body: bytes, chunk: int = _CHUNK) -> dict[str, Any] | No
     if body[pos : pos + 6] != b"\x65model":
         return None
     array = _uint_header(body, pos + 6, 4)
-    if array is None:
+    string = _uint_header(body, pos + 6, 2)
+    model: bytes | bytearray
+    if array is not None:
+        count, pos = array
+        if count > len(body) - pos:  # each item takes at least one byte: a lie
+            return None
+        decoded = _decode_uint8_array(body, pos, count, chunk) if count else (bytearray(), pos)
+        if decoded is None:
+            return None
+        model, end = decoded
+    elif string is not None:
+        size, pos = string
+        end = pos + size
+        if end > len(body):
+            return None
+        model = bytes(memoryview(body)[pos:end])
+    else:
         return None
-    count, pos = array
-    if count > len(body) - pos:  # each item takes at least one byte: a lie, let cbor2 refuse it
-        return None
-    decoded = _decode_uint8_array(body, pos, count, chunk) if count else (b"", pos)
-    if decoded is None:
-        return None
-    model, end = decoded
     rest_header = _encode_map_header(pairs - 1)
     try:
-        rest = cbor2.loads(rest_header + body[end:])
+        rest = cbor2.loads(rest_header + bytes(memoryview(body)[end:]))
     except Exception:
         return None
     if not isinstance(rest, dict) or "model" in rest:
@@ -230,7 +245,7 @@ def _encode_map_header(count: int) -> bytes:
     return b"\xb9" + struct.pack(">H", count)
 
 
-def decode_upload_request(body: bytes) -> UploadRequest:
+def decode_upload_request(body: bytes | bytearray) -> UploadRequest:
     """Decode an UploadModel body (model as a uint8 array or a byte string).
 
     Raises:
@@ -240,7 +255,8 @@ def decode_upload_request(body: bytes) -> UploadRequest:
     if message is None:
         message = dict(_as_map(_loads(body, "UploadModel"), "UploadModel"))
     raw = message.get("model")
-    if isinstance(raw, bytes):
+    model: bytes | bytearray
+    if isinstance(raw, bytes | bytearray):
         model = raw
     elif isinstance(raw, list):
         try:
@@ -320,7 +336,7 @@ def _decode_tensor(item: Any, where: str) -> WireTensor:
     return WireTensor(tuple(fact), datum_type, name or None, data)
 
 
-def decode_run_request(body: bytes) -> RunRequest:
+def decode_run_request(body: bytes | bytearray) -> RunRequest:
     """Decode a RunModel body.
 
     Raises:
@@ -376,7 +392,7 @@ def decode_run_reply(body: bytes, status: int = 200) -> list[WireTensor]:
 # ---- DeleteModel, errors ------------------------------------------------------------------------
 
 
-def decode_delete_request(body: bytes) -> DeleteRequest:
+def decode_delete_request(body: bytes | bytearray) -> DeleteRequest:
     message = _as_map(_loads(body, "DeleteModel"), "DeleteModel")
     model_id = _opt_str(message, "model_id", "DeleteModel")
     if not model_id:

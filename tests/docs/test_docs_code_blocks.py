@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from veil.commands.demo import LocalServer
+from veil.providers.measurement import simulated_measurement
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 _FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
@@ -72,6 +73,10 @@ def test_document_runs(document: Path, tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     namespace: dict[str, object] = {"__name__": "__docs__"}
     with LocalServer(data_dir=tmp_path / "veil-data", ports=_DEFAULT_PORTS):
+        # The simulated measurement hashes veil's sources; measure them here now, as the server
+        # just did, rather than after the docs' slow export (the tree may change in between
+        # while someone edits it).
+        simulated_measurement()
         for line, code in python_blocks(document.read_text(encoding="utf-8")):
             compiled = compile(code, f"{document.name}, block at line {line}", "exec")
             # The documents' code is what users run: third-party deprecation warnings (torch's

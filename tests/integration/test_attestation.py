@@ -10,9 +10,9 @@ import httpx
 import numpy as np
 import pytest
 from onnx_models import identity_model
+from server_process import SNI, RawClient, ServerFactory, VeilServer
 
 import veil
-from conftest import SNI, RawClient, ServerFactory, VeilServer
 from veil.attestation.policy import Policy, SgxPolicy
 from veil.providers.measurement import simulated_measurement
 from veil.tls import pinned_client_context
@@ -38,6 +38,11 @@ def test_unattested_port_serves_certificate_evidence_and_mock_header(raw: RawCli
     health = raw.get("unattested", "/healthz")
     assert health.status_code == 200
     assert cbor2.loads(health.content) == {"status": "ok", "simulated": True}
+    # the header is on every answer, errors included
+    missing = raw.get("unattested", "/no-such-path")
+    assert missing.status_code == 404
+    assert "mock" in missing.headers["server"]
+    assert "mock" in raw.get("attested", "/").headers["server"]
 
 
 def test_connection_verifies_and_binds_the_certificate(client: veil.Connection) -> None:

@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx_models import IR_VERSION, OPSET, multi_io_model, reference
-
-from conftest import RawClient
+from server_process import RawClient
 
 pytestmark = pytest.mark.slow
 

@@ -90,12 +90,14 @@ def test_ctrl_c_stops_the_server_and_removes_files(tmp_path: Path) -> None:
         )
         try:
             deadline = time.monotonic() + 300
-            servers: list[psutil.Process] = []
-            while not servers and demo.poll() is None and time.monotonic() < deadline:
+            # Interrupt in the middle of the upload, with the embedded server running.
+            while demo.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.1)
-                servers = _servers_under(tmp)
+                if "uploading" in (tmp_path / "err").read_text():
+                    break
+            servers = _servers_under(tmp)
             assert servers, (tmp_path / "err").read_text()
-            time.sleep(1.0)  # in the upload by now (or connecting): interrupt mid-flight
+            time.sleep(0.3)
             demo.send_signal(signal.SIGINT)
             status = demo.wait(60)
         finally:
@@ -103,7 +105,10 @@ def test_ctrl_c_stops_the_server_and_removes_files(tmp_path: Path) -> None:
                 demo.kill()
                 demo.wait()
     assert status == 130, (tmp_path / "err").read_text()
-    assert "interrupted, cleaned up" in (tmp_path / "err").read_text()
+    err = (tmp_path / "err").read_text()
+    assert "interrupted, cleaned up" in err
+    assert "uploading" in err
+    assert " failed\n" in err  # the interrupted step says so
     for server in servers:
         assert not server.is_running() or server.status() == psutil.STATUS_ZOMBIE
     assert _ours(tmp) == []

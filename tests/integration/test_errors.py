@@ -8,9 +8,9 @@ import cbor2
 import numpy as np
 import pytest
 from onnx_models import identity_model, multi_io_model
+from server_process import SNI, RawClient
 
 import veil
-from conftest import SNI, RawClient
 from veil import wire
 
 pytestmark = pytest.mark.slow

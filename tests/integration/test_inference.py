@@ -14,9 +14,9 @@ from onnx_models import (
     random_array,
     reference,
 )
+from server_process import VeilServer
 
 import veil
-from conftest import VeilServer
 
 pytestmark = pytest.mark.slow
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from onnx_models import dynamic_batch_model, identity_model, reference
-
-from conftest import ServerFactory
+from server_process import ServerFactory
 
 pytestmark = pytest.mark.slow
 
@@ -72,3 +72,35 @@ def test_auto_platform_without_tee_refuses(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "--platform simulated" in result.stderr
     assert "serving on" not in result.stdout
+
+
+def test_taken_port_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "veil.cli",
+                "serve",
+                "--platform",
+                "simulated",
+                "--data-dir",
+                str(tmp_path),
+                "--unattested-port",
+                "0",
+                "--attested-port",
+                str(port),
+                "--management-port",
+                "0",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr

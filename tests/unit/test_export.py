@@ -5,6 +5,7 @@ The checks that need no torch are in test_export_optional.py.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -282,3 +283,140 @@ def test_sdpa_attention_below_opset_14_says_what_to_do(tmp_path: Path) -> None:
         export_transformers_model(
             model, tmp_path / "d.onnx", example_inputs={"input": ids}, opset=11
         )
+
+
+# --- veil export (in process) ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny local checkpoints: a DistilBERT classifier and a BERT encoder (no tokenizer files)."""
+    from transformers import (
+        BertConfig,
+        BertModel,
+        DistilBertConfig,
+        DistilBertForSequenceClassification,
+    )
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    torch.manual_seed(5)
+    small = {"n_layers": 1, "dim": 32, "hidden_dim": 64, "n_heads": 2}
+    DistilBertForSequenceClassification(DistilBertConfig(num_labels=3, **small)).save_pretrained(
+        root / "classifier"
+    )
+    bert = BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    BertModel(bert).save_pretrained(root / "encoder")
+    DistilBertModel(DistilBertConfig(**small)).save_pretrained(root / "distil-encoder")
+    return {name: root / name for name in ("classifier", "encoder", "distil-encoder")}
+
+
+def _graph(path: Path) -> tuple[dict[str, list[str | int]], list[str]]:
+    graph = onnx.load(str(path)).graph
+    outputs = [o.name for o in graph.output]
+    return _dims(path), outputs
+
+
+def test_cli_exports_a_classifier_checkpoint(
+    checkpoints: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from veil.cli import main
+
+    out = tmp_path / "classifier.onnx"
+    assert (
+        main(["export", "--model-dir", str(checkpoints["classifier"]), str(out), "--opset", "11"])
+        == 0
+    )
+    dims, outputs = _graph(out)
+    assert dims == {"input": ["batch", "sequence"], "output": ["batch", 3]}
+    assert outputs == ["output"]
+    printed = capsys.readouterr().out
+    assert re.search(
+        r"opset 11, inputs input, outputs output; .*max \|ONNX Runtime - PyTorch\| = ", printed
+    )
+
+
+def test_cli_exports_an_encoder_checkpoint(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    from veil.cli import main
+
+    out = tmp_path / "encoder.onnx"
+    assert main(["export", "--model-dir", str(checkpoints["encoder"]), str(out)]) == 0
+    dims, outputs = _graph(out)
+    assert outputs == ["embedding"]
+    assert dims["embedding"][0] == "batch"
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    ids = np.array([[101, 2000, 3000, 102, 0]] * 3, dtype=np.int64)
+    feeds = {
+        "input_ids": ids,
+        "token_type_ids": np.zeros_like(ids),
+        "attention_mask": np.ones_like(ids),
+    }
+    (embedding,) = session.run(None, feeds)
+    assert embedding.shape == (3, 32)
+    np.testing.assert_allclose(np.linalg.norm(embedding, axis=1), 1.0, atol=1e-5)
+    assert {k: v for k, v in dims.items() if k != "embedding"} == {
+        "input_ids": ["batch", "sequence"],
+        "token_type_ids": ["batch", "sequence"],
+        "attention_mask": ["batch", "sequence"],
+    }
+
+
+def test_cli_exports_an_encoder_without_token_types(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    from veil.cli import main
+
+    out = tmp_path / "distil.onnx"
+    assert main(["export", "--model-dir", str(checkpoints["distil-encoder"]), str(out)]) == 0
+    dims, outputs = _graph(out)
+    assert sorted(dims) == ["attention_mask", "embedding", "input_ids"]
+    assert outputs == ["embedding"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "status", "message"),
+    [
+        (["export", "out.onnx"], 2, "give either MODEL or --model-dir"),
+        (
+            ["export", "minilm", "out.onnx", "--model-dir", "."],
+            2,
+            "give either MODEL or --model-dir",
+        ),
+        (
+            ["export", "--model-dir", ".", "out.onnx"],
+            1,
+            "no config.json, not a Transformers checkpoint",
+        ),
+        (["export", "minilm", "out.onnx", "--opset", "5"], 1, "opset: got 5"),
+    ],
+)
+def test_cli_export_errors(
+    argv: list[str],
+    status: int,
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from veil.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == status
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.slow
+def test_cli_exports_the_demo_distilbert(tmp_path: Path) -> None:
+    from veil.cli import main
+    from veil.export import DEMO_TOKEN_IDS, build_demo_distilbert
+
+    out = tmp_path / "distilbert.onnx"
+    assert main(["export", "distilbert-demo", str(out), "--opset", "11"]) == 0
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    ids = np.array([DEMO_TOKEN_IDS] * 2, dtype=np.int64)
+    (got,) = session.run(None, {"input": ids})
+    with torch.no_grad():
+        want = build_demo_distilbert(seed=0)(input_ids=torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)

@@ -79,6 +79,9 @@ def test_torch_dtypes_resolve() -> None:
         (np.float16, "got float16"),
         (np.dtype("complex64"), "got complex64"),
         (object(), "got object"),
+        ({"a": []}, "got dict"),
+        ([1], "got list"),
+        (None, "got NoneType"),
     ],
 )
 def test_unknown_datum_types_are_refused(value: object, message: str) -> None:
@@ -168,6 +171,11 @@ def test_decode_refuses_wrong_length() -> None:
         decode_array(bytes(10), DatumType.I32, (3,))
     with pytest.raises(TensorError, match="got 1 bytes, expected 0"):
         decode_array(b"\0", DatumType.F64, (0, 5))
+
+
+def test_empty_shape_with_huge_dims_is_a_tensor_error() -> None:
+    with pytest.raises(TensorError, match="too large"):
+        decode_array(b"", DatumType.F64, (0, 4637, 4661, 70005, 762000))
 
 
 def test_wire_tensor_checks_its_length_and_hides_its_data() -> None:

@@ -27,7 +27,9 @@ PINNED_FINGERPRINTS: Mapping[str, str] = MappingProxyType(
         "amd_ark_milan.pem": "69d063b45344d26a2e94e1f4210de49ef555308287d4c174445c95639a540bcd",
         "amd_ark_genoa.pem": "4c6598d19c18719c5dfd4a7d335f674e5bfe1d8f800cea2cf270c10d103db2f1",
         "amd_ark_turin.pem": "1f084161a44bb6d93778a904877d4819cafa5d05ef4193b2ded9dd9c73dd3f6a",
-        "veil_simulated_root.pem": "5f3a11ed26330ce8c5b5f6b9ad7d72279643b44393aaabe9c19bafdea89e5073",
+        "veil_simulated_root.pem": (
+            "5f3a11ed26330ce8c5b5f6b9ad7d72279643b44393aaabe9c19bafdea89e5073"
+        ),
     }
 )
 

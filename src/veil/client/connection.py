@@ -158,9 +158,11 @@ class Connection:
         """The verified evidence of the server (measurements, TCB status, report data)."""
         self.certificate_der = certificate
         # Step 5: channels that trust only the attested certificate.
-        self._client = httpx.Client(
-            verify=pinned_client_context(certificate), headers=headers, timeout=self._timeout
-        )
+        try:
+            context = pinned_client_context(certificate)
+        except ssl.SSLError:
+            raise BindingError("the bound server certificate is not a usable certificate") from None
+        self._client = httpx.Client(verify=context, headers=headers, timeout=self._timeout)
         try:
             self._request("GET", f"{self._attested_url}/")
         except BaseException:

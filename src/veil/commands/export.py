@@ -65,8 +65,9 @@ def _build(args: argparse.Namespace) -> tuple[Any, dict[str, Any], tuple[str, ..
                 export.DEMO_SENTENCE, padding="max_length", max_length=8, return_tensors="pt"
             )["input_ids"]
             return model, {"input": ids}, ("output",), f"classifier {args.model_dir}"
-        model = export.sentence_embedding_module(args.model_dir)
-        return model, _sentence_inputs(tokenizer), ("embedding",), f"encoder {args.model_dir}"
+        pooled: Any = export.sentence_embedding_module(args.model_dir)
+        inputs = _sentence_inputs(tokenizer, pooled.input_names)
+        return pooled, inputs, ("embedding",), f"encoder {args.model_dir}"
     tokenizer = export.load_tokenizer()
     if args.model == "distilbert-demo":
         ids = tokenizer(
@@ -74,15 +75,16 @@ def _build(args: argparse.Namespace) -> tuple[Any, dict[str, Any], tuple[str, ..
         )["input_ids"]
         model = export.build_demo_distilbert(seed=args.seed)
         return model, {"input": ids}, ("output",), "DistilBERT (demo weights)"
-    model = export.sentence_embedding_module()
-    return model, _sentence_inputs(tokenizer), ("embedding",), "all-MiniLM-L6-v2"
+    encoder: Any = export.sentence_embedding_module()
+    inputs = _sentence_inputs(tokenizer, encoder.input_names)
+    return encoder, inputs, ("embedding",), "all-MiniLM-L6-v2"
 
 
-def _sentence_inputs(tokenizer: Any) -> dict[str, Any]:
-    # Two sentences of different lengths, so that the traced graph keeps the padding mask.
+def _sentence_inputs(tokenizer: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    # Realistic examples to trace and check with: two sentences of different lengths (one padded).
     sentences = ["I love AI and privacy!", "Confidential inference keeps my words to myself."]
     batch = tokenizer(sentences, padding=True, return_tensors="pt")
-    return {name: batch[name] for name in tokenizer.model_input_names if name in batch}
+    return {name: batch[name] for name in names}
 
 
 def _export(args: argparse.Namespace) -> int:

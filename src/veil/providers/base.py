@@ -18,12 +18,14 @@ from types import MappingProxyType
 from typing import Any, Protocol, runtime_checkable
 
 from veil.attestation.claims import Platform
+from veil.errors import EvidenceUnavailableError, VeilError
 
 __all__ = [
     "REPORT_DATA_SIZE",
     "CollateralFetcher",
     "Evidence",
     "EvidenceProvider",
+    "fetch_collateral",
     "pad_report_data",
 ]
 
@@ -101,3 +103,25 @@ def pad_report_data(report_data: bytes) -> bytes:
     if len(data) > REPORT_DATA_SIZE:
         raise ValueError(f"report_data: got {len(data)} bytes, expected at most {REPORT_DATA_SIZE}")
     return data.ljust(REPORT_DATA_SIZE, b"\0")
+
+
+def fetch_collateral(fetcher: CollateralFetcher, quote: bytes) -> Mapping[str, Any]:
+    """Call an injected fetcher; a failure of its own (network, PCCS down) becomes unavailability.
+
+    veil errors pass through unchanged; anything else is wrapped so the server reports one
+    typed error ("evidence unavailable") instead of crashing on an arbitrary exception. Only the
+    exception's type is quoted: its text may hold a PCS URL or credential. The cause stays chained.
+    """
+    try:
+        collateral = fetcher(quote)
+    except VeilError:
+        raise
+    except Exception as exc:
+        raise EvidenceUnavailableError(
+            f"collateral fetcher failed with {type(exc).__name__}"
+        ) from exc
+    if not isinstance(collateral, Mapping):
+        raise EvidenceUnavailableError(
+            f"collateral fetcher: got {type(collateral).__name__}, expected a mapping"
+        )
+    return collateral

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from veil.attestation.claims import Platform
 from veil.errors import EvidenceUnavailableError, MalformedEvidenceError
-from veil.providers.base import CollateralFetcher, Evidence, pad_report_data
+from veil.providers.base import CollateralFetcher, Evidence, fetch_collateral, pad_report_data
 
 __all__ = [
     "REPORT_DIR",
@@ -289,4 +289,4 @@ class ConfigfsTsmProvider:
                 )
         if self._fetcher is None:  # pragma: no cover - TDX without fetcher is refused earlier
             raise EvidenceUnavailableError("no collateral fetcher configured")
-        return self._fetcher(outblob)
+        return fetch_collateral(self._fetcher, outblob)

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from veil.attestation.claims import Platform
 from veil.errors import EvidenceUnavailableError
-from veil.providers.base import CollateralFetcher, Evidence, pad_report_data
+from veil.providers.base import CollateralFetcher, Evidence, fetch_collateral, pad_report_data
 
 __all__ = ["ATTESTATION_DIR", "SEALING_KEY_INFO", "GramineProvider"]
 
@@ -97,7 +97,7 @@ class GramineProvider:
             raise EvidenceUnavailableError(
                 "Gramine: the quote does not carry the requested report data"
             )
-        return Evidence(quote=quote, collateral=self._fetcher(quote))
+        return Evidence(quote=quote, collateral=fetch_collateral(self._fetcher, quote))
 
     def sealing_key(self) -> bytes:
         """32 bytes derived with HKDF-SHA256 from the enclave's 16-byte MRENCLAVE sealing key."""

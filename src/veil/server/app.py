@@ -91,9 +91,13 @@ def _endpoint(handler: Handler) -> Handler:
     return wrapped
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused (413) as soon as it passes `limit` bytes."""
-    chunks: list[bytes] = []
+async def _read_body(request: Request, limit: int) -> bytearray:
+    """The request body, refused (413) as soon as it passes `limit` bytes.
+
+    One growing buffer (large ones are mmapped and given back whole when freed), not a list of
+    chunks joined at the end, which would hold the body twice and fragment the heap.
+    """
+    body = bytearray()
     total = 0
     async for chunk in request.stream():
         total += len(chunk)
@@ -101,10 +105,10 @@ async def _read_body(request: Request, limit: int) -> bytes:
             if total - limit > _DRAIN_BYTES:
                 break
             continue
-        chunks.append(chunk)
+        body += chunk
     if total > limit:
         raise BadRequestError(413, f"request body: more than {limit} bytes, the limit")
-    return b"".join(chunks)
+    return body
 
 
 def _cbor(value: Any) -> Response:
@@ -139,7 +143,10 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         body = await _read_body(request, config.max_upload_bytes)
         message = await run_in_threadpool(wire.decode_upload_request, body)
         del body
-        model_id = message.model_id or str(uuid.uuid4())
+        # bytes() copies only a bytearray, and only now that the body is gone
+        blob = bytes(message.model)
+        model_id, model_name = message.model_id or str(uuid.uuid4()), message.model_name
+        del message
         if not _MODEL_ID.fullmatch(model_id):
             raise BadRequestError(
                 400,
@@ -150,13 +157,13 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         try:
             model = await run_in_threadpool(
                 load_model,
-                message.model,
+                blob,
                 model_id=model_id,
-                model_name=message.model_name,
+                model_name=model_name,
                 threads=config.threads,
             )
-            meta = StoredModel(model_id, model.model_hash, message.model_name, model.size)
-            await run_in_threadpool(state.store.put, meta, message.model)
+            meta = StoredModel(model_id, model.model_hash, model_name, model.size)
+            await run_in_threadpool(state.store.put, meta, blob)
             registry.add(model)
         finally:
             registry.release(model_id)

@@ -53,7 +53,9 @@ class Limits:
         max_model_bytes: a decoded ONNX model (413).
         max_total_stored_bytes: all stored models together (413).
         max_tensor_bytes: one input or output tensor's data (422).
-        max_tensor_elements: elements of one tensor (422).
+        max_tensor_elements: elements of one tensor, and the largest single dimension, so a
+            zero-size tensor cannot carry absurd dimensions either (422).
+        max_tensor_rank: dimensions of one tensor (422; numpy itself stops at 64).
         max_inputs: tensors in one request (422).
         max_initializer_bytes: one ONNX initializer / constant, by its declared shape (422).
         max_initializers_total_bytes: all initializers of a model, by declared shape (422).
@@ -70,6 +72,7 @@ class Limits:
     max_total_stored_bytes: int = 8 * _GiB
     max_tensor_bytes: int = 64 * _MiB
     max_tensor_elements: int = 16 * _MiB
+    max_tensor_rank: int = 32
     max_inputs: int = 64
     max_initializer_bytes: int = 1 * _GiB
     max_initializers_total_bytes: int = 1 * _GiB
@@ -120,8 +123,20 @@ class Limits:
     def check_tensor(self, shape: Sequence[int], itemsize: int, name: str = "") -> None:
         """Check a tensor's declared shape before allocating it (negative dims are 400)."""
         label = f"tensor {name!r}" if name else "tensor"
+        if len(shape) > self.max_tensor_rank:
+            raise limit_error(
+                422,
+                f"{label} has {len(shape)} dimensions, "
+                f"exceeds max_tensor_rank={self.max_tensor_rank}",
+            )
         if any(d < 0 for d in shape):
             raise limit_error(400, f"{label} shape {list(shape)}: dimensions must be >= 0")
+        if any(d > self.max_tensor_elements for d in shape):
+            raise limit_error(
+                422,
+                f"{label} shape {list(shape)}: a dimension exceeds "
+                f"max_tensor_elements={self.max_tensor_elements}",
+            )
         elements = math.prod(shape)
         if elements > self.max_tensor_elements:
             raise limit_error(

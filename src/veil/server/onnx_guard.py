@@ -16,7 +16,8 @@ An uploaded model is hostile input. `check_model` refuses, with a 413/422 `ApiEr
    ``max_tensor_bytes`` (a model that allocates gigabytes from a few bytes);
 6. whatever ``onnx.checker.check_model`` refuses.
 
-Every graph is walked, subgraphs of ``If``/``Loop``/``Scan`` and local function bodies included.
+Every graph is walked: subgraphs of ``If``/``Loop``/``Scan``, local function bodies and
+attribute defaults, training-info graphs.
 
 `create_session` then builds the ``InferenceSession`` with the CPU memory arena off (freed memory
 goes back to the system) and ONNX Runtime's constant folding disabled: constant folding runs
@@ -108,9 +109,21 @@ def _subgraphs(node: NodeProto) -> Iterator[GraphProto]:
 
 
 def _walk(model: ModelProto) -> Iterator[tuple[str, NodeProto | None, TensorProto | None]]:
-    """Every node and every tensor of every graph: ('node', n, None) / ('tensor', owner, t)."""
+    """Every node and every tensor of every graph: ('node', n, None) / ('tensor', owner, t).
+
+    Covers the main graph, subgraphs in node attributes, local functions (bodies and attribute
+    defaults) and training-info graphs.
+    """
     graphs: list[GraphProto] = [model.graph]
+    for info in model.training_info:
+        graphs += [info.initialization, info.algorithm]
     nodes_lists: list[Sequence[NodeProto]] = [f.node for f in model.functions]
+    for f in model.functions:
+        for attr in f.attribute_proto:
+            for t in _tensors_of_attribute(attr):
+                yield "tensor", None, t
+            graphs.extend([attr.g] if attr.HasField("g") else [])
+            graphs.extend(attr.graphs)
     while graphs:
         g = graphs.pop()
         for t in g.initializer:

@@ -14,8 +14,8 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import uvicorn
 
@@ -26,7 +26,7 @@ from veil.server.app import ServerState, build_apps
 from veil.server.config import ServerConfig
 from veil.server.models import ModelRegistry, load_model
 from veil.server.store import ModelStore, ModelStoreProtocol
-from veil.tls import binding_report_data, generate_identity, server_context
+from veil.tls import TlsIdentity, binding_report_data, generate_identity, server_context
 
 __all__ = ["prepare_state", "serve"]
 
@@ -35,7 +35,7 @@ _log = logging.getLogger("veil.server")
 
 def prepare_state(
     config: ServerConfig, *, store: ModelStoreProtocol | None = None
-) -> tuple[ServerState, Any]:
+) -> tuple[ServerState, TlsIdentity]:
     """Steps 1-3: the state the apps serve and the TLS identity (blocking)."""
     provider = detect_provider(config.platform, data_dir=config.data_dir)
     # 1. TLS identity, made here so its key never leaves this process.
@@ -82,20 +82,32 @@ class _Server(uvicorn.Server):
         yield
 
 
-def _bound_port(server: uvicorn.Server) -> int:
-    for listener in server.servers:
-        for sock in listener.sockets:
-            port: int = sock.getsockname()[1]
-            return port
-    raise RuntimeError("server has no listening socket")
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind here, so a taken port is a one-line error rather than a uvicorn traceback."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
 async def _run(
-    config: ServerConfig, state: ServerState, identity: Any, ready: Callable[[str], None]
+    config: ServerConfig,
+    state: ServerState,
+    identity: TlsIdentity,
+    ready: Callable[[str], None],
 ) -> int:
     unattested, attested, management = build_apps(state)
     platform = f"platform={config.platform}" + (" (INSECURE: no TEE)" if state.simulated else "")
     server_header = f"veil/{__version__}" + (" mock" if state.simulated else "")
+    sockets: list[socket.socket] = []
+    try:
+        for port in (config.unattested_port, config.attested_port, config.management_port):
+            sockets.append(_listen(config.host, port))
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
     servers = []
     for app, port, tls in (
         (unattested, config.unattested_port, False),
@@ -113,6 +125,8 @@ async def _run(
             date_header=True,
             headers=[("server", server_header)],
             timeout_graceful_shutdown=5,
+            # clients keep one verified connection open between requests
+            timeout_keep_alive=75,
         )
         uv_config.load()
         if tls:
@@ -127,7 +141,10 @@ async def _run(
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
-    tasks = [asyncio.create_task(server.serve()) for server in servers]
+    tasks = [
+        asyncio.create_task(server.serve(sockets=[sock]))
+        for server, sock in zip(servers, sockets, strict=True)
+    ]
     try:
         while not all(server.started for server in servers):
             if any(task.done() for task in tasks):
@@ -135,7 +152,7 @@ async def _run(
                 await asyncio.gather(*tasks, return_exceptions=True)
                 return 1
             await asyncio.sleep(0.02)
-        a, b, c = (_bound_port(server) for server in servers)
+        a, b, c = (sock.getsockname()[1] for sock in sockets)
         ready(
             f"veil: serving on {config.host} (unattested http :{a}, attested https :{b}, "
             f"management https :{c}), {platform}"
@@ -144,6 +161,8 @@ async def _run(
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        for sock in sockets:
+            sock.close()
     failed = [r for r in results if isinstance(r, BaseException)]
     return 1 if failed else 0
 

@@ -292,7 +292,9 @@ class SealedModelStore(Generic[M]):
         """Every intact model as ``(meta, blob)``, in file-name order.
 
         Removes leftover temp files first; moves a file that fails authentication to
-        ``quarantine/`` (logged by file name, never content) and goes on.
+        ``quarantine/`` (logged by file name, never content) and goes on. A changed sealing
+        key (e.g. a new enclave measurement) therefore quarantines every model rather than
+        deleting it. Call it at start-up, before any put: it removes in-progress temp files.
         """
         for tmp in self._dir.glob(_TMP_PREFIX + "*"):
             log.warning("removing interrupted write %s", tmp.name)

@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from veil.attestation.claims import Platform
-from veil.errors import EvidenceUnavailableError
+from veil.errors import CollateralError, EvidenceUnavailableError
 from veil.providers.gramine import GramineProvider
 from veil.providers.simulated import SimulatedSgxProvider
 
@@ -81,3 +81,26 @@ def test_sealing_key_is_hkdf_of_the_mrenclave_key(tmp_path: Path) -> None:
     (att / "keys/_sgx_mrenclave").write_bytes(bytes(32))
     with pytest.raises(EvidenceUnavailableError, match="got 32 bytes, expected 16"):
         GramineProvider(fs_root=tmp_path).sealing_key()
+
+
+def test_fetcher_failures_are_typed(tmp_path: Path) -> None:
+    quote = SimulatedSgxProvider(tmp_path / "sim", clock=lambda: NOW).quote(b"r")
+    fake_gramine(tmp_path, quote=quote)
+
+    def down(q: bytes) -> dict[str, object]:
+        raise ConnectionError("https://pccs.example/?key=secret refused")
+
+    prov = GramineProvider(fs_root=tmp_path, collateral_fetcher=down)
+    with pytest.raises(EvidenceUnavailableError, match="failed with ConnectionError") as info:
+        prov.evidence(b"r")
+    assert "secret" not in str(info.value)
+    prov = GramineProvider(fs_root=tmp_path, collateral_fetcher=lambda q: [1, 2])  # type: ignore[arg-type,return-value]
+    with pytest.raises(EvidenceUnavailableError, match="got list, expected a mapping"):
+        prov.evidence(b"r")
+
+    def refuses(q: bytes) -> dict[str, object]:
+        raise CollateralError("PCS has no TCB info for this FMSPC")
+
+    prov = GramineProvider(fs_root=tmp_path, collateral_fetcher=refuses)
+    with pytest.raises(CollateralError, match="FMSPC"):
+        prov.evidence(b"r")

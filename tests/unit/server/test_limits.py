@@ -56,6 +56,12 @@ def test_limits_reject_nonsense() -> None:
         ),
         (lambda lim: lim.check_tensor([2, 2], 4), 422, "16 bytes, exceeds max_tensor_bytes=10"),
         (lambda lim: lim.check_tensor([2, -1], 4), 400, "dimensions must be >= 0"),
+        (
+            lambda lim: lim.check_tensor([0, 11], 4),
+            422,
+            "a dimension exceeds max_tensor_elements=10",
+        ),
+        (lambda lim: lim.check_tensor([1] * 4, 1), 422, "4 dimensions, exceeds max_tensor_rank=3"),
     ],
 )
 def test_each_breach(call: object, status: int, message: str) -> None:
@@ -67,6 +73,7 @@ def test_each_breach(call: object, status: int, message: str) -> None:
         max_inputs=10,
         max_tensor_elements=10,
         max_tensor_bytes=10,
+        max_tensor_rank=3,
     )
     with pytest.raises(BadRequestError) as info:
         call(lim)  # type: ignore[operator]
@@ -79,7 +86,8 @@ def test_at_the_limit_passes() -> None:
     lim.check_request_bytes(10)
     lim.check_inputs(2)
     lim.check_tensor([2, 2], 4)
-    lim.check_tensor([0, 10**9], 4)  # empty tensor
+    lim.check_tensor([0, 4], 4)  # empty tensor
+    lim.check_tensor([1] * 32, 4)  # default max rank
 
 
 def test_rate_limiter_token_bucket() -> None:

@@ -321,3 +321,49 @@ def test_run_with_timeout_terminates() -> None:
     fast = create_session(_slow_model(1), LIMITS)
     (y,) = asyncio.run(run_with_timeout(fast, {"x": x}, 30.0))
     assert np.array_equal(y, x)
+
+
+def test_negative_dimension_refused() -> None:
+    w = numpy_helper.from_array(np.zeros(2, np.float32), "w")
+    w.ClearField("dims")
+    w.dims.extend([-1, 2])
+    rejected(make_model([helper.make_node("Add", ["x", "w"], ["y"])], [w]), "negative dimension")
+
+
+def test_external_data_in_sparse_initializer_refused() -> None:
+    values = _external(numpy_helper.from_array(np.zeros(1, np.float32), "sv"), "/etc/passwd")
+    indices = numpy_helper.from_array(np.array([0], np.int64), "si")
+    model = make_model()
+    model.graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, [2]))
+    rejected(model, "'sv' references external data")
+
+
+def test_external_data_in_training_info_refused() -> None:
+    t = _external(numpy_helper.from_array(np.zeros(2, np.float32), "ti"), "../../secret")
+    model = make_model()
+    info = model.training_info.add()
+    info.initialization.CopyFrom(helper.make_graph([], "init", [], [], initializer=[t]))
+    rejected(model, "'ti' references external data")
+
+
+def test_custom_op_inside_loop_body_refused() -> None:
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Evil", ["v_in"], ["v_out"], domain="com.attacker"),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [2]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [2]),
+        ],
+    )
+    trip = numpy_helper.from_array(np.array(3, np.int64), "trip")
+    cond = numpy_helper.from_array(np.array(True), "cond")
+    loop = helper.make_node("Loop", ["trip", "cond", "x"], ["y"], body=body)
+    rejected(make_model([loop], [trip, cond]), "com.attacker::Evil")
