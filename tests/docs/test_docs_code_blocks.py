@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from veil.commands.demo import LocalServer
+from veil.errors import SimulationModeWarning
 from veil.providers.measurement import simulated_measurement
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -83,4 +84,5 @@ def test_document_runs(document: Path, tmp_path: Path, monkeypatch: pytest.Monke
             # TorchScript exporter) are theirs to see, not failures of the docs.
             with warnings.catch_warnings():
                 warnings.simplefilter("default")
+                warnings.simplefilter("ignore", SimulationModeWarning)  # asserted in client tests
                 exec(compiled, namespace)  # the code is this repository's own docs

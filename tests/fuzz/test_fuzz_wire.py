@@ -100,22 +100,6 @@ def _decode(fn: Any, body: bytes) -> None:
         assert error.status in (400, 413, 422)
 
 
-def _hits_known_bug(value: Any) -> bool:
-    """A ``datum_type`` that is a non-empty map: see test_known_bug_* (numpy's ValueError leaks).
-
-    Generated messages avoid it so the fuzzers keep looking for *other* failures; the explicit
-    tests below pin the bug itself.
-    """
-    if isinstance(value, dict):
-        dt = value.get("datum_type")
-        if isinstance(dt, dict) and dt:
-            return True
-        return any(_hits_known_bug(v) for v in value.values())
-    if isinstance(value, list):
-        return any(_hits_known_bug(v) for v in value)
-    return False
-
-
 _DECODERS = [
     pytest.param("decode_run_request", id="run"),
     pytest.param("decode_upload_request", id="upload"),
@@ -132,20 +116,20 @@ def test_arbitrary_bytes(name: str, body: bytes) -> None:
 
 @pytest.mark.parametrize("name", _DECODERS)
 @settings(parent=FUZZ)
-@given(value=cbor_values.filter(lambda v: not _hits_known_bug(v)))
+@given(value=cbor_values)
 def test_arbitrary_cbor(name: str, value: Any) -> None:
     _decode(getattr(wire, name), cbor2.dumps(value))
 
 
 @settings(parent=FUZZ)
-@given(message=run_requests.filter(lambda v: not _hits_known_bug(v)))
+@given(message=run_requests)
 def test_near_valid_run_requests(message: dict[str, Any]) -> None:
     _decode(wire.decode_run_request, cbor2.dumps(message))
 
 
 @settings(parent=FUZZ)
 @given(
-    message=upload_requests.filter(lambda v: not _hits_known_bug(v)),
+    message=upload_requests,
     as_list=st.booleans(),
     first=st.booleans(),
 )
@@ -184,17 +168,9 @@ def test_fast_upload_path_matches_cbor2() -> None:
         assert request.model == bytes(cbor2.loads(body)["model"])
 
 
-def _numpy_too_big(shape: list[int]) -> bool:
-    """Zero-size shapes whose other dims overflow numpy: see test_known_bug_zero_size_huge."""
-    nonzero = 1
-    for d in shape:
-        nonzero *= d or 1
-    return nonzero * 16 >= 2**63
-
-
 @settings(parent=FUZZ)
 @given(
-    shape=st.lists(st.integers(0, 2**20), max_size=5).filter(lambda s: not _numpy_too_big(s)),
+    shape=st.lists(st.integers(0, 2**20), max_size=5),
     code=st.integers(0, 10),
     data=st.binary(max_size=128),
 )
@@ -207,37 +183,33 @@ def test_decode_array(shape: list[int], code: int, data: bytes) -> None:
     assert array.nbytes == len(data)
 
 
-# Found by these fuzzers: decode_array checks prod(shape) x itemsize == len(data), which a shape
-# with a zero holds for any other dims; numpy then refuses the reshape with a ValueError. A model
-# with two dynamic dims lets a client send such a tensor: the server answers 500, not 422.
-@pytest.mark.xfail(raises=ValueError, strict=True, reason="tensors.decode_array leaks ValueError")
-def test_known_bug_zero_size_huge_dims() -> None:
+# Regression (found by these fuzzers, fixed in veil.tensors): a shape with a zero satisfies the
+# byte-length check for any other dims, and numpy then refused the reshape with a bare ValueError.
+def test_regression_zero_size_huge_dims() -> None:
     with pytest.raises(TensorError):
         tensors.decode_array(b"", tensors.DatumType(1), [0, 4637, 4661, 70005, 762000])
 
 
 @settings(parent=FUZZ)
-@given(value=cbor_values.filter(lambda v: not (isinstance(v, dict) and v)))
+@given(value=cbor_values)
 def test_datum_type_of(value: Any) -> None:
     with contextlib.suppress(TensorError):
         tensors.datum_type_of(value)
 
 
-# Found by these fuzzers: numpy's np.dtype({"a": []}) raises ValueError, which datum_type_of
-# (catching only TypeError) lets through, so decode_run_request leaks a bare ValueError for a
-# tensor whose datum_type is a CBOR map (the server would answer 500 instead of 400).
-@pytest.mark.xfail(raises=ValueError, strict=True, reason="tensors.datum_type_of leaks ValueError")
-def test_known_bug_datum_type_of_map() -> None:
+# Regression (found by these fuzzers, fixed in veil.tensors): np.dtype({"a": []}) raises
+# ValueError, which leaked through datum_type_of and decode_run_request (a 500, not a 400).
+def test_regression_datum_type_of_map() -> None:
     with pytest.raises(TensorError):
         tensors.datum_type_of({"model": []})
 
 
-@pytest.mark.xfail(raises=ValueError, strict=True, reason="tensors.datum_type_of leaks ValueError")
-def test_known_bug_run_request_datum_type_map() -> None:
+def test_regression_run_request_datum_type_map() -> None:
     info = {"fact": [1], "datum_type": {"a": []}, "node_name": "x"}
     body = cbor2.dumps({"model_id": "m", "inputs": [{"info": info, "bytes_data": b"1234"}]})
-    with pytest.raises(BadRequestError):
+    with pytest.raises(BadRequestError) as err:
         wire.decode_run_request(body)
+    assert err.value.status == 400
 
 
 @settings(parent=FUZZ)

@@ -95,3 +95,13 @@ def random_array(dtype: str, shape: tuple[int, ...], seed: int = 0) -> npt.NDArr
         return rng.standard_normal(shape).astype(dtype)
     info = np.iinfo(dtype)
     return rng.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)
+
+
+def broadcast_model() -> onnx.ModelProto:
+    """c = a + b with a [n] and b [m] both dynamic: only ONNX Runtime sees that n != m fails."""
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, ["n"])
+    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, ["m"])
+    c = helper.make_tensor_value_info("c", TensorProto.FLOAT, ["k"])
+    return _model(
+        helper.make_graph([helper.make_node("Add", ["a", "b"], ["c"])], "add", [a, b], [c])
+    )

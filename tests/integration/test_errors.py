@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import cbor2
 import numpy as np
 import pytest
-from onnx_models import identity_model, multi_io_model
+from onnx_models import broadcast_model, identity_model, multi_io_model
 from server_process import SNI, RawClient
 
 import veil
@@ -58,6 +58,17 @@ def test_wrong_input_count_and_name(client: veil.Connection, raw: RawClient) -> 
         client.predict("multi", [a, a])
     with pytest.raises(veil.BadRequestError, match="'zz': no such input"):
         client.predict("multi", {"a": a, "b": a, "zz": np.ones(3, np.int64)})
+    still_serves(client, raw)
+
+
+def test_inputs_the_graph_refuses_at_run_time(client: veil.Connection, raw: RawClient) -> None:
+    client.upload_model(broadcast_model(), model_id="broadcast")
+    ok = client.predict("broadcast", [np.ones(3, np.float32), np.ones(1, np.float32)])
+    assert ok.output[0].as_flat() == [2.0, 2.0, 2.0]
+    with pytest.raises(veil.BadRequestError) as info:
+        client.predict("broadcast", [np.ones(2, np.float32), np.ones(3, np.float32)])
+    assert info.value.status == 422
+    assert info.value.message.startswith("inference failed: ")
     still_serves(client, raw)
 
 

@@ -296,6 +296,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         BertModel,
         DistilBertConfig,
         DistilBertForSequenceClassification,
+        DistilBertModel,
     )
 
     root = tmp_path_factory.mktemp("checkpoints")

@@ -119,7 +119,14 @@ class LoadedModel:
         """Run the model (blocking: call it from a worker thread)."""
         feeds = self.feeds(tensors)
         names = [spec.name for spec in self.outputs]
-        results = self.session.run(names, feeds)
+        try:
+            results = self.session.run(names, feeds)
+        except Exception as exc:
+            # ONNX Runtime refuses inputs that pass the declared shapes but not the graph (two
+            # dynamic dims that must agree, a Reshape that cannot apply). Its messages name
+            # nodes and dims, never tensor values.
+            detail = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+            raise BadRequestError(422, f"inference failed: {detail}") from None
         outputs = []
         for spec, value in zip(self.outputs, results, strict=True):
             array = np.asarray(value)
