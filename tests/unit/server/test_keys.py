@@ -213,3 +213,12 @@ def test_principal_from_api_key(store: KeyStore) -> None:
     store.revoke(key_id)
     with pytest.raises(AuthenticationError, match="invalid or revoked"):
         principal_from_api_key(secret, store)
+
+
+def test_cli_empty_list_and_bad_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    d = str(tmp_path)
+    assert main(["keys", "list", "--data-dir", d]) == 0
+    assert "no keys" in capsys.readouterr().out
+    assert main(["keys", "create", "--role", "user", "--name", "a\tb", "--data-dir", d]) == 2
+    assert "name" in capsys.readouterr().err
+    assert not KeyStore(tmp_path / KEYS_FILENAME).any_keys()

@@ -370,3 +370,10 @@ def test_custom_op_inside_loop_body_refused() -> None:
     cond = numpy_helper.from_array(np.array(True), "cond")
     loop = helper.make_node("Loop", ["trip", "cond", "x"], ["y"], body=body)
     rejected(make_model([loop], [trip, cond]), "com.attacker::Evil")
+
+
+def test_model_without_graph_or_opsets_refused() -> None:
+    rejected(onnx.ModelProto(ir_version=8), "no graph")
+    model = make_model()
+    del model.opset_import[:]
+    rejected(model, "no opset_import")

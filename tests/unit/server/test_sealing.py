@@ -317,3 +317,42 @@ def test_streamed_put_uses_bounded_memory(tmp_path: Path) -> None:
     m, blob = s.load("big")  # type: ignore[misc]
     assert m == meta("big")
     assert blob == part * 32
+
+
+def test_stray_files_quarantined(store: SealedModelStore[dict[str, object]]) -> None:
+    store.put(meta("m"), b"ok")
+    (store.directory / "not-hex.sealed").write_bytes(b"x")
+    (store.directory / ("ab" * 8 + ".sealed")).write_bytes(b"x")  # hex, but not 32 bytes
+    assert list(store.load_all()) == [(meta("m"), b"ok")]
+    assert len(list((store.directory / "quarantine").iterdir())) == 2
+
+
+def test_undecodable_metadata_quarantined(tmp_path: Path) -> None:
+    class BadCodec(DictMetaCodec):
+        def encode(self, meta: object) -> bytes:  # type: ignore[override]
+            return b"\xff\xff not cbor"
+
+    key = os.urandom(32)
+    SealedModelStore(tmp_path, key, codec=BadCodec()).put(meta("m"), b"x")
+    s = SealedModelStore(tmp_path, key, codec=DICT)
+    with pytest.raises(SealedFileError, match="metadata does not decode"):
+        s.load("m")
+
+    class ListCodec(DictMetaCodec):
+        def encode(self, meta: object) -> bytes:  # type: ignore[override]
+            import cbor2
+
+            return cbor2.dumps(["not", "a", "map"])
+
+    SealedModelStore(tmp_path, key, codec=ListCodec()).put(meta("m"), b"x")
+    with pytest.raises(SealedFileError, match="not a map"):
+        s.load("m")
+
+
+def test_argument_checks(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="chunk_size"):
+        SealedModelStore(tmp_path, KEY, chunk_size=0)
+    s = SealedModelStore(tmp_path, KEY, codec=DICT)
+    with pytest.raises(ValueError, match="metadata of"):
+        s.put(meta("m", blob=b"x" * (2 << 20)), b"")
+    assert list(s.load_all()) == []
