@@ -140,6 +140,17 @@ def fill_latency(row: Row, latencies: list[float], seconds: float) -> None:
         row.seq_per_s = len(latencies) * row.batch / seconds if seconds > 0 else None
 
 
+def add_row(report: Report, row: Row) -> None:
+    report.rows.append(row)
+    print(
+        f"  {time.strftime('%H:%M:%S')} {row.system} {row.model} seq {row.seq} c={row.concurrency}"
+        f" b={row.batch}: n={row.requests} p50={_fmt(row.p50_ms, 2)} ms, "
+        f"{_fmt(row.seq_per_s)} seq/s",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
@@ -408,7 +419,7 @@ def bench_inproc(model: _models.BenchModel, seq: int, s: Settings, report: Repor
         fill_latency(row, latencies, seconds)
         row.client_cpu_pct = meter.client_pct
         row.note = "floor" if batch == 1 else "one batch of 32 per call"
-        report.rows.append(row)
+        add_row(report, row)
 
 
 async def drive_batcher(
@@ -463,7 +474,7 @@ def bench_batcher(model: _models.BenchModel, seq: int, s: Settings, report: Repo
         row.client_cpu_pct = meter.client_pct
         row.mean_batch = batcher.stats().mean_batch_size
         row.note = "in-process asyncio callers; mean batch includes the warm-up"
-        report.rows.append(row)
+        add_row(report, row)
     pool.shutdown()
 
 
@@ -514,7 +525,7 @@ def bench_plain(
                 fill_latency(row, lat, seconds)
                 row.server_cpu_pct, row.client_cpu_pct = meter.server_pct, meter.client_pct
                 row.server_rss_mb = rss_bytes(server.proc) / 2**20
-                report.rows.append(row)
+                add_row(report, row)
 
 
 def bench_veil(
@@ -545,7 +556,7 @@ def bench_veil(
                     fill_latency(row, lat, seconds)
                     row.server_cpu_pct, row.client_cpu_pct = meter.server_pct, meter.client_pct
                     row.server_rss_mb = rss_bytes(server.proc) / 2**20
-                    report.rows.append(row)
+                    add_row(report, row)
         finally:
             for c in clients:
                 with contextlib.suppress(Exception):

@@ -21,13 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in _COMMANDS:
-        try:
-            module = importlib.import_module(f"veil.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"veil.commands.{name}":
-                raise
-            continue
-        module.register(subparsers)
+        importlib.import_module(f"veil.commands.{name}").register(subparsers)
     return parser
 
 
