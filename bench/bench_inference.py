@@ -377,6 +377,12 @@ def veil_server(workdir: Path, tag: str) -> Iterator[tuple[ServerProcess, VeilPo
     argv += ["--management-port", str(ports.management)]
     server = ServerProcess(argv, workdir / f"veil-{tag}.log")
     try:
+        # The simulated measurement hashes veil's sources and is cached per process; while the
+        # tree is being edited, a long run would pin a stale value. Re-read it for this server.
+        with contextlib.suppress(ImportError, AttributeError):
+            from veil.providers.measurement import simulated_measurement
+
+            simulated_measurement.cache_clear()
         deadline = time.monotonic() + 90
         while True:
             if server.popen.poll() is not None:

@@ -8,7 +8,9 @@ Fault run: a client uploads (and now and then deletes) models while the server i
 SIGKILL at a random moment; the server is restarted on the same data directory, and every model
 whose upload was acknowledged before the kill must be listed with the same SHA-256 and predict
 correctly, no deleted model may come back, the one operation in flight may have gone either way,
-and no temporary file may remain. Repeated for a few rounds on the same data directory.
+and no temporary file may remain. Repeated for a few rounds on the same data directory. The
+server keeps models in its sealed store (encrypted under the simulated platform's sealing key):
+each restored model must be one ``.sealed`` file, and no plain model file may exist.
 
     python bench/load_fault.py [--clients 8] [--seconds 20] [--fault-rounds 3]
 
@@ -321,7 +323,9 @@ def fault_run(rounds: int, seed: int) -> bool:
     deleted: set[str] = set()
     counter = [0]
     print(f"\nFault run: SIGKILL during uploads/deletes, {rounds} rounds, seed {seed}")
-    print(f"{'round':>5} {'acked':>6} {'in flight':>22} {'restored':>9} {'verdict':>8}")
+    print(
+        f"{'round':>5} {'acked':>6} {'in flight':>22} {'restored':>9} {'sealed':>7} {'verdict':>8}"
+    )
     with tempfile.TemporaryDirectory(prefix="veil-fault-") as tmp:
         data_dir = Path(tmp)
         for r in range(rounds):
@@ -373,11 +377,19 @@ def fault_run(rounds: int, seed: int) -> bool:
                 leftovers = [p.name for p in data_dir.rglob(".tmp*")]
                 if leftovers:
                     problems.append(f"temporary files left: {leftovers}")
+                sealed_files = len(list((data_dir / "sealed").glob("*.sealed")))
+                if sealed_files != len(listed):
+                    problems.append(f"{sealed_files} sealed files for {len(listed)} models")
+                if (data_dir / "models").exists():
+                    problems.append("plain model files exist: the store is not sealed")
             finally:
                 server.stop()
             flight_s = "-" if flight is None else f"{flight[0]} {flight[1]}"
             verdict = "ok" if not problems else "FAIL"
-            print(f"{r:>5} {len(ledger.acked):>6} {flight_s:>22} {len(listed):>9} {verdict:>8}")
+            print(
+                f"{r:>5} {len(ledger.acked):>6} {flight_s:>22} {len(listed):>9} "
+                f"{sealed_files:>7} {verdict:>8}"
+            )
             for p in problems:
                 print(f"      {p}")
             ok = ok and not problems

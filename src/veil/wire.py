@@ -16,6 +16,7 @@ or `TensorError`, never a bare exception.
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -56,12 +57,17 @@ class UploadRequest:
         model_name: the user's label (not an identifier).
         model_id: veil extension: the id the user wants; None lets the server choose.
         length: the length the client declared, when it did.
+        visibility: veil extension: ``public`` or ``restricted``; None (BlindAI clients) lets
+            the server choose its default.
+        allowed_keys: veil extension: key ids that may run a restricted model.
     """
 
     model: bytes | bytearray
     model_name: str
     model_id: str | None
     length: int | None
+    visibility: str | None = None
+    allowed_keys: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return f"UploadRequest(model_id={self.model_id!r}, {len(self.model)} bytes)"
@@ -144,6 +150,9 @@ def _uint_header(body: bytes | bytearray, pos: int, major: int) -> tuple[int, in
 
 
 _CHUNK = 1 << 22
+_VISIBILITIES = ("public", "restricted")
+_KEY_ID = re.compile(r"[0-9a-f]{16}")
+_MAX_ALLOWED_KEYS = 1024
 
 
 def _decode_uint8_array(
@@ -275,13 +284,46 @@ def decode_upload_request(body: bytes | bytearray) -> UploadRequest:
             raise _bad(f"UploadModel.length: got {length}, but the model has {len(model)} bytes")
     name = _opt_str(message, "model_name", "UploadModel") or ""
     model_id = _opt_str(message, "model_id", "UploadModel") or None
-    return UploadRequest(model=model, model_name=name, model_id=model_id, length=length)
+    visibility = _opt_str(message, "visibility", "UploadModel")
+    if visibility is not None and visibility not in _VISIBILITIES:
+        raise _bad(
+            f"UploadModel.visibility: got {visibility[:40]!r}, expected public or restricted"
+        )
+    allowed = message.get("allowed_keys")
+    if allowed is None:
+        allowed = []
+    if (
+        not isinstance(allowed, list)
+        or len(allowed) > _MAX_ALLOWED_KEYS
+        or not all(isinstance(k, str) and _KEY_ID.fullmatch(k) for k in allowed)
+    ):
+        raise _bad(
+            f"UploadModel.allowed_keys: expected at most {_MAX_ALLOWED_KEYS} key ids "
+            "(16 hex digits each)"
+        )
+    return UploadRequest(
+        model=model,
+        model_name=name,
+        model_id=model_id,
+        length=length,
+        visibility=visibility,
+        allowed_keys=tuple(dict.fromkeys(allowed)),
+    )
 
 
 def encode_upload_request(
-    model: bytes, *, model_name: str, model_id: str | None, client_info: Mapping[str, Any]
+    model: bytes,
+    *,
+    model_name: str,
+    model_id: str | None,
+    client_info: Mapping[str, Any],
+    visibility: str | None = None,
+    allowed_keys: Sequence[str] | None = None,
 ) -> bytes:
-    """veil's upload: the model as one byte string (compact); BlindAI servers took an array."""
+    """veil's upload: the model as one byte string (compact); BlindAI servers took an array.
+
+    `visibility` and `allowed_keys` (veil extensions) are sent only when given.
+    """
     message: dict[str, Any] = {
         "model": model,
         "length": len(model),
@@ -291,6 +333,10 @@ def encode_upload_request(
     }
     if model_id is not None:
         message["model_id"] = model_id
+    if visibility is not None:
+        message["visibility"] = visibility
+    if allowed_keys is not None:
+        message["allowed_keys"] = list(allowed_keys)
     return bytes(cbor2.dumps(message))
 
 

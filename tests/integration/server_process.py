@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 import veil
+from veil.server.keys import KEYS_FILENAME, KeyStore, Role
 from veil.tls import SERVER_NAME, pinned_client_context
 
 START_TIMEOUT_S = 60
@@ -150,3 +151,19 @@ class RawClient:
     def close(self) -> None:
         self.plain.close()
         self.pinned.close()
+
+
+def create_key(data_dir: Path, role: Role, name: str | None = None) -> tuple[str, str]:
+    """A new API key in a server's data directory: (key id, secret). Running servers see it."""
+    return KeyStore(data_dir / KEYS_FILENAME).create(role, name=name)
+
+
+def veil_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m veil.cli ARGS`` (bounded), capturing its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "veil.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )

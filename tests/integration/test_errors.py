@@ -107,7 +107,7 @@ def test_oversized_run_body(client: veil.Connection, raw: RawClient) -> None:
     with pytest.raises(veil.BadRequestError) as info:
         client.predict("f32", big)
     assert info.value.status == 413
-    assert "more than 1048576 bytes" in info.value.message
+    assert info.value.message == "request body exceeds max_request_bytes=1048576"
     still_serves(client, raw)
 
 

@@ -206,3 +206,37 @@ def test_delete_and_errors() -> None:
         wire.decode_delete_request(cbor2.dumps({"model_id": ""}))
     assert wire.decode_error(wire.encode_error("unknown model")) == "unknown model"
     assert wire.decode_error(b"plain text") == "plain text"
+
+
+def test_upload_access_fields_round_trip() -> None:
+    body = wire.encode_upload_request(
+        b"m",
+        model_name="n",
+        model_id="x",
+        client_info={},
+        visibility="restricted",
+        allowed_keys=["0123456789abcdef"],
+    )
+    message = wire.decode_upload_request(body)
+    assert (message.visibility, message.allowed_keys) == ("restricted", ("0123456789abcdef",))
+    # a BlindAI client sends neither: the server picks the default
+    plain = wire.decode_upload_request(
+        wire.encode_upload_request(b"m", model_name="n", model_id=None, client_info={})
+    )
+    assert (plain.visibility, plain.allowed_keys) == (None, ())
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        ({"visibility": "everyone"}, "visibility: got 'everyone'"),
+        ({"visibility": 1}, "visibility"),
+        ({"allowed_keys": "0123456789abcdef"}, "allowed_keys"),
+        ({"allowed_keys": ["not-a-key-id"]}, "allowed_keys"),
+        ({"allowed_keys": ["0123456789abcdef"] * 1025}, "allowed_keys"),
+    ],
+)
+def test_upload_access_fields_refused(extra: dict[str, object], match: str) -> None:
+    body = cbor2.dumps({"model": b"m", "model_name": "n", **extra})
+    with pytest.raises(BadRequestError, match=match):
+        wire.decode_upload_request(body)

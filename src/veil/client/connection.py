@@ -83,7 +83,8 @@ class Connection:
 
     Args:
         addr: the server's host name or IP address.
-        api_key: sent as ``X-Veil-Api-Key`` with every request, if given.
+        api_key: sent as ``X-Veil-Api-Key`` with every request on the attested channels
+            (never to the unattested port), if given.
         simulation: accept a simulated server (no TEE: NO SECURITY). Warns on every connection.
             Without a policy it pins the measurement of this veil version's simulated server.
         policy: what the TEE must prove (measurements, TCB status); required unless
@@ -137,10 +138,10 @@ class Connection:
         self._attested_url = f"https://{host}:{attested_port}"
         self._management_url = f"https://{host}:{management_port}"
         headers = {"user-agent": f"veil-python/{__version__}"}
+        # Step 1 runs over plain HTTP to a server not yet verified: no API key there.
+        certificate, quote, collateral, server = self._fetch_evidence(headers)
         if api_key is not None:
             headers[API_KEY_HEADER] = api_key
-
-        certificate, quote, collateral, server = self._fetch_evidence(headers)
         # Step 2: a mock server is refused before any verification unless asked for.
         mock = "mock" in server.lower()
         if mock and not simulation:
@@ -250,16 +251,24 @@ class Connection:
         *,
         model_id: str | None = None,
         model_name: str | None = None,
+        visibility: str | None = None,
+        allowed_keys: list[str] | tuple[str, ...] | None = None,
     ) -> UploadResponse:
-        """Send an ONNX model over the attested channel.
+        """Send an ONNX model over the attested channel (needs an ``owner`` or ``admin`` key).
 
         Args:
             model: a path to an ``.onnx`` file, the model's bytes, or an ``onnx.ModelProto``.
             model_id: the id to run it by (veil extension); the server picks one if None.
             model_name: a label kept with the model (default: the file name).
+            visibility: who may run it (veil extension): ``"public"`` (any valid key) or
+                ``"restricted"`` (the uploading key and `allowed_keys`). None: the server's
+                default, restricted when it asks for keys, public when it runs ``--no-auth``.
+            allowed_keys: key ids (the 16 hex digits after ``veil_``) that may run a restricted
+                model besides the uploader; giving them implies ``"restricted"``.
 
         Raises:
             ConflictError: `model_id` is taken. BadRequestError: not a model the server can load.
+            AuthenticationError: no or an invalid API key. PermissionDeniedError: a ``user`` key.
         """
         if isinstance(model, str | os.PathLike):
             path = Path(model)
@@ -273,8 +282,15 @@ class Connection:
             raise TypeError(
                 f"model: got {type(model).__name__}, expected a path, bytes or onnx.ModelProto"
             )
+        if visibility is not None and visibility not in ("public", "restricted"):
+            raise ValueError(f"visibility: got {visibility!r}, expected 'public' or 'restricted'")
         body = wire.encode_upload_request(
-            data, model_name=model_name or "", model_id=model_id, client_info=_CLIENT_INFO
+            data,
+            model_name=model_name or "",
+            model_id=model_id,
+            client_info=_CLIENT_INFO,
+            visibility=visibility,
+            allowed_keys=allowed_keys,
         )
         url = f"{self._management_url}/upload"
         reply = self._request("POST", url, body, self._upload_timeout)
@@ -330,13 +346,17 @@ class Connection:
         return PredictResponse([Tensor.from_wire(t) for t in wire.decode_run_reply(reply)])
 
     def delete_model(self, model_id: str) -> None:
-        """Delete a model from the server. Raises NotFoundError if it has no such model."""
+        """Delete a model from the server (its uploader's key or an admin key).
+
+        Raises NotFoundError if it has no such model (or none this key may see),
+        PermissionDeniedError if this key may not delete it.
+        """
         self._request(
             "POST", f"{self._management_url}/delete", wire.encode_delete_request(model_id)
         )
 
     def list_models(self) -> list[ModelInfo]:
-        """The models the server holds (veil extension)."""
+        """The models this key manages (veil extension): its own uploads; an admin's: all."""
         reply = self._request("GET", f"{self._management_url}/models")
         try:
             items = cbor2.loads(reply)
@@ -348,6 +368,8 @@ class Connection:
                     size=item["size"],
                     inputs=tuple(item["inputs"]),
                     outputs=tuple(item["outputs"]),
+                    owner=item.get("owner"),
+                    visibility=item.get("visibility", "public"),
                 )
                 for item in items
             ]

@@ -87,3 +87,7 @@ class ModelInfo:
     size: int
     inputs: tuple[Mapping[str, Any], ...]
     outputs: tuple[Mapping[str, Any], ...]
+    owner: str | None = None
+    """Key id of the uploader (None: uploaded with authentication off)."""
+    visibility: str = "public"
+    """``public`` or ``restricted``."""

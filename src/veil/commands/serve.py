@@ -6,11 +6,13 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from veil.errors import VeilError
-from veil.server.config import DEFAULT_MAX_RUN_BYTES, DEFAULT_MAX_UPLOAD_BYTES, ServerConfig
+from veil.server.config import ServerConfig
+from veil.server.limits import Limits
 
 __all__ = ["register"]
 
@@ -41,8 +43,6 @@ def register(subparsers: Any) -> None:
         default=os.cpu_count() or 1,
         help="ONNX Runtime intra-op threads (default: number of cores)",
     )
-    parser.add_argument("--max-upload-bytes", type=int, default=DEFAULT_MAX_UPLOAD_BYTES)
-    parser.add_argument("--max-run-bytes", type=int, default=DEFAULT_MAX_RUN_BYTES)
     parser.add_argument(
         "--log-level", default="warning", choices=("debug", "info", "warning", "error")
     )
@@ -50,7 +50,54 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--hazmat-test-tamper-certificate", action="store_true", help=argparse.SUPPRESS
     )
+    _add_hardening_arguments(parser)
     parser.set_defaults(handler=_serve)
+
+
+# --- hardening: authentication, sealed storage, resource limits ---------------------------------
+
+# Older spellings kept working.
+_LIMIT_ALIASES = {"max_request_bytes": ("--max-run-bytes",)}
+
+
+def _add_hardening_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("security")
+    group.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="ask for no API key (LOCAL DEVELOPMENT ONLY: anyone reaching the server may "
+        "upload, delete and run models). Without it, keys are required whenever the server "
+        "binds beyond loopback or any key exists (see 'veil keys')",
+    )
+    group.add_argument(
+        "--unsealed-store",
+        action="store_true",
+        help="on a platform with no sealing key, store models as UNENCRYPTED files instead of "
+        "refusing to start",
+    )
+    limits = parser.add_argument_group("limits (exceeding one answers 413, 422 or 429)")
+    defaults = Limits()
+    for f in fields(Limits):
+        default = getattr(defaults, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        limits.add_argument(
+            flag,
+            *_LIMIT_ALIASES.get(f.name, ()),
+            dest=f"limit_{f.name}",
+            type=type(default),
+            default=None,
+            metavar="N",
+            help=f"default {default:g}" if isinstance(default, float) else f"default {default}",
+        )
+
+
+def _limits(args: argparse.Namespace) -> Limits:
+    given = {
+        f.name: getattr(args, f"limit_{f.name}")
+        for f in fields(Limits)
+        if getattr(args, f"limit_{f.name}", None) is not None
+    }
+    return Limits(**given)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -66,10 +113,11 @@ def _serve(args: argparse.Namespace) -> int:
             attested_port=args.attested_port,
             management_port=args.management_port,
             threads=args.threads,
-            max_upload_bytes=args.max_upload_bytes,
-            max_run_bytes=args.max_run_bytes,
             log_level=args.log_level,
             hazmat_test_tamper_certificate=args.hazmat_test_tamper_certificate,
+            no_auth=args.no_auth,
+            unsealed_store=args.unsealed_store,
+            limits=_limits(args),
         )
         args.data_dir.mkdir(parents=True, exist_ok=True)
         return serve(config)

@@ -8,38 +8,72 @@
 
 Errors are turned into statuses in one place, `error_response`. Bodies are counted while they
 are read, whatever Content-Length says. Inference and model loading run in worker threads.
+
+Every request on the attested and management ports goes through, in this order: a request id
+(``X-Request-Id`` on the response, one log line when it ends: id, port, route, status, duration,
+model id, key id, never inputs, outputs or keys); the concurrency limit (429); authentication
+(401, `veil.server.keys.AuthGate`); the per-key rate limit (429); the body limit while reading
+(413); decoding (400); then per route: tensor limits (422) and the model lookup (404) for a
+run; role and ownership (403, or 404 where the key may not even see the model); model and
+storage limits (413) and `check_model` (422) for an upload, before ONNX Runtime sees it.
+
+Access rules (`veil.server.keys`): uploads need an ``owner`` or ``admin`` key; a model is
+deleted by its uploader or an admin; it is listed to its uploader (admins: all); it is run by
+any valid key when ``public``, else by its uploader and its allowed keys. An upload that names
+no visibility (every BlindAI client) is ``restricted`` to its uploader when the server asks for
+keys, and ``public`` when it runs without authentication.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import cbor2
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from veil import wire
-from veil.errors import ApiError, BadRequestError, TensorError
+from veil.errors import ApiError, BadRequestError, TensorError, api_error_for_status
 from veil.server.config import ServerConfig
+from veil.server.keys import (
+    API_KEY_HEADER,
+    PUBLIC,
+    RESTRICTED,
+    AuthGate,
+    Principal,
+    can_delete,
+    can_list,
+    can_predict,
+    can_upload,
+)
+from veil.server.limits import ConcurrencyLimiter, RateLimiter, limit_error
 from veil.server.models import ModelRegistry, load_model
+from veil.server.onnx_guard import check_model
 from veil.server.store import ModelStoreProtocol, StoredModel
+from veil.tensors import numpy_dtype
 
 __all__ = ["ServerState", "build_apps", "error_response"]
 
 _log = logging.getLogger("veil.server")
+_access_log = logging.getLogger("veil.server.requests")
 _CBOR = "application/cbor"
 # After a body passes its limit, read (and drop) this much more so the client, still sending,
 # receives the 413 instead of a reset connection; beyond it the connection is simply closed.
 _DRAIN_BYTES = 16 << 20
 _MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_LOG_KEY = "veil.log"  # scope entry where handlers leave what the request log line reports
+_STORE_CHUNK = 4 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +88,8 @@ class ServerState:
         registry: the loaded models.
         store: where uploads are kept (plain or sealed).
         config: the server's settings.
+        auth: who is asking (API keys, or nobody checked with ``--no-auth``).
+        access: owner, visibility and allowed keys of every loaded model, by id.
     """
 
     certificate_der: bytes
@@ -63,6 +99,8 @@ class ServerState:
     registry: ModelRegistry
     store: ModelStoreProtocol
     config: ServerConfig
+    auth: AuthGate
+    access: dict[str, StoredModel]
 
 
 def error_response(exc: BaseException) -> Response:
@@ -79,19 +117,99 @@ def error_response(exc: BaseException) -> Response:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 
 
-def _endpoint(handler: Handler) -> Handler:
+class _RequestLog:
+    """ASGI middleware: a request id (``X-Request-Id``) and one log line per request.
+
+    The line holds the id, port, method, route, status, duration, and the model id and key id
+    handlers record, never a body, header value or API key. A client's own ``X-Request-Id`` is
+    kept when it is a short plain token, so calls can be traced across systems.
+    """
+
+    def __init__(self, app: ASGIApp, port: str) -> None:
+        self._app = app
+        self._port = port
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        request_id = ""
+        for name, value in scope.get("headers", ()):
+            if name == b"x-request-id":
+                text = value.decode("latin-1")
+                request_id = text if _REQUEST_ID.fullmatch(text) else ""
+        request_id = request_id or uuid.uuid4().hex[:16]
+        info: dict[str, Any] = {}
+        scope[_LOG_KEY] = info
+        status = 0
+        start = time.perf_counter()
+
+        async def send_with_id(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self._app(scope, receive, send_with_id)
+        finally:
+            if _access_log.isEnabledFor(logging.INFO):
+                _access_log.info(
+                    "request id=%s port=%s method=%s route=%r status=%d duration_ms=%.1f "
+                    "model=%r key_id=%s",
+                    request_id,
+                    self._port,
+                    scope.get("method", ""),
+                    str(scope.get("path", ""))[:80],
+                    status,
+                    (time.perf_counter() - start) * 1e3,
+                    info.get("model_id"),
+                    info.get("key_id") or "-",
+                )
+
+
+def _note(request: Request, **values: Any) -> None:
+    """Record fields for the request's log line (model id, key id)."""
+    info = request.scope.get(_LOG_KEY)
+    if isinstance(info, dict):
+        info.update(values)
+
+
+async def _drain(request: Request) -> None:
+    """After an early refusal, read (and drop) a bounded rest of the body, so the client, still
+    sending, reads the error status rather than a reset connection."""
+    if request.method != "POST":
+        return
+    total = 0
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > _DRAIN_BYTES:
+                break
+    except Exception:  # already consumed, or the client went away: nothing to drain
+        return
+
+
+def _endpoint(handler: Handler, limiter: ConcurrencyLimiter | None = None) -> Handler:
     async def wrapped(request: Request) -> Response:
         try:
-            return await handler(request)
+            if limiter is None:
+                return await handler(request)
+            async with limiter.slot():
+                return await handler(request)
         except Exception as exc:
+            await _drain(request)
             return error_response(exc)
 
     return wrapped
 
 
-async def _read_body(request: Request, limit: int) -> bytearray:
+async def _read_body(request: Request, limit: int, limit_name: str) -> bytearray:
     """The request body, refused (413) as soon as it passes `limit` bytes.
 
     One growing buffer (large ones are mmapped and given back whole when freed), not a list of
@@ -107,8 +225,29 @@ async def _read_body(request: Request, limit: int) -> bytearray:
             continue
         body += chunk
     if total > limit:
-        raise BadRequestError(413, f"request body: more than {limit} bytes, the limit")
+        raise limit_error(413, f"request body exceeds {limit_name}={limit}")
     return body
+
+
+def _slices(blob: bytes, size: int = _STORE_CHUNK) -> Iterator[bytes]:
+    """`blob` in views of `size` bytes: the store copies one piece at a time, not the whole.
+
+    Views, typed as bytes: both stores only write them or append them to a buffer.
+    """
+    view = memoryview(blob)
+    for start in range(0, len(view), size):
+        yield cast(bytes, view[start : start + size])
+
+
+def _upload_access(message: wire.UploadRequest, auth_on: bool) -> tuple[str, tuple[str, ...]]:
+    """(visibility, allowed key ids) of an upload; the default depends on whether keys are used."""
+    allowed = message.allowed_keys
+    visibility = message.visibility
+    if visibility is None:
+        visibility = RESTRICTED if allowed or auth_on else PUBLIC
+    if visibility == PUBLIC and allowed:
+        raise BadRequestError(400, "allowed_keys: only for visibility 'restricted'")
+    return visibility, allowed
 
 
 def _cbor(value: Any) -> Response:
@@ -118,7 +257,15 @@ def _cbor(value: Any) -> Response:
 def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
     """(unattested, attested, management) apps sharing `state`."""
     config = state.config
+    limits = config.limits
     registry = state.registry
+    access = state.access
+    auth = state.auth
+    limiter = ConcurrencyLimiter(limits.max_concurrent_requests)
+    rates = RateLimiter.from_limits(limits)
+    # Model bytes stored, and reserved by uploads in progress: checked and updated on the event
+    # loop with no await in between, so two uploads cannot both take the last free bytes.
+    storage = {"used": sum(meta.size for meta in access.values()), "pending": 0}
     certificate = cbor2.dumps(state.certificate_der)
     quote = cbor2.dumps(state.quote)
     collateral = cbor2.dumps(state.collateral)
@@ -139,13 +286,48 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
     async def handshake(request: Request) -> Response:
         return _cbor(None)
 
+    async def authenticate(request: Request) -> Principal:
+        """Step 3 and 4 of the order above: who asks (401), and their rate (429)."""
+        if not auth.enabled():
+            return Principal.unauthenticated()
+        principal = await run_in_threadpool(auth.authenticate, request.headers.get(API_KEY_HEADER))
+        if principal.key_id is not None:
+            _note(request, key_id=principal.key_id)
+            # Per key: with authentication off there is no key to count by; the concurrency
+            # limit still holds.
+            rates.acquire(principal.key_id)
+        return principal
+
+    def not_found(model_id: str | None, model_hash: str | None) -> ApiError:
+        # The same words as for a model that does not exist: no existence oracle.
+        if model_id:
+            return api_error_for_status(404, f"unknown model id {model_id!r}")
+        return api_error_for_status(404, f"no model with hash {(model_hash or '')[:80]!r}")
+
+    def meta_of(model_id: str) -> StoredModel:
+        meta = access.get(model_id)
+        if meta is None:  # loaded but not described: refuse rather than guess (fail closed)
+            raise not_found(model_id, None)
+        return meta
+
+    def visible(principal: Principal, meta: StoredModel) -> bool:
+        return can_predict(principal, meta.visibility, meta.allowed_keys, meta.owner)
+
     async def upload(request: Request) -> Response:
-        body = await _read_body(request, config.max_upload_bytes)
+        principal = await authenticate(request)
+        if not can_upload(principal):
+            raise api_error_for_status(
+                403,
+                "uploading models needs an owner or admin key; "
+                f"this key's role is {principal.role}",
+            )
+        body = await _read_body(request, limits.max_upload_bytes, "max_upload_bytes")
         message = await run_in_threadpool(wire.decode_upload_request, body)
         del body
         # bytes() copies only a bytearray, and only now that the body is gone
         blob = bytes(message.model)
         model_id, model_name = message.model_id or str(uuid.uuid4()), message.model_name
+        visibility, allowed = _upload_access(message, auth_on=principal.key_id is not None)
         del message
         if not _MODEL_ID.fullmatch(model_id):
             raise BadRequestError(
@@ -153,17 +335,36 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
                 f"model_id: got {model_id[:130]!r}, expected 1-128 of A-Z a-z 0-9 . _ : - "
                 "starting with a letter or digit",
             )
+        _note(request, model_id=model_id)
+        limits.check_model_bytes(len(blob))
         registry.reserve(model_id)
         try:
-            model = await run_in_threadpool(
-                load_model,
-                blob,
-                model_id=model_id,
-                model_name=model_name,
-                threads=config.threads,
-            )
-            meta = StoredModel(model_id, model.model_hash, model_name, model.size)
-            await run_in_threadpool(state.store.put, meta, blob)
+            limits.check_storage(storage["used"] + storage["pending"], len(blob))
+            storage["pending"] += len(blob)
+            try:
+                # Hostile-model checks first: ONNX Runtime never sees what they refuse.
+                await run_in_threadpool(lambda: check_model(blob, limits) and None)
+                model = await run_in_threadpool(
+                    load_model,
+                    blob,
+                    model_id=model_id,
+                    model_name=model_name,
+                    threads=config.threads,
+                )
+                meta = StoredModel(
+                    model_id,
+                    model.model_hash,
+                    model_name,
+                    model.size,
+                    owner=principal.key_id,
+                    visibility=visibility,
+                    allowed_keys=allowed,
+                )
+                await run_in_threadpool(state.store.put_stream, meta, _slices(blob))
+            finally:
+                storage["pending"] -= len(blob)
+            storage["used"] += model.size
+            access[model_id] = meta
             registry.add(model)
         finally:
             registry.release(model_id)
@@ -171,49 +372,96 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         return Response(wire.encode_upload_reply(model.model_hash, model_id), media_type=_CBOR)
 
     async def run(request: Request) -> Response:
-        body = await _read_body(request, config.max_run_bytes)
+        principal = await authenticate(request)
+        body = await _read_body(request, limits.max_request_bytes, "max_request_bytes")
         message = wire.decode_run_request(body)
-        model = registry.get(message.model_id, message.model_hash)
+        del body
+        limits.check_inputs(len(message.inputs))
+        for tensor in message.inputs:
+            itemsize = numpy_dtype(tensor.datum_type).itemsize
+            limits.check_tensor(tensor.shape, itemsize, name=tensor.name or "")
+        if message.model_id is None and message.model_hash:
+            # By hash (BlindAI): several models may share one; take one this key may run.
+            wanted = message.model_hash.lower()
+            runnable = [
+                m
+                for m in registry.all()
+                if m.model_hash.hex() == wanted
+                and m.model_id in access
+                and visible(principal, access[m.model_id])
+            ]
+            if not runnable:
+                raise not_found(None, message.model_hash)
+            model = runnable[0]
+        else:
+            model = registry.get(message.model_id, message.model_hash)
+            if not visible(principal, meta_of(model.model_id)):
+                raise not_found(message.model_id, message.model_hash)
+        _note(request, model_id=model.model_id)
         outputs = await run_in_threadpool(model.run, message.inputs)
         return Response(wire.encode_run_reply(outputs), media_type=_CBOR)
 
     async def delete(request: Request) -> Response:
-        body = await _read_body(request, config.max_run_bytes)
+        principal = await authenticate(request)
+        body = await _read_body(request, limits.max_request_bytes, "max_request_bytes")
         message = wire.decode_delete_request(body)
-        registry.get(message.model_id)
-        await run_in_threadpool(state.store.delete, message.model_id)
-        registry.remove(message.model_id)
-        _log.info("model %s deleted", message.model_id)
+        model_id = message.model_id
+        registry.get(model_id)
+        meta = meta_of(model_id)
+        if not can_delete(principal, meta.owner):
+            if not visible(principal, meta):
+                raise not_found(model_id, None)
+            raise api_error_for_status(
+                403, f"model {model_id!r} may be deleted only by its owner's key or an admin key"
+            )
+        _note(request, model_id=model_id)
+        await run_in_threadpool(state.store.delete, model_id)
+        registry.remove(model_id)
+        if access.pop(model_id, None) is not None:
+            storage["used"] -= meta.size
+        _log.info("model %s deleted", model_id)
         return _cbor(None)
 
     async def list_models(request: Request) -> Response:
-        return _cbor(registry.describe())
+        principal = await authenticate(request)
+        listed = []
+        for entry in registry.describe():
+            meta = access.get(str(entry["model_id"]))
+            if meta is not None and can_list(principal, meta.owner):
+                listed.append({**entry, "owner": meta.owner, "visibility": meta.visibility})
+        return _cbor(listed)
 
     def route(path: str, handler: Handler, method: str) -> Route:
-        return Route(path, _endpoint(handler), methods=[method])
+        # Work (POST) is counted against the concurrency limit; the cheap GETs are not.
+        return Route(
+            path, _endpoint(handler, limiter if method == "POST" else None), methods=[method]
+        )
 
     unattested = Starlette(
+        middleware=[Middleware(_RequestLog, port="unattested")],
         routes=[
             route("/", get_certificate, "GET"),
             route("/quote", get_quote, "GET"),
             route("/collateral", get_collateral, "GET"),
             route("/healthz", get_health, "GET"),
-        ]
+        ],
     )
     attested = Starlette(
+        middleware=[Middleware(_RequestLog, port="attested")],
         routes=[
             route("/", handshake, "GET"),
             route("/run", run, "POST"),
             route("/upload", upload, "POST"),
             route("/delete", delete, "POST"),
-        ]
+        ],
     )
     management = Starlette(
+        middleware=[Middleware(_RequestLog, port="management")],
         routes=[
             route("/", handshake, "GET"),
             route("/upload", upload, "POST"),
             route("/delete", delete, "POST"),
             route("/models", list_models, "GET"),
-        ]
+        ],
     )
     return unattested, attested, management

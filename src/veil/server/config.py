@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = [
-    "DEFAULT_MAX_RUN_BYTES",
-    "DEFAULT_MAX_UPLOAD_BYTES",
-    "ServerConfig",
-]
+from veil.server.limits import Limits
 
-DEFAULT_MAX_UPLOAD_BYTES = 1 << 30
-DEFAULT_MAX_RUN_BYTES = 64 << 20
+__all__ = ["ServerConfig"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,8 +23,6 @@ class ServerConfig:
         attested_port: HTTPS with the attested certificate: run (and BlindAI's upload/delete).
         management_port: HTTPS with the attested certificate: upload, delete, list.
         threads: ONNX Runtime intra-op threads per model.
-        max_upload_bytes: largest upload body accepted (counted while reading).
-        max_run_bytes: largest run/delete body accepted.
         hazmat_test_tamper_certificate: TEST ONLY: serve on the unattested port a certificate
             other than the one the evidence binds, so tests can see clients refuse it.
     """
@@ -41,10 +34,16 @@ class ServerConfig:
     attested_port: int = 9924
     management_port: int = 9925
     threads: int = os.cpu_count() or 1
-    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
-    max_run_bytes: int = DEFAULT_MAX_RUN_BYTES
     log_level: str = "warning"
     hazmat_test_tamper_certificate: bool = False
+    # --- hardening: authentication, sealed storage, resource limits ---
+    # no_auth: ``--no-auth``: no API keys asked for (local development; a banner says so).
+    # unsealed_store: ``--unsealed-store``: keep models in plain files when the platform has no
+    #   sealing key (the default refuses to start then: fail closed).
+    # limits: body, model, storage, tensor, time, concurrency and rate limits.
+    no_auth: bool = False
+    unsealed_store: bool = False
+    limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
         for name in ("unattested_port", "attested_port", "management_port"):
@@ -53,5 +52,3 @@ class ServerConfig:
                 raise ValueError(f"{name}: got {port}, expected 0..65535")
         if self.threads < 1:
             raise ValueError(f"threads: got {self.threads}, expected at least 1")
-        if self.max_upload_bytes < 1 or self.max_run_bytes < 1:
-            raise ValueError("body limits must be positive")

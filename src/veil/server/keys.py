@@ -48,6 +48,7 @@ __all__ = [
     "PUBLIC",
     "RESTRICTED",
     "ROLES",
+    "AuthGate",
     "KeyInfo",
     "KeyStore",
     "Principal",
@@ -361,3 +362,85 @@ def principal_from_authorization(authorization: str | None, store: KeyStore) -> 
     if scheme.lower() != "bearer" or not token.strip():
         raise api_error_for_status(401, "Authorization header: expected 'Bearer <key>'")
     return principal_from_api_key(token.strip(), store)
+
+
+_FIRST_KEY_HINT = (
+    "no API keys exist yet: the server's administrator creates the first one with "
+    "'veil keys create --role admin --data-dir <the server's data directory>'"
+)
+
+
+class AuthGate:
+    """Whether a request needs an API key (`auth_required`), and whose key it is.
+
+    The decision is re-made per request, so keys created while the server runs (``veil keys
+    create`` on its data directory) take effect at once: on loopback, the first key created
+    turns authentication on. While no key exists, a cheap signature of the database file (inode,
+    size, modification time and SQLite's file change counter, which every write transaction
+    bumps) decides whether to look again; once a key exists, it always does (keys are revoked,
+    never removed).
+
+    Args:
+        store: the server's key database.
+        host: the address the server binds (beyond loopback: authentication always on).
+        no_auth: ``--no-auth``: never ask (local development; print `NO_AUTH_BANNER`).
+    """
+
+    def __init__(self, store: KeyStore, *, host: str, no_auth: bool) -> None:
+        self._store = store
+        self._no_auth = no_auth
+        self._always = auth_required(host, no_auth)
+        self._keys_seen = False
+        self._signature: tuple[int, int, int, bytes] | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def store(self) -> KeyStore:
+        return self._store
+
+    def describe(self) -> str:
+        """One phrase for the server's ready line."""
+        if self._no_auth:
+            return "auth=OFF (--no-auth)"
+        if self._always:
+            return "auth=on"
+        return "auth=on" if self._keys_exist() else "auth=off until a key exists (loopback)"
+
+    def _file_signature(self) -> tuple[int, int, int, bytes] | None:
+        try:
+            with open(self._store.path, "rb") as f:
+                st = os.fstat(f.fileno())
+                f.seek(24)  # SQLite header: file change counter, 4 bytes
+                counter = f.read(4)
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns, counter)
+
+    def _keys_exist(self) -> bool:
+        if self._keys_seen:
+            return True
+        with self._lock:
+            # Signature first, query second: a write between them changes the next signature.
+            signature = self._file_signature()
+            if signature is None or signature != self._signature:
+                self._keys_seen = signature is not None and self._store.any_keys()
+                self._signature = signature
+            return self._keys_seen
+
+    def enabled(self) -> bool:
+        """Whether this request must carry a valid API key."""
+        if self._no_auth:
+            return False
+        return self._always or self._keys_exist()
+
+    def authenticate(self, api_key: str | None) -> Principal:
+        """The principal of a request (blocking: SQLite); auth off: `Principal.unauthenticated`.
+
+        Raises `AuthenticationError` (401) for a missing, malformed, unknown or revoked key; when
+        no key exists at all, the message says how the first admin key is made.
+        """
+        if not self.enabled():
+            return Principal.unauthenticated()
+        if not self._keys_exist():
+            raise api_error_for_status(401, _FIRST_KEY_HINT)
+        return principal_from_api_key(api_key, self._store)

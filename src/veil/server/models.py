@@ -149,8 +149,17 @@ def load_model(
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    # Untrusted models (veil.server.onnx_guard): no memory arena holding on to what a hostile
+    # graph allocated, and no constant folding, which runs at load time and would build a
+    # ConstantOfShape bomb before any request arrives.
+    options.enable_cpu_mem_arena = False
     try:
-        session = ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            blob,
+            options,
+            providers=["CPUExecutionProvider"],
+            disabled_optimizers=["ConstantFolding"],
+        )
     except Exception as exc:
         detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise BadRequestError(422, f"invalid ONNX model: {detail}") from None

@@ -3,9 +3,20 @@
 Order at start (each step inside the TEE):
 1. a fresh TLS key and self-signed certificate (`veil.tls`);
 2. evidence whose report data starts with SHA-256 of that certificate;
-3. the stored models, loaded into ONNX Runtime;
+3. the stored models, unsealed and loaded into ONNX Runtime;
 4. the unattested, attested and management servers; when all three listen, one ready line.
 SIGINT and SIGTERM stop all three cleanly.
+
+Storage fails closed: models are kept sealed (`SealedModelStore`, under ``<data dir>/sealed``)
+with the platform's sealing key. A platform that offers none (configfs-tsm: TDX, SEV-SNP) makes
+the server refuse to start, unless ``--unsealed-store`` says to keep plain files under
+``<data dir>/models`` (readable by whoever reads the disk; the server warns at every start).
+
+Authentication: API keys live in ``<data dir>/keys.sqlite3`` (`veil.server.keys`). The server
+asks for one on every request when it binds beyond loopback, or as soon as any key exists;
+``--no-auth`` turns this off and prints `NO_AUTH_BANNER`. The first admin key of a server that
+asks for keys is made with ``veil keys create --role admin --data-dir DIR``, before the server
+starts or while it runs: it reads the key database on each request.
 """
 
 from __future__ import annotations
@@ -15,22 +26,54 @@ import contextlib
 import logging
 import signal
 import socket
+import sys
 from collections.abc import Callable, Iterator
 
 import uvicorn
 
 from veil import __version__
-from veil.errors import BadRequestError
+from veil.errors import BadRequestError, EvidenceUnavailableError
 from veil.providers import detect_provider
 from veil.server.app import ServerState, build_apps
 from veil.server.config import ServerConfig
+from veil.server.keys import KEYS_FILENAME, NO_AUTH_BANNER, AuthGate, KeyStore
 from veil.server.models import ModelRegistry, load_model
-from veil.server.store import ModelStore, ModelStoreProtocol
+from veil.server.sealing import SealedModelStore
+from veil.server.store import ModelStore, ModelStoreProtocol, StoredModel
 from veil.tls import TlsIdentity, binding_report_data, generate_identity, server_context
 
-__all__ = ["prepare_state", "serve"]
+__all__ = ["UNSEALED_STORE_WARNING", "open_store", "prepare_state", "serve"]
 
 _log = logging.getLogger("veil.server")
+
+UNSEALED_STORE_WARNING = (
+    "WARNING: --unsealed-store: models are stored UNENCRYPTED in the data directory; whoever "
+    "can read the disk can read (and change) them."
+)
+
+
+def open_store(config: ServerConfig, sealing_key: Callable[[], bytes]) -> ModelStoreProtocol:
+    """The model store: sealed with `sealing_key()`, or plain only with ``unsealed_store``.
+
+    Raises:
+        EvidenceUnavailableError: the platform has no sealing key and plain storage was not
+            asked for.
+    """
+    if config.unsealed_store:
+        print(UNSEALED_STORE_WARNING, file=sys.stderr, flush=True)
+        return ModelStore(config.data_dir / "models")
+    try:
+        key = sealing_key()
+    except EvidenceUnavailableError as exc:
+        raise EvidenceUnavailableError(
+            f"no sealing key on this platform ({exc}); refusing to keep models unencrypted. "
+            "Start with --unsealed-store to store them as plain files (anyone reading the "
+            "disk reads them)"
+        ) from None
+    plain = config.data_dir / "models"
+    if plain.is_dir() and any(plain.glob("*.json")):
+        _log.warning("plain models in %s are not served: the server now keeps models sealed", plain)
+    return SealedModelStore(config.data_dir / "sealed", key)
 
 
 def prepare_state(
@@ -46,9 +89,10 @@ def prepare_state(
     if config.hazmat_test_tamper_certificate:
         _log.warning("HAZMAT: serving a certificate the evidence does not bind (tests only)")
         served = generate_identity().certificate_der
-    # 3. Models kept from earlier runs.
-    store = store or ModelStore(config.data_dir / "models")
+    # 3. Models kept from earlier runs (sealed unless asked otherwise: fail closed).
+    store = store or open_store(config, provider.sealing_key)
     registry = ModelRegistry()
+    access: dict[str, StoredModel] = {}
     for meta, blob in store.load_all():
         try:
             registry.add(
@@ -60,6 +104,7 @@ def prepare_state(
                     model_hash=meta.model_hash,
                 )
             )
+            access[meta.model_id] = meta
         except BadRequestError as exc:
             _log.warning("stored model %s not loaded: %s", meta.model_id, exc.message)
     state = ServerState(
@@ -70,6 +115,10 @@ def prepare_state(
         registry=registry,
         store=store,
         config=config,
+        auth=AuthGate(
+            KeyStore(config.data_dir / KEYS_FILENAME), host=config.host, no_auth=config.no_auth
+        ),
+        access=access,
     )
     return state, identity
 
@@ -162,7 +211,7 @@ async def _run(
         a, b, c = (sock.getsockname()[1] for sock in sockets)
         ready(
             f"veil: serving on {config.host} (unattested http :{a}, attested https :{b}, "
-            f"management https :{c}), {platform}"
+            f"management https :{c}), {platform}, {state.auth.describe()}"
         )
         results = await asyncio.gather(*tasks, return_exceptions=True)
     finally:
@@ -180,6 +229,9 @@ def serve(config: ServerConfig, *, ready: Callable[[str], None] | None = None) -
     Raises:
         EvidenceUnavailableError: the platform cannot produce evidence.
     """
+    if config.no_auth:
+        # Loud, before anything else: stderr and the log.
+        print(NO_AUTH_BANNER, file=sys.stderr, flush=True)
     state, identity = prepare_state(config)
 
     def announce(line: str) -> None:

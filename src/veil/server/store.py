@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -26,6 +26,9 @@ __all__ = ["ModelStore", "ModelStoreProtocol", "StoredModel"]
 
 _log = logging.getLogger("veil.server.store")
 _TMP_PREFIX = ".tmp-"
+
+
+_VISIBILITIES = ("public", "restricted")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,12 +40,26 @@ class StoredModel:
         model_hash: SHA-256 of the ONNX bytes.
         model_name: the label the uploader gave.
         size: the ONNX byte count.
+        owner: key id of the API key that uploaded it; None when uploaded with auth off.
+        visibility: ``public`` (any valid key may predict) or ``restricted`` (only the owner
+            and `allowed_keys`).
+        allowed_keys: key ids that may predict a restricted model, besides its owner.
+
+    Records written before owners existed read back as owner None, public: that is how such
+    models were served.
     """
 
     model_id: str
     model_hash: bytes
     model_name: str
     size: int
+    owner: str | None = None
+    visibility: str = "public"
+    allowed_keys: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.visibility not in _VISIBILITIES:
+            raise ValueError(f"visibility: got {self.visibility!r}, expected public or restricted")
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -50,6 +67,9 @@ class StoredModel:
             "model_hash": self.model_hash.hex(),
             "model_name": self.model_name,
             "size": self.size,
+            "owner": self.owner,
+            "visibility": self.visibility,
+            "allowed_keys": list(self.allowed_keys),
         }
 
     @classmethod
@@ -62,13 +82,25 @@ class StoredModel:
             raise ValueError("metadata lacks model_id or model_hash")
         if not isinstance(model_name, str) or not isinstance(size, int):
             raise ValueError("metadata has a bad model_name or size")
-        return cls(model_id, bytes.fromhex(model_hash), model_name, size)
+        owner, visibility = value.get("owner"), value.get("visibility", "public")
+        allowed = value.get("allowed_keys", [])
+        if owner is not None and not isinstance(owner, str):
+            raise ValueError("metadata has a bad owner")
+        if not isinstance(visibility, str):
+            raise ValueError("metadata has a bad visibility")
+        if not isinstance(allowed, list) or not all(isinstance(k, str) for k in allowed):
+            raise ValueError("metadata has bad allowed_keys")
+        return cls(
+            model_id, bytes.fromhex(model_hash), model_name, size, owner, visibility, tuple(allowed)
+        )
 
 
 class ModelStoreProtocol(Protocol):
     """The interface the app needs from a store (plain or sealed)."""
 
     def put(self, meta: StoredModel, blob: bytes) -> None: ...
+
+    def put_stream(self, meta: StoredModel, chunks: Iterable[bytes]) -> int: ...
 
     def delete(self, model_id: str) -> None: ...
 
@@ -94,11 +126,13 @@ class ModelStore:
         self.root = root
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
 
-    def _write_atomic(self, target: Path, data: bytes) -> None:
+    def _write_atomic(self, target: Path, data: Iterable[bytes]) -> int:
         fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=self.root)
+        written = 0
         try:
             with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
+                for chunk in data:
+                    written += handle.write(chunk)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, target)
@@ -106,15 +140,21 @@ class ModelStore:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+        return written
 
     def put(self, meta: StoredModel, blob: bytes) -> None:
         """Store a model durably: blob first, then its metadata."""
+        self.put_stream(meta, (blob,))
+
+    def put_stream(self, meta: StoredModel, chunks: Iterable[bytes]) -> int:
+        """Like `put`, the blob arriving as `chunks`; returns the blob's byte count."""
         key = _key(meta.model_id)
-        self._write_atomic(self.root / f"{key}.onnx", blob)
+        written = self._write_atomic(self.root / f"{key}.onnx", chunks)
         self._write_atomic(
-            self.root / f"{key}.json", json.dumps(meta.to_json(), sort_keys=True).encode()
+            self.root / f"{key}.json", (json.dumps(meta.to_json(), sort_keys=True).encode(),)
         )
         _fsync_dir(self.root)
+        return written
 
     def delete(self, model_id: str) -> None:
         """Forget a model: metadata first, so a crash leaves only an orphan blob."""

@@ -77,4 +77,38 @@ def test_metadata_json_shape(tmp_path: Path) -> None:
         "model_hash": hashlib.sha256(b"blob").hexdigest(),
         "model_name": "m.onnx",
         "size": 4,
+        "owner": None,
+        "visibility": "public",
+        "allowed_keys": [],
     }
+
+
+def test_owner_and_visibility_round_trip(tmp_path: Path) -> None:
+    blob = b"blob"
+    meta = StoredModel(
+        "m", hashlib.sha256(blob).digest(), "n", 4, "a" * 16, "restricted", ("b" * 16,)
+    )
+    ModelStore(tmp_path).put(meta, blob)
+    assert list(ModelStore(tmp_path).load_all()) == [(meta, blob)]
+
+
+def test_old_metadata_reads_as_public_without_owner() -> None:
+    old = {"model_id": "m", "model_hash": "00" * 32, "model_name": "", "size": 1}
+    meta = StoredModel.from_json(old)
+    assert (meta.owner, meta.visibility, meta.allowed_keys) == (None, "public", ())
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("visibility", "everyone", "visibility: got 'everyone'"),
+        ("visibility", 3, "bad visibility"),
+        ("owner", 5, "bad owner"),
+        ("allowed_keys", "abc", "bad allowed_keys"),
+        ("allowed_keys", [1], "bad allowed_keys"),
+    ],
+)
+def test_bad_access_metadata_refused(field: str, value: object, match: str) -> None:
+    record = {"model_id": "m", "model_hash": "00" * 32, "model_name": "", "size": 1, field: value}
+    with pytest.raises(ValueError, match=match):
+        StoredModel.from_json(record)

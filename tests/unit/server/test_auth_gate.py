@@ -1,0 +1,103 @@
+"""When the server asks for API keys (`AuthGate`), and which store it opens (`open_store`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from veil.errors import AuthenticationError, EvidenceUnavailableError
+from veil.server.config import ServerConfig
+from veil.server.keys import KEYS_FILENAME, AuthGate, KeyStore, Principal
+from veil.server.runner import UNSEALED_STORE_WARNING, open_store, prepare_state
+from veil.server.sealing import SealedModelStore
+from veil.server.store import ModelStore
+
+
+def gate(tmp_path: Path, host: str, *, no_auth: bool = False) -> AuthGate:
+    return AuthGate(KeyStore(tmp_path / KEYS_FILENAME), host=host, no_auth=no_auth)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "", "10.1.2.3", "veil.example", "[::]"])
+def test_beyond_loopback_auth_is_on_without_any_key(tmp_path: Path, host: str) -> None:
+    g = gate(tmp_path, host)
+    assert g.enabled()
+    assert g.describe() == "auth=on"
+    with pytest.raises(AuthenticationError) as info:
+        g.authenticate(None)
+    assert info.value.status == 401
+    assert "veil keys create --role admin --data-dir" in info.value.message
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.8.9.10", "::1", "[::1]", "localhost"])
+def test_loopback_without_keys_is_off_until_one_exists(tmp_path: Path, host: str) -> None:
+    g = gate(tmp_path, host)
+    assert not g.enabled()
+    assert g.authenticate(None) == Principal.unauthenticated()
+    assert g.describe().startswith("auth=off")
+    # a key created by another process (here: another KeyStore on the same file) counts at once
+    key_id, secret = KeyStore(tmp_path / KEYS_FILENAME).create("user")
+    assert g.enabled()
+    with pytest.raises(AuthenticationError):
+        g.authenticate(None)
+    assert g.authenticate(secret) == Principal(key_id, "user")
+
+
+def test_first_key_seen_even_within_one_timestamp_tick(tmp_path: Path) -> None:
+    # The change counter in SQLite's header moves on every write, whatever the clock.
+    g = gate(tmp_path, "127.0.0.1")
+    for _ in range(5):
+        assert not g.enabled()
+    KeyStore(tmp_path / KEYS_FILENAME).create("owner")
+    assert g.enabled()
+
+
+def test_revoked_only_keys_keep_auth_on(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path / KEYS_FILENAME)
+    key_id, secret = store.create("admin")
+    store.revoke(key_id)
+    g = AuthGate(store, host="127.0.0.1", no_auth=False)
+    assert g.enabled()
+    with pytest.raises(AuthenticationError, match="invalid or revoked"):
+        g.authenticate(secret)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "127.0.0.1"])
+def test_no_auth_turns_it_off_even_with_keys(tmp_path: Path, host: str) -> None:
+    KeyStore(tmp_path / KEYS_FILENAME).create("admin")
+    g = gate(tmp_path, host, no_auth=True)
+    assert not g.enabled()
+    assert g.describe() == "auth=OFF (--no-auth)"
+    assert g.authenticate(None) == Principal.unauthenticated()
+
+
+def test_server_config_beyond_loopback_asks_for_keys(tmp_path: Path) -> None:
+    state, _ = prepare_state(ServerConfig(tmp_path, platform="simulated", host="0.0.0.0"))
+    assert state.auth.enabled()
+    state, _ = prepare_state(ServerConfig(tmp_path, platform="simulated", host="127.0.0.1"))
+    assert not state.auth.enabled()
+
+
+def _no_key() -> bytes:
+    raise EvidenceUnavailableError("configfs-tsm offers no sealing key")
+
+
+def test_no_sealing_key_refuses_to_start(tmp_path: Path) -> None:
+    with pytest.raises(EvidenceUnavailableError, match="--unsealed-store") as info:
+        open_store(ServerConfig(tmp_path), _no_key)
+    assert "configfs-tsm offers no sealing key" in str(info.value)
+    assert not (tmp_path / "models").exists()
+
+
+def test_unsealed_store_is_plain_and_warns(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = open_store(ServerConfig(tmp_path, unsealed_store=True), _no_key)
+    assert isinstance(store, ModelStore)
+    assert UNSEALED_STORE_WARNING in capsys.readouterr().err
+
+
+def test_sealing_key_gives_a_sealed_store(tmp_path: Path) -> None:
+    store = open_store(ServerConfig(tmp_path), lambda: bytes(range(32)))
+    assert isinstance(store, SealedModelStore)
+    assert store.directory == tmp_path / "sealed"
