@@ -237,7 +237,7 @@ def run_threads(
     seconds: float,
     max_requests: int,
     server: psutil.Process | None,
-) -> tuple[list[float], int, float, CpuMeter]:
+) -> tuple[list[float], int, float, CpuMeter, str]:
     """Each client in its own thread calls `call(client, i)` until the count or time runs out."""
     n = len(clients)
     per_thread = max(1, max_requests // n)
@@ -245,6 +245,7 @@ def run_threads(
     stop = threading.Event()
     latencies: list[list[float]] = [[] for _ in range(n)]
     errors = [0] * n
+    first_error: list[str] = []
     last_done = [0.0] * n
 
     def worker(k: int) -> None:
@@ -259,8 +260,10 @@ def run_threads(
             t0 = time.perf_counter()
             try:
                 call(client, k * per_thread + i)
-            except Exception:
+            except Exception as exc:
                 errors[k] += 1
+                if not first_error:
+                    first_error.append(f"{type(exc).__name__}: {str(exc)[:160]}")
                 continue
             t1 = time.perf_counter()
             mine.append(t1 - t0)
@@ -279,7 +282,13 @@ def run_threads(
         for t in threads:
             t.join(timeout=60)
     ended = max([started, *last_done])
-    return [x for lat in latencies for x in lat], sum(errors), ended - started, meter
+    return (
+        [x for lat in latencies for x in lat],
+        sum(errors),
+        ended - started,
+        meter,
+        first_error[0] if first_error else "",
+    )
 
 
 # -- servers -------------------------------------------------------------------------------------
@@ -366,6 +375,32 @@ def veil_connect(ports: VeilPorts) -> Any:
         return veil.connect(HOST, **ports.connect_kwargs())
 
 
+# The server's protective limits (8 requests in progress, 50 requests/s per key by default) would
+# turn most of a 64-client load into 429s: the bench measures capacity, so it lifts them.
+_CAPACITY_FLAGS = {
+    "--max-concurrent-requests": "1024",
+    "--requests-per-second": "1000000",
+    "--burst": "1000000",
+}
+
+
+def capacity_flags() -> list[str]:
+    """The `_CAPACITY_FLAGS` this version of `veil serve` knows."""
+    done = subprocess.run(
+        [sys.executable, "-m", "veil.cli", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=REPO,
+    )
+    flags: list[str] = []
+    for flag, value in _CAPACITY_FLAGS.items():
+        if flag in done.stdout:
+            flags += [flag, value]
+    return flags
+
+
 @contextlib.contextmanager
 def veil_server(workdir: Path, tag: str) -> Iterator[tuple[ServerProcess, VeilPorts]]:
     ports = VeilPorts(free_port(), free_port(), free_port())
@@ -374,7 +409,7 @@ def veil_server(workdir: Path, tag: str) -> Iterator[tuple[ServerProcess, VeilPo
     argv = [sys.executable, "-m", "veil.cli", "serve", "--platform", "simulated"]
     argv += ["--data-dir", str(data), "--host", HOST, "--threads", str(ORT_THREADS)]
     argv += ["--unattested-port", str(ports.unattested), "--attested-port", str(ports.attested)]
-    argv += ["--management-port", str(ports.management)]
+    argv += ["--management-port", str(ports.management), *capacity_flags()]
     server = ServerProcess(argv, workdir / f"veil-{tag}.log")
     try:
         # The simulated measurement hashes veil's sources and is cached per process; while the
@@ -516,14 +551,14 @@ def bench_plain(
 
                 before = httpx.get(f"http://{HOST}:{port}/stats").json()
                 try:
-                    lat, errors, seconds, meter = run_threads(
+                    lat, errors, seconds, meter, first = run_threads(
                         clients, call, s.cell_seconds, s.cell_requests, server.proc
                     )
                 finally:
                     for c in clients:
                         c.close()
                 after = httpx.get(f"http://{HOST}:{port}/stats").json()
-                row = Row(system, model.name, seq, concurrency, errors=errors)
+                row = Row(system, model.name, seq, concurrency, errors=errors, note=first)
                 if after and after["runs"] > before["runs"]:
                     # includes each client's warm-up request
                     runs = after["runs"] - before["runs"]
@@ -555,10 +590,10 @@ def bench_veil(
                     def call(client: Any, i: int, feeds: list[Any] = feeds) -> None:
                         client.predict(model.name, feeds[i % len(feeds)])
 
-                    lat, errors, seconds, meter = run_threads(
+                    lat, errors, seconds, meter, first = run_threads(
                         clients[:concurrency], call, s.cell_seconds, s.cell_requests, server.proc
                     )
-                    row = Row("veil", model.name, seq, concurrency, errors=errors)
+                    row = Row("veil", model.name, seq, concurrency, errors=errors, note=first)
                     fill_latency(row, lat, seconds)
                     row.server_cpu_pct, row.client_cpu_pct = meter.server_pct, meter.client_pct
                     row.server_rss_mb = rss_bytes(server.proc) / 2**20
@@ -729,7 +764,7 @@ def print_report(report: Report) -> None:
         f"ORT intra-op threads {m['ort_threads']}, python {m['python']}"
     )
     head = (
-        f"{'system':<12}{'model':<11}{'seq':>4}{'conc':>5}{'batch':>6}{'n':>6}{'err':>4}"
+        f"{'system':<12}{'model':<11}{'seq':>4}{'conc':>5}{'batch':>6}{'n':>6}{'err':>6}"
         f"{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'seq/s':>9}{'srvCPU%':>8}{'cliCPU%':>8}"
         f"{'RSS MB':>8}{'mean b':>7}"
     )
@@ -738,10 +773,13 @@ def print_report(report: Report) -> None:
     for r in report.rows:
         print(
             f"{r.system:<12}{r.model:<11}{r.seq:>4}{r.concurrency:>5}{r.batch:>6}{r.requests:>6}"
-            f"{r.errors:>4}{_fmt(r.p50_ms, 2):>9}{_fmt(r.p90_ms, 2):>9}{_fmt(r.p99_ms, 2):>9}"
+            f" {r.errors:>5}{_fmt(r.p50_ms, 2):>9}{_fmt(r.p90_ms, 2):>9}{_fmt(r.p99_ms, 2):>9}"
             f"{_fmt(r.seq_per_s):>9}{_fmt(r.server_cpu_pct, 0):>8}{_fmt(r.client_cpu_pct, 0):>8}"
             f"{_fmt(r.server_rss_mb, 0):>8}{_fmt(r.mean_batch, 1):>7}"
         )
+    for r in report.rows:
+        if r.errors:
+            print(f"  errors {r.system} {r.model} seq {r.seq} c={r.concurrency}: first: {r.note}")
     if report.ratios:
         print("\nratios")
         for item in report.ratios:
@@ -808,6 +846,7 @@ def main(argv: list[str] | None = None) -> int:
         }
     )
     if "veil" in systems:
+        report.machine["veil_serve_extra_flags"] = capacity_flags()
         print(
             "note: veil runs with --platform simulated (no TEE): a speed measurement only",
             file=sys.stderr,

@@ -10,6 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from veil.attestation.collateral_source import INTEL_PCS_URL
 from veil.errors import VeilError
 from veil.server.config import ServerConfig
 from veil.server.limits import Limits
@@ -45,6 +46,11 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--log-level", default="warning", choices=("debug", "info", "warning", "error")
+    )
+    parser.add_argument(
+        "--pccs-url",
+        default=INTEL_PCS_URL,
+        help="where SGX/TDX collateral is fetched: Intel PCS (default) or your PCCS",
     )
     # Test-only: serve a certificate the evidence does not bind; clients must refuse it.
     parser.add_argument(
@@ -114,6 +120,7 @@ def _serve(args: argparse.Namespace) -> int:
             management_port=args.management_port,
             threads=args.threads,
             log_level=args.log_level,
+            pccs_url=args.pccs_url,
             hazmat_test_tamper_certificate=args.hazmat_test_tamper_certificate,
             no_auth=args.no_auth,
             unsealed_store=args.unsealed_store,

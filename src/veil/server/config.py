@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from veil.attestation.collateral_source import INTEL_PCS_URL
 from veil.server.limits import Limits
 
 __all__ = ["ServerConfig"]
@@ -23,6 +24,7 @@ class ServerConfig:
         attested_port: HTTPS with the attested certificate: run (and BlindAI's upload/delete).
         management_port: HTTPS with the attested certificate: upload, delete, list.
         threads: ONNX Runtime intra-op threads per model.
+        pccs_url: Intel PCS or a PCCS, where SGX and TDX collateral for the quote is fetched.
         hazmat_test_tamper_certificate: TEST ONLY: serve on the unattested port a certificate
             other than the one the evidence binds, so tests can see clients refuse it.
     """
@@ -35,6 +37,7 @@ class ServerConfig:
     management_port: int = 9925
     threads: int = os.cpu_count() or 1
     log_level: str = "warning"
+    pccs_url: str = INTEL_PCS_URL
     hazmat_test_tamper_certificate: bool = False
     # --- hardening: authentication, sealed storage, resource limits ---
     # no_auth: ``--no-auth``: no API keys asked for (local development; a banner says so).

@@ -34,6 +34,7 @@ import uvicorn
 from veil import __version__
 from veil.errors import BadRequestError, EvidenceUnavailableError
 from veil.providers import detect_provider
+from veil.providers.pcs import pcs_collateral_fetcher
 from veil.server.app import ServerState, build_apps
 from veil.server.config import ServerConfig
 from veil.server.keys import KEYS_FILENAME, NO_AUTH_BANNER, AuthGate, KeyStore
@@ -80,7 +81,11 @@ def prepare_state(
     config: ServerConfig, *, store: ModelStoreProtocol | None = None
 ) -> tuple[ServerState, TlsIdentity]:
     """Steps 1-3: the state the apps serve and the TLS identity (blocking)."""
-    provider = detect_provider(config.platform, data_dir=config.data_dir)
+    provider = detect_provider(
+        config.platform,
+        data_dir=config.data_dir,
+        collateral_fetcher=pcs_collateral_fetcher(config.pccs_url),
+    )
     # 1. TLS identity, made here so its key never leaves this process.
     identity = generate_identity()
     # 2. Evidence binding SHA-256(certificate DER).
