@@ -30,21 +30,13 @@ from typing import Any
 
 from veil.attestation.abi.snp import SnpTcb
 from veil.attestation.claims import Platform, VerifiedEvidence
+from veil.attestation.verify.tcb import KNOWN_TCB_STATUSES, REVOKED
 from veil.errors import PolicyError, TcbError, UnsafePolicyWarning
 
 __all__ = ["TCB_STATUSES", "Policy", "SgxPolicy", "SnpPolicy", "TdxPolicy"]
 
 # Intel's TCB statuses a policy may accept. "Revoked" can never be accepted.
-TCB_STATUSES = frozenset(
-    {
-        "UpToDate",
-        "SWHardeningNeeded",
-        "ConfigurationNeeded",
-        "ConfigurationAndSWHardeningNeeded",
-        "OutOfDate",
-        "OutOfDateConfigurationNeeded",
-    }
-)
+TCB_STATUSES = KNOWN_TCB_STATUSES - {REVOKED}
 
 # SNP guest policy bits (SEV-SNP ABI spec, "Guest Policy Structure").
 _SNP_POLICY_SMT = 1 << 16

@@ -32,24 +32,14 @@ from pathlib import Path
 from typing import Any
 
 from veil.attestation.claims import Platform
+from veil.attestation.verify.tcb import KNOWN_TCB_STATUSES
 from veil.errors import EvidenceUnavailableError, SimulationModeWarning
 from veil.providers import _sim_pki
 from veil.providers.base import Evidence, pad_report_data
 from veil.providers.measurement import simulated_measurement, simulated_mr_signer
 
-__all__ = ["TCB_STATUSES", "SimulatedSgxProvider", "now_utc"]
+__all__ = ["SimulatedSgxProvider", "now_utc"]
 
-TCB_STATUSES = frozenset(
-    {
-        "UpToDate",
-        "SWHardeningNeeded",
-        "ConfigurationNeeded",
-        "ConfigurationAndSWHardeningNeeded",
-        "OutOfDate",
-        "OutOfDateConfigurationNeeded",
-        "Revoked",
-    }
-)
 
 # Quote v3 header constants (Quote Format A.4.3): ECDSA-256-with-P-256 key, SGX TEE, Intel's QE.
 _QUOTE_VERSION = 3
@@ -149,9 +139,9 @@ class SimulatedSgxProvider:
             mr_enclave = simulated_measurement()
         if len(mr_enclave) != 32:
             raise ValueError(f"mr_enclave: got {len(mr_enclave)} bytes, expected 32")
-        if tcb_status not in TCB_STATUSES:
+        if tcb_status not in KNOWN_TCB_STATUSES:
             raise ValueError(
-                f"tcb_status: got {tcb_status!r}, expected one of {sorted(TCB_STATUSES)}"
+                f"tcb_status: got {tcb_status!r}, expected one of {sorted(KNOWN_TCB_STATUSES)}"
             )
         warnings.warn(
             "simulated SGX platform: evidence is signed by veil's public simulated root and "
