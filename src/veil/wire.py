@@ -16,9 +16,10 @@ or `TensorError`, never a bare exception.
 
 from __future__ import annotations
 
+import io
 import re
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ __all__ = [
     "ModelListEntry",
     "RunRequest",
     "UploadRequest",
+    "UploadStreamDecoder",
     "decode_delete_request",
     "decode_run_reply",
     "decode_run_request",
@@ -42,6 +44,7 @@ __all__ = [
     "encode_error",
     "encode_run_reply",
     "encode_run_request",
+    "encode_upload_head",
     "encode_upload_reply",
     "encode_upload_request",
 ]
@@ -263,6 +266,10 @@ def decode_upload_request(body: bytes | bytearray) -> UploadRequest:
     message = _fast_upload_fields(body)
     if message is None:
         message = dict(_as_map(_loads(body, "UploadModel"), "UploadModel"))
+    return _upload_from_fields(message)
+
+
+def _upload_from_fields(message: Mapping[Any, Any]) -> UploadRequest:
     raw = message.get("model")
     model: bytes | bytearray
     if isinstance(raw, bytes | bytearray):
@@ -271,7 +278,7 @@ def decode_upload_request(body: bytes | bytearray) -> UploadRequest:
         try:
             model = bytes(raw)
         except (ValueError, TypeError):
-            raise _bad("UploadModel.model: got a list, expected ints 0..255 or bytes") from None
+            raise _bad(_NOT_UINT8) from None
     else:
         raise _bad(
             f"UploadModel.model: got {type(raw).__name__}, expected an array of bytes or bytes"
@@ -311,6 +318,287 @@ def decode_upload_request(body: bytes | bytearray) -> UploadRequest:
     )
 
 
+_NOT_UINT8 = "UploadModel.model: got a list, expected ints 0..255 or bytes"
+# Fields before the model are kept (to fall back to a whole-body decode) up to this size; a
+# field after it may not exceed it either.
+_MAX_FIELDS_BYTES = 1 << 20
+
+
+class _NeedMore(Exception):
+    pass
+
+
+class _FallBack(Exception):
+    pass
+
+
+class UploadStreamDecoder:
+    """Decode an UploadModel body as it arrives, holding the model but not the body.
+
+    `feed` takes the body in pieces of any size; `finish` returns what `decode_upload_request`
+    returns for the whole body. The usual layouts are decoded on the fly: a definite-length
+    map whose ``model`` is a byte string (veil, ideally its last field, so a client can stream
+    the file after a small header) or BlindAI's array of uint8 (decoded a window at a time with
+    numpy). Anything else before the model (indefinite lengths, a ``model`` of another type,
+    over 1 MiB of fields) falls back to buffering the body and decoding it whole at the end.
+
+    Args:
+        max_model_bytes: the largest model accepted; a larger one is refused (400) as soon as
+            its header is read, before anything is allocated for it.
+        on_model_size: called first with the model's size; it may raise (the server's 413).
+
+    Raises:
+        BadRequestError: (400) from `feed` or `finish`, as `decode_upload_request` would.
+    """
+
+    def __init__(
+        self, *, max_model_bytes: int, on_model_size: Callable[[int], None] | None = None
+    ) -> None:
+        self._max_model_bytes = max_model_bytes
+        self._on_model_size = on_model_size
+        self._buf = bytearray()
+        self._head: bytearray | None = bytearray()  # every byte before the model, for fallback
+        self._whole: bytearray | None = None  # fallback: the whole body
+        self._fields: dict[Any, Any] = {}
+        self._pairs = -1  # map pairs left; -1 before the map header
+        self._model: bytearray | None = None
+        self._filled = 0
+        self._array = False  # the model is an array of uint8 (else a byte string)
+        self._in_model = False
+
+    @property
+    def streaming(self) -> bool:
+        """False once the decoder fell back to buffering the whole body."""
+        return self._whole is None
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Take the next piece of the body."""
+        if self._whole is not None:
+            self._whole += data
+            return
+        if self._head is not None:
+            self._head += data
+        view = memoryview(data).cast("B")
+        if self._in_model and not self._array and not self._buf:
+            view = self._copy_model(view)  # the common case: straight into the model
+        self._buf += view
+        self._parse(final=False)
+        if self._head is not None and len(self._head) > _MAX_FIELDS_BYTES:
+            self._fall_back()  # over 1 MiB and still no model: not worth decoding piecewise
+
+    def finish(self) -> UploadRequest:
+        """The decoded request, once the whole body was fed."""
+        if self._whole is None:
+            self._parse(final=True)
+        if self._whole is not None:
+            return decode_upload_request(self._whole)
+        if self._pairs != 0:
+            raise _bad("UploadModel: malformed CBOR (CBORDecodeEOF)")
+        return _upload_from_fields(self._fields)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _fall_back(self) -> None:
+        assert self._head is not None
+        self._whole, self._head = self._head, None
+        self._buf = bytearray()
+
+    def _copy_model(self, view: memoryview) -> memoryview:
+        assert self._model is not None
+        n = min(len(view), len(self._model) - self._filled)
+        self._model[self._filled : self._filled + n] = view[:n]
+        self._filled += n
+        return view[n:]
+
+    def _parse(self, *, final: bool) -> None:
+        try:
+            while self._whole is None and self._pairs != 0:
+                if self._in_model:
+                    if not self._model_step(final):
+                        return
+                elif self._pairs < 0:
+                    self._map_header()
+                else:
+                    self._field()
+        except _NeedMore:
+            if final and self._head is not None:
+                self._fall_back()  # let the whole-body decoder name the problem
+            elif final:
+                raise _bad("UploadModel: malformed CBOR (CBORDecodeEOF)") from None
+
+    def _map_header(self) -> None:
+        if not self._buf:
+            raise _NeedMore
+        initial = self._buf[0]
+        if initial >> 5 != 5 or initial & 0x1F > 27:
+            self._fall_back()  # not a definite-length map: the whole-body decoder judges
+            return
+        header = _uint_header(self._buf, 0, 5)
+        if header is None:
+            raise _NeedMore
+        self._pairs, end = header
+        del self._buf[:end]
+
+    def _decode_at(self, decoder: cbor2.CBORDecoder) -> Any:
+        """The next complete item of the buffer (else _NeedMore, or _FallBack before the model)."""
+        try:
+            return decoder.decode()
+        except cbor2.CBORDecodeEOF:
+            if len(self._buf) <= _MAX_FIELDS_BYTES:
+                raise _NeedMore from None
+            if self._head is not None:
+                raise _FallBack from None
+            raise _bad(f"UploadModel: a field exceeds {_MAX_FIELDS_BYTES} bytes") from None
+        except Exception as exc:
+            if self._head is not None:
+                raise _FallBack from None
+            raise _bad(f"UploadModel: malformed CBOR ({type(exc).__name__})") from None
+
+    def _field(self) -> None:
+        # Nothing is consumed until a whole pair (or the model's header) is in the buffer.
+        decoder = cbor2.CBORDecoder(io.BytesIO(self._buf))
+        try:
+            key = self._decode_at(decoder)
+            if key != "model":
+                value = self._decode_at(decoder)
+        except _FallBack:
+            self._fall_back()
+            return
+        at = decoder.fp.tell()
+        if key != "model":
+            try:
+                self._fields[key] = value
+            except TypeError:
+                raise _bad("UploadModel: malformed CBOR (unhashable key)") from None
+            del self._buf[:at]
+            self._pairs -= 1
+            return
+        if "model" in self._fields or self._model is not None:
+            raise _bad("UploadModel.model: given twice")
+        if at >= len(self._buf):
+            raise _NeedMore
+        initial = self._buf[at]
+        major = initial >> 5
+        if major not in (2, 4) or initial & 0x1F > 27:
+            if self._head is None:
+                raise _bad(_NOT_UINT8)
+            self._fall_back()  # text, an indefinite length, ...: the whole-body decoder judges
+            return
+        header = _uint_header(self._buf, at, major)
+        if header is None:
+            raise _NeedMore
+        size, end = header
+        if self._on_model_size is not None:
+            self._on_model_size(size)
+        if size > self._max_model_bytes:
+            raise _bad(f"UploadModel.model: {size} bytes, more than {self._max_model_bytes}")
+        del self._buf[:end]
+        self._model = bytearray(size)
+        self._array = major == 4
+        self._in_model = True
+        self._head = None  # the model has begun: no fallback from here on
+
+    def _model_step(self, final: bool) -> bool:
+        """Advance inside the model; False when more data is needed."""
+        assert self._model is not None
+        left = len(self._model) - self._filled
+        if left and not self._array:
+            with memoryview(self._buf) as view:
+                rest = bytes(self._copy_model(view))
+            self._buf = bytearray(rest)
+            left = len(self._model) - self._filled
+        while left and self._array:
+            if len(self._buf) < min(2 * left, _CHUNK) and not final:
+                return False
+            count = min(left, len(self._buf) // 2)
+            decoded = _decode_uint8_array(self._buf, 0, count, len(self._buf)) if count else None
+            if decoded is not None:
+                values, end = decoded
+            else:
+                values, end = self._slow_items(left)
+                if not values:
+                    if final:
+                        raise _bad("UploadModel: malformed CBOR (CBORDecodeEOF)")
+                    return False
+            self._model[self._filled : self._filled + len(values)] = values
+            self._filled += len(values)
+            del self._buf[:end]
+            left = len(self._model) - self._filled
+        if left:
+            if final:
+                raise _bad("UploadModel: malformed CBOR (CBORDecodeEOF)")
+            return False
+        self._in_model = False
+        self._fields["model"] = self._model
+        self._pairs -= 1
+        return True
+
+    def _slow_items(self, left: int) -> tuple[bytearray, int]:
+        # Items in any valid uint form (non-canonical ones too), one at a time: only clients
+        # that do not write the shortest form pay for this.
+        values = bytearray()
+        pos = 0
+        buf = self._buf
+        while len(values) < left and pos < len(buf):
+            initial = buf[pos]
+            if initial >> 5 != 0:
+                raise _bad(_NOT_UINT8)
+            if initial & 0x1F > 27:
+                raise _bad("UploadModel: malformed CBOR (CBORDecodeError)")
+            header = _uint_header(buf, pos, 0)
+            if header is None:
+                break
+            value, pos = header
+            if value > 255:
+                raise _bad(_NOT_UINT8)
+            values.append(value)
+        return values, pos
+
+
+def encode_upload_head(
+    model_size: int,
+    *,
+    model_name: str,
+    model_id: str | None,
+    client_info: Mapping[str, Any],
+    visibility: str | None = None,
+    allowed_keys: Sequence[str] | None = None,
+) -> bytes:
+    """The start of veil's upload body: every field, then the header of the ``model`` bytes.
+
+    The body is these bytes followed by the model's `model_size` bytes, so a client can send a
+    file in pieces without holding it. `visibility` and `allowed_keys` (veil extensions) are
+    sent only when given.
+    """
+    fields: dict[str, Any] = {
+        "length": model_size,
+        "model_name": model_name,
+        "optimize": True,
+        "client_info": dict(client_info),
+    }
+    if model_id is not None:
+        fields["model_id"] = model_id
+    if visibility is not None:
+        fields["visibility"] = visibility
+    if allowed_keys is not None:
+        fields["allowed_keys"] = list(allowed_keys)
+    encoded = cbor2.dumps(fields)
+    # cbor2 wrote a map header for len(fields) pairs: replace it with one counting the model too.
+    pairs_end = len(_encode_map_header(len(fields)))
+    model_key = cbor2.dumps("model")
+    size_header = _encode_bytes_header(model_size)
+    return _encode_map_header(len(fields) + 1) + encoded[pairs_end:] + model_key + size_header
+
+
+def _encode_bytes_header(size: int) -> bytes:
+    if size < 24:
+        return bytes([0x40 | size])
+    for info, width in ((24, 1), (25, 2), (26, 4), (27, 8)):
+        if size < 1 << (8 * width):
+            return bytes([0x40 | info]) + size.to_bytes(width, "big")
+    raise ValueError(f"model of {size} bytes: too large for CBOR")
+
+
 def encode_upload_request(
     model: bytes,
     *,
@@ -320,24 +608,16 @@ def encode_upload_request(
     visibility: str | None = None,
     allowed_keys: Sequence[str] | None = None,
 ) -> bytes:
-    """veil's upload: the model as one byte string (compact); BlindAI servers took an array.
-
-    `visibility` and `allowed_keys` (veil extensions) are sent only when given.
-    """
-    message: dict[str, Any] = {
-        "model": model,
-        "length": len(model),
-        "model_name": model_name,
-        "optimize": True,
-        "client_info": dict(client_info),
-    }
-    if model_id is not None:
-        message["model_id"] = model_id
-    if visibility is not None:
-        message["visibility"] = visibility
-    if allowed_keys is not None:
-        message["allowed_keys"] = list(allowed_keys)
-    return bytes(cbor2.dumps(message))
+    """veil's upload: the model as one byte string, last (`encode_upload_head` + the model)."""
+    head = encode_upload_head(
+        len(model),
+        model_name=model_name,
+        model_id=model_id,
+        client_info=client_info,
+        visibility=visibility,
+        allowed_keys=allowed_keys,
+    )
+    return head + bytes(model)
 
 
 def encode_upload_reply(model_hash: bytes, model_id: str) -> bytes:

@@ -202,6 +202,9 @@ def test_concurrent_requests(server_factory: ServerFactory) -> None:
         client.upload_model(identity_model("float32"), model_id="ok")
         holder = threading.Thread(target=hold)
         holder.start()
+        # Let the held request take the one slot first: were it to arrive while a prediction
+        # holds the slot, it would be the one refused.
+        time.sleep(0.5)
         try:
             refusal = None
             deadline = time.monotonic() + 10

@@ -20,7 +20,7 @@ import os
 import socket
 import ssl
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -52,6 +52,7 @@ __all__ = ["API_KEY_HEADER", "Connection", "connect"]
 
 API_KEY_HEADER = "X-Veil-Api-Key"
 _SNI = {"sni_hostname": SERVER_NAME}
+_UPLOAD_CHUNK = 1 << 20
 # httpx writes headers and body separately; with Nagle the body waits for the server's delayed
 # ACK (40 ms per request on Linux).
 _SOCKET_OPTIONS = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
@@ -221,12 +222,18 @@ class Connection:
         self,
         method: str,
         url: str,
-        body: bytes | None = None,
+        body: bytes | Iterator[bytes] | None = None,
         timeout: httpx.Timeout | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> bytes:
         try:
             response = self._client.request(
-                method, url, content=body, timeout=timeout or self._timeout, extensions=_SNI
+                method,
+                url,
+                content=body,
+                timeout=timeout or self._timeout,
+                headers=headers,
+                extensions=_SNI,
             )
         except httpx.ConnectError as exc:
             if (
@@ -270,32 +277,64 @@ class Connection:
             ConflictError: `model_id` is taken. BadRequestError: not a model the server can load.
             AuthenticationError: no or an invalid API key. PermissionDeniedError: a ``user`` key.
         """
+        path: Path | None = None
+        data: bytes | bytearray | memoryview = b""
         if isinstance(model, str | os.PathLike):
             path = Path(model)
-            data = path.read_bytes()
+            size = path.stat().st_size
             model_name = model_name if model_name is not None else path.name
         elif isinstance(model, bytes | bytearray | memoryview):
-            data = bytes(model)
+            data = memoryview(model).cast("B")
+            size = len(data)
         elif hasattr(model, "SerializeToString"):
             data = model.SerializeToString()
+            size = len(data)
         else:
             raise TypeError(
                 f"model: got {type(model).__name__}, expected a path, bytes or onnx.ModelProto"
             )
         if visibility is not None and visibility not in ("public", "restricted"):
             raise ValueError(f"visibility: got {visibility!r}, expected 'public' or 'restricted'")
-        body = wire.encode_upload_request(
-            data,
+        head = wire.encode_upload_head(
+            size,
             model_name=model_name or "",
             model_id=model_id,
             client_info=_CLIENT_INFO,
             visibility=visibility,
             allowed_keys=allowed_keys,
         )
+        digest = hashlib.sha256()
+
+        def body() -> Iterator[bytes]:
+            # The fields, then the model in pieces: a file is never read whole.
+            yield head
+            sent = 0
+            if path is None:
+                view = memoryview(data)
+                for start in range(0, size, _UPLOAD_CHUNK):
+                    copied = bytes(view[start : start + _UPLOAD_CHUNK])
+                    digest.update(copied)
+                    yield copied
+                return
+            with path.open("rb") as f:
+                while sent < size:
+                    piece = f.read(min(_UPLOAD_CHUNK, size - sent))
+                    if not piece:
+                        raise TransportError(f"{path}: the file shrank while it was sent")
+                    digest.update(piece)
+                    sent += len(piece)
+                    yield piece
+
         url = f"{self._management_url}/upload"
-        reply = self._request("POST", url, body, self._upload_timeout)
+        reply = self._request(
+            "POST",
+            url,
+            body(),
+            self._upload_timeout,
+            headers={"content-length": str(len(head) + size)},
+        )
         got_id, got_hash = wire.decode_upload_reply(reply)
-        expected = hashlib.sha256(data).digest()
+        expected = digest.digest()
         if got_hash != expected:
             raise ApiError(200, f"upload: server hash {got_hash.hex()}, expected {expected.hex()}")
         return UploadResponse(model_id=got_id, hash=got_hash)

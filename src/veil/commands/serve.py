@@ -12,6 +12,7 @@ from typing import Any
 
 from veil.attestation.collateral_source import INTEL_PCS_URL
 from veil.errors import VeilError
+from veil.server.batching import BatchingConfig
 from veil.server.config import ServerConfig
 from veil.server.limits import Limits
 
@@ -51,6 +52,30 @@ def register(subparsers: Any) -> None:
         "--pccs-url",
         default=INTEL_PCS_URL,
         help="where SGX/TDX collateral is fetched: Intel PCS (default) or your PCCS",
+    )
+    batching = parser.add_argument_group("batching")
+    default = BatchingConfig()
+    batching.add_argument(
+        "--batching",
+        action=argparse.BooleanOptionalAction,
+        default=default.enabled,
+        help="merge concurrent predictions for one model along its batch axis (default on; "
+        "only models whose inputs and outputs all have a free axis 0)",
+    )
+    batching.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=default.max_batch_size,
+        metavar="N",
+        help=f"most rows merged into one run (default {default.max_batch_size})",
+    )
+    batching.add_argument(
+        "--max-batch-delay-ms",
+        type=float,
+        default=default.max_delay_ms,
+        metavar="MS",
+        help="longest wait for more requests before a run, once requests are being merged "
+        f"(default {default.max_delay_ms:g})",
     )
     # Test-only: serve a certificate the evidence does not bind; clients must refuse it.
     parser.add_argument(
@@ -125,9 +150,14 @@ def _serve(args: argparse.Namespace) -> int:
             no_auth=args.no_auth,
             unsealed_store=args.unsealed_store,
             limits=_limits(args),
+            batching=BatchingConfig(
+                enabled=args.batching,
+                max_batch_size=args.max_batch_size,
+                max_delay_ms=args.max_batch_delay_ms,
+            ),
         )
         args.data_dir.mkdir(parents=True, exist_ok=True)
         return serve(config)
-    except (VeilError, ValueError, OSError) as exc:
+    except (VeilError, ValueError, TypeError, OSError) as exc:
         print(f"veil serve: {exc}", file=sys.stderr)
         return 2

@@ -7,7 +7,11 @@
 - management (HTTPS, attested certificate): ``POST /upload``, ``POST /delete``, ``GET /models``.
 
 Errors are turned into statuses in one place, `error_response`. Bodies are counted while they
-are read, whatever Content-Length says. Inference and model loading run in worker threads.
+are read, whatever Content-Length says. An upload is decoded while it arrives (the body is never
+held whole, `veil.wire.UploadStreamDecoder`); model checks and loading run in worker threads.
+Predictions go through their model's batcher (`veil.server.models.LoadedModel.predict`): merged
+with concurrent ones where the model allows, run in the one ONNX Runtime thread, and stopped
+with a 504 past ``request_timeout_s``.
 
 Every request on the attested and management ports goes through, in this order: a request id
 (``X-Request-Id`` on the response, one log line when it ends: id, port, route, status, duration,
@@ -58,7 +62,7 @@ from veil.server.keys import (
 )
 from veil.server.limits import ConcurrencyLimiter, RateLimiter, limit_error
 from veil.server.models import ModelRegistry, load_model
-from veil.server.onnx_guard import check_model
+from veil.server.onnx_guard import check_model_lean
 from veil.server.store import ModelStoreProtocol, StoredModel
 from veil.tensors import numpy_dtype
 
@@ -74,6 +78,7 @@ _MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _LOG_KEY = "veil.log"  # scope entry where handlers leave what the request log line reports
 _STORE_CHUNK = 4 << 20
+_FEED_BYTES = 1 << 20  # upload body handed to the decoder in pieces of about this size
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,6 +318,39 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
     def visible(principal: Principal, meta: StoredModel) -> bool:
         return can_predict(principal, meta.visibility, meta.allowed_keys, meta.owner)
 
+    def check_model_size(size: int) -> None:
+        # As soon as the model's header arrives: nothing is received for a model refused here.
+        limits.check_model_bytes(size)
+        limits.check_storage(storage["used"] + storage["pending"], size)
+
+    async def read_upload(request: Request) -> wire.UploadRequest:
+        """Decode the upload while it arrives: the body is never held whole, only the model
+        (`veil.wire.UploadStreamDecoder`; odd layouts fall back to buffering the body)."""
+        decoder = wire.UploadStreamDecoder(
+            max_model_bytes=limits.max_model_bytes, on_model_size=check_model_size
+        )
+        limit = limits.max_upload_bytes
+        total = 0
+        pending: list[bytes] = []
+        pending_bytes = 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                if total - limit > _DRAIN_BYTES:
+                    break
+                continue
+            pending.append(chunk)
+            pending_bytes += len(chunk)
+            if pending_bytes >= _FEED_BYTES:
+                # In a worker thread: decoding BlindAI's int array takes milliseconds a window.
+                await run_in_threadpool(decoder.feed, b"".join(pending))
+                pending, pending_bytes = [], 0
+        if total > limit:
+            raise limit_error(413, f"request body exceeds max_upload_bytes={limit}")
+        if pending:
+            decoder.feed(b"".join(pending))
+        return await run_in_threadpool(decoder.finish)
+
     async def upload(request: Request) -> Response:
         principal = await authenticate(request)
         if not can_upload(principal):
@@ -321,10 +359,8 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
                 "uploading models needs an owner or admin key; "
                 f"this key's role is {principal.role}",
             )
-        body = await _read_body(request, limits.max_upload_bytes, "max_upload_bytes")
-        message = await run_in_threadpool(wire.decode_upload_request, body)
-        del body
-        # bytes() copies only a bytearray, and only now that the body is gone
+        message = await read_upload(request)
+        # ONNX Runtime takes only bytes: one copy, transient, before it loads the model.
         blob = bytes(message.model)
         model_id, model_name = message.model_id or str(uuid.uuid4()), message.model_name
         visibility, allowed = _upload_access(message, auth_on=principal.key_id is not None)
@@ -343,13 +379,15 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
             storage["pending"] += len(blob)
             try:
                 # Hostile-model checks first: ONNX Runtime never sees what they refuse.
-                await run_in_threadpool(lambda: check_model(blob, limits) and None)
+                await run_in_threadpool(check_model_lean, blob, limits)
                 model = await run_in_threadpool(
                     load_model,
                     blob,
                     model_id=model_id,
                     model_name=model_name,
                     threads=config.threads,
+                    batching=config.batching,
+                    executor=registry.executor,
                 )
                 meta = StoredModel(
                     model_id,
@@ -398,7 +436,7 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
             if not visible(principal, meta_of(model.model_id)):
                 raise not_found(message.model_id, message.model_hash)
         _note(request, model_id=model.model_id)
-        outputs = await run_in_threadpool(model.run, message.inputs)
+        outputs = await model.predict(message.inputs, limits.request_timeout_s)
         return Response(wire.encode_run_reply(outputs), media_type=_CBOR)
 
     async def delete(request: Request) -> Response:
@@ -416,7 +454,7 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
             )
         _note(request, model_id=model_id)
         await run_in_threadpool(state.store.delete, model_id)
-        registry.remove(model_id)
+        await registry.remove(model_id).close()
         if access.pop(model_id, None) is not None:
             storage["used"] -= meta.size
         _log.info("model %s deleted", model_id)

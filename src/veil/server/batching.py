@@ -234,6 +234,11 @@ class DynamicBatcher:
         return self._batching
 
     @property
+    def closed(self) -> bool:
+        """Whether `close` was called (new requests are refused)."""
+        return self._closed
+
+    @property
     def config(self) -> BatchingConfig:
         """The settings this batcher was made with."""
         return self._config

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from veil.attestation.collateral_source import INTEL_PCS_URL
+from veil.server.batching import BatchingConfig
 from veil.server.limits import Limits
 
 __all__ = ["ServerConfig"]
@@ -24,6 +25,8 @@ class ServerConfig:
         attested_port: HTTPS with the attested certificate: run (and BlindAI's upload/delete).
         management_port: HTTPS with the attested certificate: upload, delete, list.
         threads: ONNX Runtime intra-op threads per model.
+        batching: how concurrent predictions for one model are merged (on by default; only
+            models whose inputs and outputs all have a free batch axis are merged).
         pccs_url: Intel PCS or a PCCS, where SGX and TDX collateral for the quote is fetched.
         hazmat_test_tamper_certificate: TEST ONLY: serve on the unattested port a certificate
             other than the one the evidence binds, so tests can see clients refuse it.
@@ -47,6 +50,7 @@ class ServerConfig:
     no_auth: bool = False
     unsealed_store: bool = False
     limits: Limits = field(default_factory=Limits)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
 
     def __post_init__(self) -> None:
         for name in ("unattested_port", "attested_port", "management_port"):

@@ -223,7 +223,10 @@ def _hash(secret: bytes) -> bytes:
 class KeyStore:
     """API keys in an SQLite database (`path`, normally ``<data dir>/keys.sqlite3``).
 
-    Safe to use from several threads and processes: every call opens its own short connection.
+    Safe to use from several threads and processes. Writes open their own short connection;
+    `authenticate`, on every request, uses one connection per thread, kept open: each of its
+    reads is a transaction of its own, so a key revoked by another process is refused from
+    the next request on (nothing is cached but the open file).
 
     Example::
 
@@ -236,6 +239,7 @@ class KeyStore:
         self._path = Path(path)
         self._now = now
         self._lock = threading.Lock()
+        self._readers = threading.local()
         self._path.parent.mkdir(parents=True, exist_ok=True)
         if not self._path.exists():
             # Create it private before SQLite does (hashes only, but no reason to share them).
@@ -263,6 +267,16 @@ class KeyStore:
                 db.execute("COMMIT")
             finally:
                 db.close()
+
+    def _reader(self) -> sqlite3.Connection:
+        # Autocommit (isolation_level=None): every SELECT sees what was committed before it.
+        db: sqlite3.Connection | None = getattr(self._readers, "db", None)
+        if db is None:
+            db = sqlite3.connect(
+                self._path, timeout=10.0, isolation_level=None, check_same_thread=True
+            )
+            self._readers.db = db
+        return db
 
     def create(self, role: Role, name: str | None = None) -> tuple[str, str]:
         """Create a key; return ``(key_id, secret_string)``. The secret is not stored anywhere."""
@@ -324,12 +338,15 @@ class KeyStore:
         if m is None:
             return None
         key_id, secret_hex = m.group(1), m.group(2)
-        with self._connect() as db:
-            r = db.execute(
+        r = (
+            self._reader()
+            .execute(
                 "SELECT key_id, role, name, created_at, revoked_at, secret_hash"
                 " FROM keys WHERE key_id = ?",
                 (key_id,),
-            ).fetchone()
+            )
+            .fetchone()
+        )
         stored = _DUMMY_HASH if r is None else bytes(r[5])
         ok = hmac.compare_digest(_hash(secret_hex.encode()), stored)
         if r is None or not ok or r[4] is not None:

@@ -7,17 +7,27 @@ ever logged or put in an error message.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from veil.errors import BadRequestError, ConflictError, NotFoundError, TensorError
+from veil.errors import (
+    BadRequestError,
+    ConflictError,
+    NotFoundError,
+    TensorError,
+    api_error_for_status,
+)
+from veil.server.batching import BatchingConfig, DynamicBatcher, has_dynamic_batch_axis
 from veil.tensors import DatumType, WireTensor, datum_type_from_onnx, datum_type_of, decode_array
 
 __all__ = ["LoadedModel", "ModelRegistry", "TensorSpec", "load_model"]
@@ -49,9 +59,24 @@ def _spec(node: Any, role: str) -> TensorSpec:
     return TensorSpec(node.name, datum_type, shape)
 
 
+class _InFlight:
+    """The ONNX Runtime call running now for one model: when it started, how to stop it."""
+
+    __slots__ = ("options", "started")
+
+    def __init__(self, options: ort.RunOptions, started: float) -> None:
+        self.options = options
+        self.started = started
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class LoadedModel:
-    """A model ready to run."""
+    """A model ready to run.
+
+    Predictions go through `predict` (the event loop): concurrent requests with compatible
+    shapes are merged by the model's `DynamicBatcher` when the model has a free batch axis, and
+    each request is bounded by a time-out. `run` is the plain blocking path, one request alone.
+    """
 
     model_id: str
     model_name: str
@@ -60,6 +85,26 @@ class LoadedModel:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     session: ort.InferenceSession
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    executor: Executor | None = None
+    # Made in __post_init__ (frozen: set through object.__setattr__).
+    batcher: DynamicBatcher = field(init=False)
+    _inflight: list[_InFlight | None] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_inflight", [None])
+        object.__setattr__(
+            self,
+            "batcher",
+            DynamicBatcher(
+                self._run_feeds,
+                config=self.batching,
+                dynamic_batch_axis=has_dynamic_batch_axis(
+                    self.session.get_inputs(), self.session.get_outputs()
+                ),
+                executor=self.executor,
+            ),
+        )
 
     def __repr__(self) -> str:
         return f"LoadedModel(model_id={self.model_id!r}, hash={self.model_hash.hex()})"
@@ -115,18 +160,26 @@ class LoadedModel:
         except TensorError as exc:
             raise BadRequestError(422, f"input {spec.name!r}: {exc}") from None
 
-    def run(self, tensors: Sequence[WireTensor]) -> list[WireTensor]:
-        """Run the model (blocking: call it from a worker thread)."""
-        feeds = self.feeds(tensors)
+    def _run_feeds(self, feeds: dict[str, npt.NDArray[Any]]) -> list[npt.NDArray[Any]]:
+        """One ONNX Runtime call (worker thread; the batcher never makes two at once)."""
         names = [spec.name for spec in self.outputs]
+        options = ort.RunOptions()
+        self._inflight[0] = _InFlight(options, time.monotonic())
         try:
-            results = self.session.run(names, feeds)
+            results: list[npt.NDArray[Any]] = self.session.run(names, feeds, options)
         except Exception as exc:
+            if options.terminate:
+                raise api_error_for_status(504, "inference stopped: request_timeout_s") from None
             # ONNX Runtime refuses inputs that pass the declared shapes but not the graph (two
             # dynamic dims that must agree, a Reshape that cannot apply). Its messages name
             # nodes and dims, never tensor values.
             detail = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
             raise BadRequestError(422, f"inference failed: {detail}") from None
+        finally:
+            self._inflight[0] = None
+        return results
+
+    def _wire(self, results: Sequence[Any]) -> list[WireTensor]:
         outputs = []
         for spec, value in zip(self.outputs, results, strict=True):
             array = np.asarray(value)
@@ -135,11 +188,74 @@ class LoadedModel:
             outputs.append(WireTensor(tuple(array.shape), datum_type, spec.name, array.tobytes()))
         return outputs
 
+    def run(self, tensors: Sequence[WireTensor]) -> list[WireTensor]:
+        """Run the model on one request alone (blocking: call it from a worker thread)."""
+        return self._wire(self._run_feeds(self.feeds(tensors)))
+
+    async def predict(self, tensors: Sequence[WireTensor], timeout_s: float) -> list[WireTensor]:
+        """Run one request through the model's batcher, within `timeout_s` (event loop).
+
+        Past `timeout_s` the request is withdrawn: still queued, it never runs; in the ONNX
+        Runtime call running now, that call is stopped (``RunOptions.terminate``) once no request
+        in it can still be waiting, i.e. `timeout_s` after it started, and the batcher reruns
+        alone any other request it held that is still waiting.
+
+        Raises:
+            BadRequestError: (422) inputs that do not fit the model, or that it refuses.
+            ApiError: (504) the time-out passed, naming ``request_timeout_s``.
+        """
+        feeds = self.feeds(tensors)
+        try:
+            async with asyncio.timeout(timeout_s):
+                results = await self.batcher.submit(feeds)
+        except RuntimeError:
+            if self.batcher.closed:  # deleted while this request was on its way
+                raise NotFoundError(404, f"unknown model id {self.model_id!r}") from None
+            raise
+        except TimeoutError:
+            self._stop_stale_run(timeout_s)
+            raise api_error_for_status(
+                504, f"inference exceeded request_timeout_s={timeout_s:g}"
+            ) from None
+        return self._wire(results)
+
+    def _stop_stale_run(self, timeout_s: float) -> None:
+        # Every request in a run was queued before it started, so `timeout_s` after its start
+        # none is still waiting: then stop it. Earlier, other requests in it may still have time.
+        inflight = self._inflight[0]
+        if inflight is None:
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, inflight.started + timeout_s - time.monotonic())
+
+        def stop() -> None:
+            if self._inflight[0] is inflight:
+                inflight.options.terminate = True
+
+        if delay == 0.0:
+            stop()
+        else:
+            loop.call_later(delay, stop)
+
+    async def close(self) -> None:
+        """Refuse new predictions and let the queued ones finish."""
+        await self.batcher.close()
+
 
 def load_model(
-    blob: bytes, *, model_id: str, model_name: str, threads: int, model_hash: bytes | None = None
+    blob: bytes,
+    *,
+    model_id: str,
+    model_name: str,
+    threads: int,
+    model_hash: bytes | None = None,
+    batching: BatchingConfig | None = None,
+    executor: Executor | None = None,
 ) -> LoadedModel:
     """Build an ONNX Runtime session from model bytes (blocking).
+
+    `batching` configures the model's `DynamicBatcher` (default `BatchingConfig()`); `executor`
+    is where its ONNX Runtime calls run (the event loop's default executor if None).
 
     Raises:
         BadRequestError: (422) the bytes are not a model ONNX Runtime can load, or it has inputs
@@ -173,13 +289,21 @@ def load_model(
         inputs=inputs,
         outputs=outputs,
         session=session,
+        batching=batching if batching is not None else BatchingConfig(),
+        executor=executor,
     )
 
 
 class ModelRegistry:
-    """The loaded models by id; safe to use from the event loop and worker threads."""
+    """The loaded models by id; safe to use from the event loop and worker threads.
+
+    `executor` is where every model's ONNX Runtime calls run: one thread, shared, because each
+    call already uses all the intra-op threads the server was given; two at once would only
+    compete for the same cores.
+    """
 
     def __init__(self, models: Iterable[LoadedModel] = ()) -> None:
+        self.executor: Executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="veil-ort")
         self._lock = threading.Lock()
         self._models: dict[str, LoadedModel] = {m.model_id: m for m in models}
         self._reserved: set[str] = set()

@@ -107,6 +107,8 @@ def prepare_state(
                     model_name=meta.model_name,
                     threads=config.threads,
                     model_hash=meta.model_hash,
+                    batching=config.batching,
+                    executor=registry.executor,
                 )
             )
             access[meta.model_id] = meta
