@@ -475,31 +475,21 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
             path, _endpoint(handler, limiter if method == "POST" else None), methods=[method]
         )
 
-    unattested = Starlette(
-        middleware=[Middleware(_RequestLog, port="unattested")],
-        routes=[
-            route("/", get_certificate, "GET"),
-            route("/quote", get_quote, "GET"),
-            route("/collateral", get_collateral, "GET"),
-            route("/healthz", get_health, "GET"),
-        ],
+    def app(port: str, *routes: Route) -> Starlette:
+        return Starlette(middleware=[Middleware(_RequestLog, port=port)], routes=list(routes))
+
+    handshake_route = route("/", handshake, "GET")
+    # BlindAI 0.6 clients manage models on the attested port too; veil's own use the management one.
+    model_management = (route("/upload", upload, "POST"), route("/delete", delete, "POST"))
+    unattested = app(
+        "unattested",
+        route("/", get_certificate, "GET"),
+        route("/quote", get_quote, "GET"),
+        route("/collateral", get_collateral, "GET"),
+        route("/healthz", get_health, "GET"),
     )
-    attested = Starlette(
-        middleware=[Middleware(_RequestLog, port="attested")],
-        routes=[
-            route("/", handshake, "GET"),
-            route("/run", run, "POST"),
-            route("/upload", upload, "POST"),
-            route("/delete", delete, "POST"),
-        ],
-    )
-    management = Starlette(
-        middleware=[Middleware(_RequestLog, port="management")],
-        routes=[
-            route("/", handshake, "GET"),
-            route("/upload", upload, "POST"),
-            route("/delete", delete, "POST"),
-            route("/models", list_models, "GET"),
-        ],
+    attested = app("attested", handshake_route, route("/run", run, "POST"), *model_management)
+    management = app(
+        "management", handshake_route, *model_management, route("/models", list_models, "GET")
     )
     return unattested, attested, management
