@@ -7,7 +7,6 @@ is guessed. Its stdout and stderr go to files in the test's temporary directory.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -23,15 +22,12 @@ import pytest
 
 import veil
 from veil.server.keys import KEYS_FILENAME, KeyStore, Role
+from veil.server.ready import ReadyLine
 from veil.tls import SERVER_NAME, pinned_client_context
 
 START_TIMEOUT_S = 60
 SNI = {"sni_hostname": SERVER_NAME}
 STOP_TIMEOUT_S = 15
-_READY = re.compile(
-    r"veil: serving on (?P<host>\S+) \(unattested http :(?P<a>\d+), attested https :(?P<b>\d+), "
-    r"management https :(?P<c>\d+)\), platform=(?P<platform>\S+)"
-)
 
 
 @dataclass
@@ -102,16 +98,17 @@ def start_server(data_dir: Path, log_dir: Path, *extra: str) -> VeilServer:
         process = subprocess.Popen(command, stdout=out, stderr=err, env=env)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
-        match = _READY.search(out_path.read_text(errors="replace"))
-        if match:
+        output = out_path.read_text(errors="replace")
+        ready = ReadyLine.find(output)
+        if ready:
             return VeilServer(
                 process=process,
                 data_dir=data_dir,
                 log_dir=log_dir,
-                ready_line=match.group(0),
-                unattested_port=int(match.group("a")),
-                attested_port=int(match.group("b")),
-                management_port=int(match.group("c")),
+                ready_line=next(line for line in output.splitlines() if "serving on" in line),
+                unattested_port=ready.unattested_port,
+                attested_port=ready.attested_port,
+                management_port=ready.management_port,
             )
         if process.poll() is not None:
             break

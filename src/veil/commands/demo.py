@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -30,13 +29,10 @@ from types import TracebackType
 from typing import IO, Any
 
 from veil.errors import SimulationModeWarning, VeilError
+from veil.server.ready import ReadyLine
 
 __all__ = ["LocalServer", "register", "run_demo"]
 
-_READY = re.compile(
-    r"serving on (?P<host>\S+) \(unattested http :(?P<u>\d+), attested https :(?P<a>\d+), "
-    r"management https :(?P<m>\d+)\)"
-)
 _OPSET = 11  # BlindAI's tutorial
 
 
@@ -135,19 +131,19 @@ class LocalServer:
         def read() -> None:
             for line in stdout:
                 lines.append(line)
-                if _READY.search(line):
+                if ReadyLine.find(line):
                     return
 
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
         reader.join(self._start_timeout)
         for line in lines:
-            found = _READY.search(line)
+            found = ReadyLine.find(line)
             if found:
-                self.host = found["host"]
-                self.unattested_port = int(found["u"])
-                self.attested_port = int(found["a"])
-                self.management_port = int(found["m"])
+                self.host = found.host
+                self.unattested_port = found.unattested_port
+                self.attested_port = found.attested_port
+                self.management_port = found.management_port
                 # Keep draining stdout so that the server never blocks on a full pipe.
                 threading.Thread(target=lambda: stdout.read(), daemon=True).start()
                 return

@@ -39,6 +39,7 @@ from veil.server.app import ServerState, build_apps
 from veil.server.config import ServerConfig
 from veil.server.keys import KEYS_FILENAME, NO_AUTH_BANNER, AuthGate, KeyStore
 from veil.server.models import ModelRegistry, load_model
+from veil.server.ready import ReadyLine
 from veil.server.sealing import SealedModelStore
 from veil.server.store import ModelStore, ModelStoreProtocol, StoredModel
 from veil.tls import TlsIdentity, binding_report_data, generate_identity, server_context
@@ -216,10 +217,7 @@ async def _run(
                 return 1
             await asyncio.sleep(0.02)
         a, b, c = (sock.getsockname()[1] for sock in sockets)
-        ready(
-            f"veil: serving on {config.host} (unattested http :{a}, attested https :{b}, "
-            f"management https :{c}), {platform}, {state.auth.describe()}"
-        )
+        ready(ReadyLine(config.host, a, b, c).format(f"{platform}, {state.auth.describe()}"))
         results = await asyncio.gather(*tasks, return_exceptions=True)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
