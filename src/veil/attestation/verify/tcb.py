@@ -21,13 +21,12 @@ from veil.errors import CollateralError, MalformedEvidenceError, TcbError
 
 __all__ = [
     "KNOWN_TCB_STATUSES",
+    "IsvSvnTcbLevel",
     "QeIdentity",
-    "QeTcbLevel",
     "TcbInfo",
     "TcbLevel",
     "TdxModule",
     "TdxModuleIdentity",
-    "TdxModuleTcbLevel",
     "converge_status",
     "match_qe_identity",
     "match_tcb_level",
@@ -161,7 +160,9 @@ class TdxModule:
 
 
 @dataclass(frozen=True, slots=True)
-class TdxModuleTcbLevel:
+class IsvSvnTcbLevel:
+    """A TCB level keyed by one ISVSVN: a TDX module identity's or the QE identity's."""
+
     isvsvn: int
     tcb_date: datetime
     tcb_status: str
@@ -172,7 +173,7 @@ class TdxModuleTcbLevel:
 class TdxModuleIdentity:
     id: str
     module: TdxModule
-    tcb_levels: tuple[TdxModuleTcbLevel, ...]
+    tcb_levels: tuple[IsvSvnTcbLevel, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,7 +239,7 @@ class TcbInfo:
                         raise MalformedEvidenceError(f"{iw}.tcbLevels[]: not an object")
                     mtcb = _get(ml, "tcb", dict, iw)
                     mlevels.append(
-                        TdxModuleTcbLevel(
+                        IsvSvnTcbLevel(
                             isvsvn=_get(mtcb, "isvsvn", int, iw),
                             tcb_date=_time(ml, "tcbDate", iw),
                             tcb_status=_status(ml, iw),
@@ -316,7 +317,7 @@ def _masked_equal(have: bytes, want: bytes, mask: bytes) -> bool:
     return all((h & m) == (w & m) for h, w, m in zip(have, want, mask, strict=True))
 
 
-def match_tdx_module(tcb_info: TcbInfo, body: TdReportBody) -> TdxModuleTcbLevel | None:
+def match_tdx_module(tcb_info: TcbInfo, body: TdReportBody) -> IsvSvnTcbLevel | None:
     """Check MRSIGNERSEAM/SEAMATTRIBUTES against the TDX module identity; return its level.
 
     For module major version 0 only ``tdxModule`` applies and no extra level is returned.
@@ -361,14 +362,6 @@ def match_tdx_module(tcb_info: TcbInfo, body: TdReportBody) -> TdxModuleTcbLevel
 
 
 @dataclass(frozen=True, slots=True)
-class QeTcbLevel:
-    isvsvn: int
-    tcb_date: datetime
-    tcb_status: str
-    advisory_ids: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
 class QeIdentity:
     """An enclave identity v2 body (``enclaveIdentity``) for the QE or TD_QE."""
 
@@ -383,7 +376,7 @@ class QeIdentity:
     attributes_mask: bytes
     mrsigner: bytes
     isvprodid: int
-    tcb_levels: tuple[QeTcbLevel, ...]
+    tcb_levels: tuple[IsvSvnTcbLevel, ...]
 
     @classmethod
     def from_json(cls, text: str) -> QeIdentity:
@@ -399,7 +392,7 @@ class QeIdentity:
             if not isinstance(lv, dict):
                 raise MalformedEvidenceError(f"{lw}: not an object")
             levels.append(
-                QeTcbLevel(
+                IsvSvnTcbLevel(
                     isvsvn=_get(_get(lv, "tcb", dict, lw), "isvsvn", int, lw),
                     tcb_date=_time(lv, "tcbDate", lw),
                     tcb_status=_status(lv, lw),
@@ -422,7 +415,7 @@ class QeIdentity:
         )
 
 
-def match_qe_identity(qe_report: SgxReportBody, identity: QeIdentity) -> QeTcbLevel:
+def match_qe_identity(qe_report: SgxReportBody, identity: QeIdentity) -> IsvSvnTcbLevel:
     """Check the QE report against the QE identity; return the QE's TCB level.
 
     Raises:
