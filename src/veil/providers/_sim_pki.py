@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from cryptography.x509.oid import NameOID
 
+from veil.attestation.verify.collateral import DcapCollateral
 from veil.providers import _sgx_extensions as sgx_extensions
 
 __all__ = ["SimulatedPki", "sign_raw"]
@@ -224,7 +225,7 @@ class SimulatedPki:
         this_update: datetime,
         lifetime: timedelta,
         revoked_serials: tuple[int, ...],
-    ) -> str:
+    ) -> bytes:
         builder = (
             x509.CertificateRevocationListBuilder()
             .issuer_name(issuer.subject)
@@ -244,15 +245,13 @@ class SimulatedPki:
                 .add_extension(x509.CRLReason(x509.ReasonFlags.key_compromise), critical=False)
                 .build()
             )
-        crl = builder.sign(issuer_key, hashes.SHA256())
-        return crl.public_bytes(Encoding.PEM).decode("ascii")
+        return builder.sign(issuer_key, hashes.SHA256()).public_bytes(Encoding.DER)
 
-    def _signed_json(self, outer_key: str, body: dict[str, Any]) -> str:
-        # The signature covers the exact bytes of the inner object's text, which is embedded
+    def _signed_json(self, body: dict[str, Any]) -> tuple[str, bytes]:
+        # The signature covers the exact bytes of the inner object's text, which travels
         # verbatim; verifiers must not re-serialise it.
         text = json.dumps(body, separators=(",", ":"))
-        signature = sign_raw(self._tcb_signing_key, text.encode("utf-8")).hex()
-        return f'{{"{outer_key}":{text},"signature":"{signature}"}}'
+        return text, sign_raw(self._tcb_signing_key, text.encode("utf-8"))
 
     def _tcb_levels(self, tcb_date: datetime) -> list[dict[str, Any]]:
         def level(svns: tuple[int, ...], pce_svn: int, status: str, age: int) -> dict[str, Any]:
@@ -280,8 +279,8 @@ class SimulatedPki:
         levels.append(level(older, _PCE_SVN - 1, "OutOfDate", 365))
         return levels
 
-    def collateral(self, now: datetime) -> dict[str, Any]:
-        """BlindAI 0.6's collateral map (str values, CRLs in PEM), issued at `now`."""
+    def collateral(self, now: datetime) -> DcapCollateral:
+        """The DCAP collateral for this platform's quotes, issued at `now`."""
         issued = now.replace(microsecond=0) - _BACKDATE
         next_update = issued + _COLLATERAL_LIFETIME
         tcb_date = issued.replace(hour=0, minute=0, second=0) - timedelta(days=30)
@@ -320,17 +319,19 @@ class SimulatedPki:
         revoked = (self.pck.serial_number,) if self._revoke_pck else ()
         signing_chain = _pem(self.platform_ca) + _pem(self.root)
         tcb_chain = _pem(self.tcb_signing) + _pem(self.root)
-        return {
-            "version": 1,  # sgx_ql_qve_collateral_t version 1: the PCK chain is in the quote
-            "pck_certificate": _pem(self.pck),
-            "pck_crl_issuer_chain": signing_chain,
-            "pck_signing_chain": signing_chain,
-            "root_ca_crl": self._crl(self.root, self._root_key, issued, _ROOT_CRL_LIFETIME, ()),
-            "pck_crl": self._crl(
+        tcb_text, tcb_signature = self._signed_json(tcb_info)
+        qe_text, qe_signature = self._signed_json(qe_identity)
+        return DcapCollateral(
+            pck_crl_issuer_chain=signing_chain,
+            root_ca_crl=self._crl(self.root, self._root_key, issued, _ROOT_CRL_LIFETIME, ()),
+            pck_crl=self._crl(
                 self.platform_ca, self._platform_ca_key, issued, _COLLATERAL_LIFETIME, revoked
             ),
-            "tcb_info": self._signed_json("tcbInfo", tcb_info),
-            "tcb_info_issuer_chain": tcb_chain,
-            "qe_identity": self._signed_json("enclaveIdentity", qe_identity),
-            "qe_identity_issuer_chain": tcb_chain,
-        }
+            tcb_info_issuer_chain=tcb_chain,
+            tcb_info=tcb_text,
+            tcb_info_signature=tcb_signature,
+            qe_identity_issuer_chain=tcb_chain,
+            qe_identity=qe_text,
+            qe_identity_signature=qe_signature,
+            pck_certificate_chain=_pem(self.pck) + signing_chain,
+        )

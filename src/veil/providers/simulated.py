@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from veil.attestation.claims import Platform
+from veil.attestation.collateral_source import collateral_to_blindai_map
 from veil.attestation.verify.tcb import KNOWN_TCB_STATUSES
 from veil.errors import EvidenceUnavailableError, SimulationModeWarning
 from veil.providers import _sim_pki
@@ -245,7 +246,7 @@ class SimulatedSgxProvider:
                 or now < issued
                 or now - issued >= _COLLATERAL_REFRESH
             ):
-                self._collateral = self._pki.collateral(now)
+                self._collateral = collateral_to_blindai_map(self._pki.collateral(now))
                 self._collateral_issued = now
             return self._collateral
 

@@ -188,7 +188,7 @@ def test_collateral_map_shape_and_signatures(provider: SimulatedSgxProvider) -> 
         "qe_identity",
         "qe_identity_issuer_chain",
     }
-    assert col["version"] == 1
+    assert col["version"] == 3
     assert all(isinstance(v, str) for k, v in col.items() if k != "version")
     tcb_signing, root = x509.load_pem_x509_certificates(col["tcb_info_issuer_chain"].encode())
     tcb_signing.verify_directly_issued_by(root)
