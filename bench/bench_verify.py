@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_verify.py [--iterations 50] [--vectors DIR] [--json out.json]
 
 Each case runs `veil.attestation.verifier.verify_evidence` (detect, parse, every signature, chain,
-CRL and collateral check, policy) on a vector set of ../shared/attestation-vectors at the set's
+CRL and collateral check, policy) on a vector set of tests/testdata/attestation-vectors at the set's
 suggested time, with a policy pinning the set's own measurement. "map" cases pass the collateral
 as the CBOR map a server serves, so its decoding is included. Prints min / median / p90 in ms.
 """
@@ -30,7 +30,7 @@ from veil.attestation.verifier import unverified_claims, verify_evidence
 from veil.attestation.verify.snp import SnpCollateral
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_VECTORS = REPO.parent / "shared" / "attestation-vectors"
+DEFAULT_VECTORS = REPO / "tests" / "testdata" / "attestation-vectors"
 
 
 @dataclass(frozen=True)

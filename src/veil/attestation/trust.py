@@ -20,7 +20,7 @@ from veil.errors import ChainError
 
 __all__ = ["PINNED_FINGERPRINTS", "TrustStore", "load_embedded_root"]
 
-# SHA-256 of each root's DER encoding; see ../shared/attestation-vectors/README.md for provenance.
+# SHA-256 of each root's DER encoding; see tests/testdata/attestation-vectors/README.md for provenance.
 PINNED_FINGERPRINTS: Mapping[str, str] = MappingProxyType(
     {
         "intel_sgx_root_ca.pem": "44a0196b2b99f889b8e149e95b807a350e7424964399e885a7cbb8ccfab674d3",

@@ -63,7 +63,7 @@ __all__ = [
 PRODUCTS = ("Milan", "Genoa", "Turin")
 
 # SHA-256 of the DER of AMD's public intermediates, as served by the AMD KDS
-# (provenance: ../shared/attestation-vectors/README.md, roots/amd/).
+# (provenance: tests/testdata/attestation-vectors/README.md, roots/amd/).
 AMD_INTERMEDIATE_FINGERPRINTS: Mapping[str, str] = MappingProxyType(
     {
         "amd_ask_milan.pem": "67d303bd3905fd38db8b20e0793699870e7fa612eaad5dec358293fd8c0bac1b",
