@@ -31,7 +31,7 @@ from typing import Any
 from veil.attestation.abi.snp import SnpTcb
 from veil.attestation.claims import Platform, VerifiedEvidence
 from veil.attestation.verify.tcb import KNOWN_TCB_STATUSES, REVOKED
-from veil.errors import PolicyError, TcbError, UnsafePolicyWarning
+from veil.errors import CollateralError, PolicyError, TcbError, UnsafePolicyWarning
 
 __all__ = ["TCB_STATUSES", "Policy", "SgxPolicy", "SnpPolicy", "TdxPolicy"]
 
@@ -179,6 +179,10 @@ class SnpPolicy:
         require_single_socket: require the SINGLE_SOCKET guest policy bit.
         vmpl: the exact VMPL that must have requested the report (e.g. 0).
         min_tcb: lowest accepted reported TCB, component by component.
+        require_crl: refuse evidence whose collateral had no AMD CRL (default False: BlindAI
+            and veil servers have served only the VCEK and its chain, so a missing CRL means
+            "revocation not checked", recorded as ``details["amd_crl_checked"] == 0``; a CRL
+            that is given is always checked).
     """
 
     measurement: tuple[bytes, ...] = ()
@@ -190,6 +194,7 @@ class SnpPolicy:
     require_single_socket: bool = False
     vmpl: int | None = None
     min_tcb: SnpTcb | None = None
+    require_crl: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -221,6 +226,12 @@ class SnpPolicy:
             out.append("guest_policy.single_socket: got False, expected True")
         if self.vmpl is not None and d.get("vmpl") != self.vmpl:
             out.append(f"vmpl: got {_hex(d.get('vmpl'))}, expected {self.vmpl}")
+
+    def _collateral_problems(self, claims: VerifiedEvidence) -> None:
+        if self.require_crl and claims.details.get("amd_crl_checked") != 1:
+            raise CollateralError(
+                "AMD CRL: got none in the collateral, expected one (policy sev_snp.require_crl)"
+            )
 
     def _tcb_problems(self, claims: VerifiedEvidence, out: list[str]) -> None:
         if self.min_tcb is None:
@@ -346,6 +357,7 @@ class Policy:
         """Compare verified claims with this policy.
 
         Raises:
+            CollateralError: the SEV-SNP section requires an AMD CRL and none was checked.
             PolicyError: measurements, debug, attributes or guest policy differ; the message
                 lists every differing field as "field: got X, expected Y".
             TcbError: the TCB status, an advisory, the TCB evaluation data number or the
@@ -358,6 +370,8 @@ class Policy:
         }[claims.platform]
         if section is None and not self.unpinned:
             raise PolicyError(f"policy has no {claims.platform.value} section")
+        if isinstance(section, SnpPolicy):
+            section._collateral_problems(claims)
 
         mismatches: list[str] = []
         if claims.debug and not self.allow_debug:
@@ -423,6 +437,7 @@ class Policy:
             allow_migration_agent = false
             vmpl = 0
             min_tcb = { bootloader = 3, tee = 0, snp = 8, microcode = 115 }
+            require_crl = true                   # refuse collateral without AMD's CRL
 
         Raises:
             PolicyError: invalid TOML, an unknown key, a value of the wrong type or size.
@@ -566,6 +581,7 @@ def _policy_from_mapping(doc: Mapping[str, Any]) -> Policy:
             require_single_socket=t.boolean("require_single_socket", False),
             vmpl=t.integer("vmpl"),
             min_tcb=min_tcb,
+            require_crl=t.boolean("require_crl", False),
         )
         t.done()
     statuses = top.strings("accepted_tcb_statuses")

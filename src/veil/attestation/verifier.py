@@ -326,10 +326,12 @@ def hazmat_verify_without_policy(
         report = parse_snp_report(evidence)
         snp_collateral = _snp_collateral(collateral)
         # Step 2 (SEV-SNP).
-        snp = _with_grace(
-            lambda t: verify_snp_report(report, snp_collateral, trust=trust, now=t),
-            now,
-            collateral_grace_period,
+        snp = verify_snp_report(
+            report,
+            snp_collateral,
+            trust=trust,
+            now=now,
+            collateral_grace=collateral_grace_period,
         )
         verdict = snp
         # Step 3: claims from the verified report.
@@ -337,6 +339,7 @@ def hazmat_verify_without_policy(
         details = dict(base.details)
         details["signing_key"] = snp.signing_key
         details["chip_id_checked"] = int(snp.chip_id_checked)
+        details["amd_crl_checked"] = int(snp.crl_checked)
         if snp.csp_id is not None:
             details["csp_id"] = snp.csp_id
         tcb_status, advisories = "UpToDate", ()

@@ -149,6 +149,9 @@ class FakeAmd:
         )
         return cert.public_bytes(Encoding.DER)
 
+    def serial(self, der: bytes) -> int:
+        return x509.load_der_x509_certificate(der).serial_number
+
 
 def tcb(bl: int, tee: int, snp: int, ucode: int, *, fmc: int | None = None) -> int:
     if fmc is not None:
@@ -197,3 +200,36 @@ def build_report(
         r[0x2A0:0x2E8] = sig_r.to_bytes(72, "little")
         r[0x2E8:0x330] = sig_s.to_bytes(72, "little")
     return bytes(r)
+
+
+def make_crl(
+    amd: FakeAmd,
+    revoked: list[int] = [],  # noqa: B006 - read only
+    *,
+    issuer: str | None = None,
+    signer: rsa.RSAPrivateKey | None = None,
+    this_update: datetime = NOT_BEFORE,
+    next_update: datetime = NOW + timedelta(days=7),
+    pss: bool = True,
+) -> bytes:
+    """An AMD-style CRL: issued by the ARK, RSASSA-PSS SHA-384, listing `revoked` serials (DER)."""
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(name(issuer or f"ARK-{amd.product}"))
+        .last_update(this_update)
+        .next_update(next_update)
+    )
+    for serial in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(serial)
+            .revocation_date(this_update)
+            .build()
+        )
+    key = signer or amd.ark_key
+    crl = (
+        builder.sign(key, hashes.SHA384(), rsa_padding=PSS)
+        if pss
+        else builder.sign(key, hashes.SHA384())
+    )
+    return crl.public_bytes(Encoding.DER)

@@ -20,14 +20,14 @@ import re
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import cache
 from importlib import resources
 from types import MappingProxyType
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
@@ -37,11 +37,13 @@ from cryptography.x509.oid import NameOID
 
 from veil.attestation.abi.snp import SigningKey, SnpReport, SnpTcb
 from veil.attestation.trust import TrustStore
+from veil.attestation.verify.x509util import load_crl
 from veil.errors import (
     ChainError,
     CollateralError,
     ExpiredError,
     MalformedEvidenceError,
+    RevokedError,
     SignatureError,
     TcbError,
 )
@@ -51,6 +53,7 @@ __all__ = [
     "PRODUCTS",
     "SnpCollateral",
     "SnpVerdict",
+    "check_amd_crl",
     "load_amd_intermediate",
     "load_certificate",
     "product_from_cpuid",
@@ -108,14 +111,24 @@ class SnpCollateral:
         endorsement_key: the VCEK or VLEK certificate, DER.
         intermediates_pem: optional PEM with the ASK and/or ASVK (an ARK in it is ignored).
             Without it, AMD's public intermediates embedded in veil are used.
+        crl: optional AMD CRL for the product (DER or PEM), as the KDS serves it at
+            ``/vcek/v1/{product}/crl`` or ``/vlek/v1/{product}/crl``: issued and signed
+            (RSASSA-PSS SHA-384) by the ARK. When given, it is verified and the ASK/ASVK and
+            the VCEK/VLEK must not be on it. Whether its absence is acceptable is the
+            policy's decision (`SnpPolicy.require_crl`).
     """
 
     endorsement_key: bytes
     intermediates_pem: str | None = None
+    crl: bytes | None = None
 
     def __repr__(self) -> str:
         chain = "yes" if self.intermediates_pem else "no"
-        return f"SnpCollateral(endorsement_key={len(self.endorsement_key)} bytes, chain={chain})"
+        crl = "yes" if self.crl else "no"
+        return (
+            f"SnpCollateral(endorsement_key={len(self.endorsement_key)} bytes, "
+            f"chain={chain}, crl={crl})"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +141,10 @@ class SnpVerdict:
         reported_tcb: the report's REPORTED_TCB, equal to the certificate's TCB.
         chip_id_checked: false for a VLEK or a report whose chip ID the firmware masked.
         csp_id: the cloud provider named in a VLEK, else None.
-        valid_from, valid_until: the intersection of the chain's validity windows.
+        crl_checked: true when an AMD CRL was given, verified, and lists neither the ASK/ASVK
+            nor the VCEK/VLEK; false when none was given.
+        valid_from, valid_until: the intersection of the chain's validity windows and, when a
+            CRL was given, its thisUpdate … nextUpdate.
     """
 
     product: str
@@ -138,6 +154,7 @@ class SnpVerdict:
     csp_id: str | None
     valid_from: datetime
     valid_until: datetime
+    crl_checked: bool = False
 
 
 def load_certificate(data: bytes, what: str) -> x509.Certificate:
@@ -150,7 +167,7 @@ def load_certificate(data: bytes, what: str) -> x509.Certificate:
             if data.lstrip().startswith(b"-----BEGIN"):
                 return x509.load_pem_x509_certificate(data)
             return x509.load_der_x509_certificate(data)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion, UnsupportedAlgorithm) as exc:
         raise MalformedEvidenceError(f"{what}: not a valid X.509 certificate ({exc})") from None
 
 
@@ -356,6 +373,76 @@ def verify_endorsement_chain(
     )
 
 
+def check_amd_crl(
+    crl_data: bytes,
+    ark: x509.Certificate,
+    certs: Iterable[tuple[x509.Certificate, str]],
+    *,
+    now: datetime,
+    grace: timedelta = timedelta(0),
+) -> tuple[datetime, datetime]:
+    """Verify AMD's ARK-issued CRL and refuse any of `certs` whose serial it lists.
+
+    The KDS serves one CRL per product and key kind, signed by the ARK with RSASSA-PSS SHA-384
+    (KDS spec, "CRL"); it is the one revocation list of that chain, so the ASK/ASVK and the
+    VCEK/VLEK are both looked up in it. `grace` excuses a nextUpdate that passed less than that
+    long ago (a stale list, never an expired certificate).
+
+    Returns:
+        thisUpdate and nextUpdate.
+
+    Raises:
+        MalformedEvidenceError: not a CRL.
+        CollateralError: issued by another name, or without nextUpdate.
+        SignatureError: the ARK's signature does not verify.
+        ExpiredError: `now` is outside thisUpdate … nextUpdate (+ `grace`).
+        RevokedError: a certificate of the chain is listed.
+    """
+    crl = load_crl(crl_data, "AMD CRL")
+    try:
+        if crl.issuer != ark.subject:
+            raise CollateralError(
+                f"AMD CRL: issuer got {crl.issuer.rfc4514_string()!r}, "
+                f"expected {ark.subject.rfc4514_string()!r}"
+            )
+        key = ark.public_key()
+        if not isinstance(key, rsa.RSAPublicKey):
+            raise ChainError("AMD CRL: ARK key is not RSA")
+        algorithm = crl.signature_algorithm_oid
+        if algorithm != x509.SignatureAlgorithmOID.RSASSA_PSS or not isinstance(
+            crl.signature_hash_algorithm, hashes.SHA384
+        ):
+            raise SignatureError(
+                f"AMD CRL: signature algorithm got {algorithm.dotted_string}, "
+                "expected RSASSA-PSS with SHA-384"
+            )
+        try:
+            key.verify(crl.signature, crl.tbs_certlist_bytes, _PSS, hashes.SHA384())
+        except InvalidSignature:
+            raise SignatureError("AMD CRL: signature by the ARK does not verify") from None
+        this_update, next_update = crl.last_update_utc, crl.next_update_utc
+        if next_update is None:
+            raise CollateralError("AMD CRL: nextUpdate missing")
+        if now < this_update:
+            raise ExpiredError(
+                f"AMD CRL: not valid yet at {now.isoformat()}, thisUpdate {this_update.isoformat()}"
+            )
+        if now - grace > next_update:
+            raise ExpiredError(
+                f"AMD CRL: expired at {now.isoformat()}, nextUpdate {next_update.isoformat()}"
+            )
+        for cert, what in certs:
+            if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
+                raise RevokedError(
+                    f"{what} ({_common_name(cert.subject)}): serial {cert.serial_number:x} "
+                    "is on AMD's CRL"
+                )
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        # cryptography parses CRL fields lazily: a damaged field surfaces here.
+        raise MalformedEvidenceError(f"AMD CRL: malformed ({exc})") from None
+    return this_update, next_update
+
+
 def _pick_intermediate(
     collateral: SnpCollateral, product: str, signing_key: int
 ) -> x509.Certificate:
@@ -375,7 +462,12 @@ def _pick_intermediate(
 
 
 def verify_snp_report(
-    report: SnpReport, collateral: SnpCollateral, *, trust: TrustStore, now: datetime
+    report: SnpReport,
+    collateral: SnpCollateral,
+    *,
+    trust: TrustStore,
+    now: datetime,
+    collateral_grace: timedelta = timedelta(0),
 ) -> SnpVerdict:
     """Verify an SEV-SNP report against its VCEK/VLEK and AMD's pinned roots.
 
@@ -387,7 +479,9 @@ def verify_snp_report(
        report's CPUID family/model must name the same product.
     4. The ARK for that product comes from the trust store only.
     5. Chain: ASK (VCEK) or ASVK (VLEK) signed by the ARK, the VCEK/VLEK signed by it, all
-       RSASSA-PSS SHA-384, all valid at `now`.
+       RSASSA-PSS SHA-384, all valid at `now` (no grace: a certificate is never excused).
+       5b. With a CRL in the collateral: signed by the ARK, current (nextUpdate may be
+       `collateral_grace` past), and listing neither the ASK/ASVK nor the VCEK/VLEK.
     6. REPORTED_TCB equals the TCB in the certificate's SPL extensions.
     7. For a VCEK, CHIP_ID equals the certificate's hwID (skipped for a VLEK, which has no
        hwID, and when the firmware masked the chip ID).
@@ -396,12 +490,13 @@ def verify_snp_report(
 
     Args:
         report: the parsed report.
-        collateral: the VCEK/VLEK certificate and optional intermediates.
+        collateral: the VCEK/VLEK certificate, optional intermediates and optional CRL.
         trust: the trust store; only its `amd_arks` are used.
         now: verification time (timezone-aware).
+        collateral_grace: how long after its nextUpdate the CRL is still accepted.
 
     Raises:
-        SignatureError, ChainError, ExpiredError, CollateralError, TcbError,
+        SignatureError, ChainError, RevokedError, ExpiredError, CollateralError, TcbError,
         MalformedEvidenceError: as each step fails.
         ValueError: `now` is naive.
     """
@@ -456,6 +551,18 @@ def verify_snp_report(
         key_cert, intermediate, ark, product=product, signing_key=signing_key, now=now
     )
 
+    # 5b. Revocation (KDS spec, CRL): the ARK-signed CRL, when the collateral has one.
+    crl_checked = collateral.crl is not None
+    if collateral.crl is not None:
+        this_update, next_update = check_amd_crl(
+            collateral.crl,
+            ark,
+            ((intermediate, _common_name(intermediate.subject)), (key_cert, kind)),
+            now=now,
+            grace=collateral_grace,
+        )
+        valid_from, valid_until = max(valid_from, this_update), min(valid_until, next_update)
+
     # 6. REPORTED_TCB equals the certificate's TCB (compared before the signature so that a
     #    mismatch is reported as such; both checks must pass anyway).
     turin = product == "Turin"
@@ -505,6 +612,7 @@ def verify_snp_report(
         csp_id=ext.csp_id,
         valid_from=valid_from,
         valid_until=valid_until,
+        crl_checked=crl_checked,
     )
 
 
@@ -524,7 +632,8 @@ def snp_collateral_from_map(m: Mapping[str, Any]) -> SnpCollateral:
 
     Args:
         m: ``{"vcek": DER bytes}`` or ``{"vlek": DER bytes}``, optionally with
-            ``"cert_chain"``: PEM (str or bytes) holding the ASK/ASVK. Other keys are ignored.
+            ``"cert_chain"``: PEM (str or bytes) holding the ASK/ASVK, and ``"crl"``: AMD's
+            CRL (DER bytes or PEM). Other keys are ignored.
 
     Raises:
         CollateralError: neither or both of "vcek" and "vlek".
@@ -538,8 +647,13 @@ def snp_collateral_from_map(m: Mapping[str, Any]) -> SnpCollateral:
     chain = m.get("cert_chain")
     if chain is not None and not isinstance(chain, str):
         chain = _as_bytes(chain, "cert_chain").decode("ascii", errors="replace")
+    crl = m.get("crl")
+    if isinstance(crl, str):
+        crl = crl.encode("ascii", errors="replace")
     return SnpCollateral(
-        endorsement_key=_as_bytes(m[present[0]], present[0]), intermediates_pem=chain or None
+        endorsement_key=_as_bytes(m[present[0]], present[0]),
+        intermediates_pem=chain or None,
+        crl=None if crl is None else _as_bytes(crl, "crl"),
     )
 
 
@@ -547,18 +661,28 @@ def snp_collateral_from_certificates(blobs: Iterable[bytes]) -> SnpCollateral:
     """Build `SnpCollateral` from certificate files (DER or PEM, any order).
 
     The one certificate whose subject is "SEV-VCEK" or "SEV-VLEK" is the endorsement key; the
-    others become the intermediates (an ARK among them is ignored by the verifier).
+    others become the intermediates (an ARK among them is ignored by the verifier). A CRL (PEM
+    or DER) among the blobs becomes the collateral's CRL.
 
     Raises:
-        CollateralError: no or several VCEK/VLEK certificates.
-        MalformedEvidenceError: a blob that holds no certificate.
+        CollateralError: no or several VCEK/VLEK certificates, or several CRLs.
+        MalformedEvidenceError: a blob that holds neither a certificate nor a CRL.
     """
     certs: list[x509.Certificate] = []
+    crls: list[bytes] = []
     for blob in blobs:
-        if b"-----BEGIN" in blob:
+        if b"-----BEGIN X509 CRL-----" in blob:
+            crls.append(blob)
+        elif b"-----BEGIN" in blob:
             certs.extend(_load_pem_certificates(blob, "certificate file"))
         else:
-            certs.append(load_certificate(blob, "certificate file"))
+            try:
+                certs.append(load_certificate(blob, "certificate file"))
+            except MalformedEvidenceError:
+                load_crl(blob, "certificate file")  # neither: raises MalformedEvidenceError
+                crls.append(blob)
+    if len(crls) > 1:
+        raise CollateralError(f"SNP certificates: got {len(crls)} CRLs, expected at most 1")
     leaves = [c for c in certs if _common_name(c.subject) in ("SEV-VCEK", "SEV-VLEK")]
     if len(leaves) != 1:
         raise CollateralError(
@@ -567,5 +691,7 @@ def snp_collateral_from_certificates(blobs: Iterable[bytes]) -> SnpCollateral:
     others = [c for c in certs if c is not leaves[0]]
     pem = "".join(c.public_bytes(Encoding.PEM).decode("ascii") for c in others)
     return SnpCollateral(
-        endorsement_key=leaves[0].public_bytes(Encoding.DER), intermediates_pem=pem or None
+        endorsement_key=leaves[0].public_bytes(Encoding.DER),
+        intermediates_pem=pem or None,
+        crl=crls[0] if crls else None,
     )

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
@@ -188,7 +188,7 @@ def load_crl(data: bytes, what: str) -> x509.CertificateRevocationList:
         except (UnicodeDecodeError, ValueError):
             raise MalformedEvidenceError(f"{what}: neither DER, PEM nor hex") from None
         return x509.load_der_x509_crl(raw)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion, UnsupportedAlgorithm) as exc:
         raise MalformedEvidenceError(f"{what}: not a CRL ({exc})") from None
 
 
