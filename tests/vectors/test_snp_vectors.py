@@ -1,4 +1,4 @@
-"""SEV-SNP verification on real reports (provenance: tests/testdata/attestation-vectors/README.md)."""
+"""SEV-SNP verification on real reports (provenance: testdata/attestation-vectors/README.md)."""
 
 from __future__ import annotations
 
