@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from veil.attestation.collateral_source import INTEL_PCS_URL
+from veil.attestation.kds import AMD_KDS_URL
 from veil.errors import VeilError
 from veil.server.batching import BatchingConfig
 from veil.server.config import ServerConfig
@@ -52,6 +53,12 @@ def register(subparsers: Any) -> None:
         "--pccs-url",
         default=INTEL_PCS_URL,
         help="where SGX/TDX collateral is fetched: Intel PCS (default) or your PCCS",
+    )
+    parser.add_argument(
+        "--kds-url",
+        default=AMD_KDS_URL,
+        help="where SEV-SNP collateral (VCEK, ASK/ARK chain, CRL) is fetched: AMD KDS "
+        "(default) or a mirror",
     )
     batching = parser.add_argument_group("batching")
     default = BatchingConfig()
@@ -146,6 +153,7 @@ def _serve(args: argparse.Namespace) -> int:
             threads=args.threads,
             log_level=args.log_level,
             pccs_url=args.pccs_url,
+            kds_url=args.kds_url,
             hazmat_test_tamper_certificate=args.hazmat_test_tamper_certificate,
             no_auth=args.no_auth,
             unsealed_store=args.unsealed_store,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from veil.attestation.collateral_source import INTEL_PCS_URL
+from veil.attestation.kds import AMD_KDS_URL
 from veil.server.batching import BatchingConfig
 from veil.server.limits import Limits
 
@@ -28,6 +29,8 @@ class ServerConfig:
         batching: how concurrent predictions for one model are merged (on by default; only
             models whose inputs and outputs all have a free batch axis are merged).
         pccs_url: Intel PCS or a PCCS, where SGX and TDX collateral for the quote is fetched.
+        kds_url: AMD KDS or a mirror, where an SEV-SNP guest whose host supplies no
+            certificate table gets its VCEK (and every SNP guest its ASK/ARK chain and CRL).
         hazmat_test_tamper_certificate: TEST ONLY: serve on the unattested port a certificate
             other than the one the evidence binds, so tests can see clients refuse it.
     """
@@ -41,6 +44,7 @@ class ServerConfig:
     threads: int = os.cpu_count() or 1
     log_level: str = "warning"
     pccs_url: str = INTEL_PCS_URL
+    kds_url: str = AMD_KDS_URL
     hazmat_test_tamper_certificate: bool = False
     # --- hardening: authentication, sealed storage, resource limits ---
     # no_auth: ``--no-auth``: no API keys asked for (local development; a banner says so).

@@ -34,7 +34,7 @@ import uvicorn
 from veil import __version__
 from veil.errors import BadRequestError, EvidenceUnavailableError
 from veil.providers import detect_provider
-from veil.providers.pcs import pcs_collateral_fetcher
+from veil.providers.pcs import collateral_fetcher
 from veil.server.app import ServerState, build_apps
 from veil.server.config import ServerConfig
 from veil.server.keys import KEYS_FILENAME, NO_AUTH_BANNER, AuthGate, KeyStore
@@ -85,7 +85,7 @@ def prepare_state(
     provider = detect_provider(
         config.platform,
         data_dir=config.data_dir,
-        collateral_fetcher=pcs_collateral_fetcher(config.pccs_url),
+        collateral_fetcher=collateral_fetcher(pccs_url=config.pccs_url, kds_url=config.kds_url),
     )
     # 1. TLS identity, made here so its key never leaves this process.
     identity = generate_identity()
