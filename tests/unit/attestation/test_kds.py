@@ -8,9 +8,8 @@ from pathlib import Path
 import httpx
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
-from snp_fake import CHIP_ID, NOW, FakeAmd, build_report, name, tcb
+from snp_fake import CHIP_ID, NOW, FakeAmd, build_report, make_crl, tcb
 
 from veil.attestation.abi.snp import parse_snp_report
 from veil.attestation.kds import (
@@ -29,13 +28,7 @@ TURIN_CPUID = (0x1A, 0x02, 0x0)
 
 
 def ark_crl(amd: FakeAmd, issuer_cn: str | None = None) -> bytes:
-    builder = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(name(issuer_cn or f"ARK-{amd.product}"))
-        .last_update(NOW)
-        .next_update(NOW.replace(year=NOW.year + 1))
-    )
-    return builder.sign(amd.ark_key, hashes.SHA384()).public_bytes(Encoding.DER)
+    return make_crl(amd, issuer=issuer_cn)
 
 
 def chain(amd: FakeAmd, *, vlek: bool = False) -> bytes:
