@@ -5,7 +5,7 @@ the package, so anyone can mint such evidence. The point is that the *same* veri
 against it as against genuine Intel evidence, end to end, in tests and demos. Clients accept it
 only with an explicit, loud opt-in (`TrustStore.simulated_only()`).
 
-What a provider builds once, at construction (mirroring Intel's PKI, see `_SimulatedPki`):
+What a provider builds once, at construction (mirroring Intel's PKI, see `veil.testing.intel_pki`):
 
 - "PCK Platform CA" under the simulated root; a PCK leaf under it with Intel's SGX extensions;
 - a "TCB Signing" certificate under the root, which signs the TCB info and the QE identity;
@@ -22,7 +22,6 @@ import hashlib
 import os
 import secrets
 import stat
-import struct
 import tempfile
 import threading
 import warnings
@@ -38,22 +37,10 @@ from veil.errors import EvidenceUnavailableError, SimulationModeWarning
 from veil.providers import _sim_pki
 from veil.providers.base import Evidence, pad_report_data
 from veil.providers.measurement import simulated_measurement, simulated_mr_signer
+from veil.testing.intel_pki import QeIdentitySpec
 
 __all__ = ["SimulatedSgxProvider", "now_utc"]
 
-
-# Quote v3 header constants (Quote Format A.4.3): ECDSA-256-with-P-256 key, SGX TEE, Intel's QE.
-_QUOTE_VERSION = 3
-_ATT_KEY_TYPE_ECDSA_P256 = 2
-_TEE_TYPE_SGX = 0
-_INTEL_QE_VENDOR_ID = bytes.fromhex("939a7233f79c4ca9940a0db3957f0607")
-_CERT_DATA_PCK_CHAIN = 5  # certification data type 5: PEM PCK leaf ‖ intermediate ‖ root
-# The Intel QE's default authentication data is bytes 0..31 (seen in every real v3 quote).
-_QE_AUTH_DATA = bytes(range(32))
-
-# SGX ATTRIBUTES.FLAGS bits (SDM vol. 3D, 38.7.1): INIT, DEBUG, MODE64BIT, PROVISIONKEY.
-_FLAG_INIT, _FLAG_DEBUG, _FLAG_MODE64, _FLAG_PROVISIONKEY = 0x01, 0x02, 0x04, 0x10
-_XFRM_DEFAULT = 0xE7  # x87, SSE, AVX, AVX-512 state: what Gramine and the Intel QE run with
 
 _APP_ISV_PROD_ID, _APP_ISV_SVN = 0, 1
 _QE_ISV_PROD_ID, _QE_ISV_SVN = 1, 8
@@ -67,41 +54,6 @@ _COLLATERAL_REFRESH = timedelta(days=1)
 def now_utc() -> datetime:
     """The current time, timezone-aware UTC (the default clock of the simulated provider)."""
     return datetime.now(UTC)
-
-
-def _attributes(flags: int) -> bytes:
-    return flags.to_bytes(8, "little") + _XFRM_DEFAULT.to_bytes(8, "little")
-
-
-def _sgx_report_body(
-    *,
-    cpu_svn: bytes,
-    attributes: bytes,
-    mr_enclave: bytes,
-    mr_signer: bytes,
-    isv_prod_id: int,
-    isv_svn: int,
-    report_data: bytes,
-) -> bytes:
-    """The 384-byte SGX report body (Quote Format A.4.5, "Enclave Report Body")."""
-    body = b"".join(
-        (
-            cpu_svn,  # CPUSVN, 16
-            struct.pack("<I", 0),  # MISCSELECT, 4
-            bytes(28),  # reserved, 28
-            attributes,  # ATTRIBUTES, 16
-            mr_enclave,  # MRENCLAVE, 32
-            bytes(32),  # reserved, 32
-            mr_signer,  # MRSIGNER, 32
-            bytes(96),  # reserved, 96
-            struct.pack("<HH", isv_prod_id, isv_svn),  # ISVPRODID, ISVSVN
-            bytes(60),  # reserved, 60
-            report_data,  # REPORTDATA, 64
-        )
-    )
-    if len(body) != 384:  # pragma: no cover - layout invariant
-        raise AssertionError(f"SGX report body is {len(body)} bytes, expected 384")
-    return body
 
 
 class SimulatedSgxProvider:
@@ -155,16 +107,18 @@ class SimulatedSgxProvider:
         self._mr_signer = simulated_mr_signer()
         self._debug = debug
         self._clock = clock
-        self._pki = _sim_pki.SimulatedPki(
+        self._platform = _sim_pki.simulated_platform(
             now=self._now(),
             revoke_pck=revoke_pck,
             tcb_status=tcb_status,
             advisory_ids=advisory_ids,
-            qe_mr_signer=self._mr_signer,
-            qe_isv_prod_id=_QE_ISV_PROD_ID,
-            qe_isv_svn=_QE_ISV_SVN,
+            qe=QeIdentitySpec(
+                mr_signer=self._mr_signer,
+                mr_enclave=_QE_MR_ENCLAVE,
+                isv_prod_id=_QE_ISV_PROD_ID,
+                isv_svn=_QE_ISV_SVN,
+            ),
         )
-        self._qe_report, self._qe_report_signature = self._certify_attestation_key()
         self._lock = threading.Lock()
         self._collateral: Mapping[str, Any] | None = None
         self._collateral_issued: datetime | None = None
@@ -185,55 +139,16 @@ class SimulatedSgxProvider:
             raise ValueError("clock: got a naive datetime, expected a timezone-aware one")
         return now.astimezone(UTC)
 
-    def _certify_attestation_key(self) -> tuple[bytes, bytes]:
-        # The QE binds its attestation key by putting SHA-256(att key ‖ QE auth data) in the
-        # first half of its own report's REPORTDATA (Quote Format A.4.7, QE Report Data).
-        binding = hashlib.sha256(self._pki.attestation_public_key + _QE_AUTH_DATA).digest()
-        qe_report = _sgx_report_body(
-            cpu_svn=self._pki.cpu_svn,
-            attributes=_attributes(_FLAG_INIT | _FLAG_MODE64 | _FLAG_PROVISIONKEY),
-            mr_enclave=_QE_MR_ENCLAVE,
-            mr_signer=self._mr_signer,
-            isv_prod_id=_QE_ISV_PROD_ID,
-            isv_svn=_QE_ISV_SVN,
-            report_data=binding + bytes(32),
-        )
-        return qe_report, _sim_pki.sign_raw(self._pki.pck_key, qe_report)
-
     def quote(self, report_data: bytes) -> bytes:
         """An SGX ECDSA quote v3 binding `report_data` (at most 64 bytes, zero-padded)."""
-        flags = _FLAG_INIT | _FLAG_MODE64 | (_FLAG_DEBUG if self._debug else 0)
-        header = b"".join(
-            (
-                struct.pack("<HHI", _QUOTE_VERSION, _ATT_KEY_TYPE_ECDSA_P256, _TEE_TYPE_SGX),
-                struct.pack("<HH", _QE_ISV_SVN, self._pki.pce_svn),
-                _INTEL_QE_VENDOR_ID,
-                self._pki.qe_id + bytes(4),  # user data: QE ID, as the Intel QE writes it
-            )
-        )
-        body = _sgx_report_body(
-            cpu_svn=self._pki.cpu_svn,
-            attributes=_attributes(flags),
+        return self._platform.quote(
+            pad_report_data(report_data),
             mr_enclave=self._mr_enclave,
             mr_signer=self._mr_signer,
             isv_prod_id=_APP_ISV_PROD_ID,
             isv_svn=_APP_ISV_SVN,
-            report_data=pad_report_data(report_data),
+            debug=self._debug,
         )
-        chain = self._pki.pck_chain_pem.encode("ascii")
-        signature_data = b"".join(
-            (
-                _sim_pki.sign_raw(self._pki.attestation_key, header + body),
-                self._pki.attestation_public_key,
-                self._qe_report,
-                self._qe_report_signature,
-                struct.pack("<H", len(_QE_AUTH_DATA)),
-                _QE_AUTH_DATA,
-                struct.pack("<HI", _CERT_DATA_PCK_CHAIN, len(chain)),
-                chain,
-            )
-        )
-        return header + body + struct.pack("<I", len(signature_data)) + signature_data
 
     def collateral_map(self) -> Mapping[str, Any]:
         """BlindAI 0.6's collateral map for this platform, valid for 30 days from issue."""
@@ -246,7 +161,7 @@ class SimulatedSgxProvider:
                 or now < issued
                 or now - issued >= _COLLATERAL_REFRESH
             ):
-                self._collateral = collateral_to_blindai_map(self._pki.collateral(now))
+                self._collateral = collateral_to_blindai_map(self._platform.collateral(now))
                 self._collateral_issued = now
             return self._collateral
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from veil.providers._sgx_extensions import SGX_EXTENSIONS_OID, encode_sgx_extensions
+from veil.testing._sgx_extensions import SGX_EXTENSIONS_OID, encode_sgx_extensions
 
 
 def _pck_from_quote(quote: bytes) -> x509.Certificate:
