@@ -43,6 +43,7 @@ __all__ = [
     "EvidenceUnavailableError",
     "ExpiredError",
     "ExportError",
+    "HazmatWarning",
     "MalformedEvidenceError",
     "NotFoundError",
     "PermissionDeniedError",
@@ -177,6 +178,10 @@ def api_error_for_status(status: int, message: str) -> ApiError:
 
 class SimulationModeWarning(UserWarning):
     """The peer is a simulated TEE: its evidence proves nothing about confidentiality."""
+
+
+class HazmatWarning(UserWarning):
+    """A ``hazmat_`` entry point was used: it weakens or skips a check (e.g. test trust roots)."""
 
 
 class UnsafePolicyWarning(UserWarning):

@@ -16,10 +16,10 @@ def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
     """Start servers for one test; every one is stopped at the end."""
     started: list[VeilServer] = []
 
-    def factory(*extra: str, data_dir: Path | None = None) -> VeilServer:
+    def factory(*extra: str, data_dir: Path | None = None, module: str = "veil.cli") -> VeilServer:
         index = len(started)
         server = start_server(
-            data_dir or tmp_path / f"data-{index}", tmp_path / f"log-{index}", *extra
+            data_dir or tmp_path / f"data-{index}", tmp_path / f"log-{index}", *extra, module=module
         )
         started.append(server)
         return server

@@ -68,14 +68,19 @@ class VeilServer:
         return self.process.returncode
 
 
-def start_server(data_dir: Path, log_dir: Path, *extra: str) -> VeilServer:
-    """Start `veil serve` and wait (bounded) for its ready line."""
+def start_server(
+    data_dir: Path, log_dir: Path, *extra: str, module: str = "veil.cli"
+) -> VeilServer:
+    """Start `veil serve` and wait (bounded) for its ready line.
+
+    `module` is what runs it: ``veil.cli``, or the test bed's ``veil.testing.emulated``.
+    """
     log_dir.mkdir(parents=True, exist_ok=True)
     out_path, err_path = log_dir / "stdout.log", log_dir / "stderr.log"
     command = [
         sys.executable,
         "-m",
-        "veil.cli",
+        module,
         "serve",
         "--platform",
         "simulated",

@@ -80,7 +80,8 @@ def test_simulation_warns_on_every_connection(server: VeilServer) -> None:
 
 
 def test_tampered_certificate_is_refused(server_factory: ServerFactory) -> None:
-    tampered = server_factory("--hazmat-test-tamper-certificate")
+    # the test bed's launcher, not `veil serve`: production has no such option
+    tampered = server_factory("--hazmat-test-tamper-certificate", module="veil.testing.emulated")
     with pytest.raises(veil.BindingError, match="certificate binding"):
         tampered.connect()
 

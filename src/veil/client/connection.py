@@ -90,6 +90,9 @@ class Connection:
             Without a policy it pins the measurement of this veil version's simulated server.
         policy: what the TEE must prove (measurements, TCB status); required unless
             `simulation` is set.
+        trust: the roots evidence must chain to (default: Intel's and AMD's, pinned). Only
+            for tests against emulated TEEs: `TrustStore.hazmat_test_roots(...)`. A simulated
+            server is never accepted this way (that takes ``simulation=True``).
         unattested_port, attested_port, management_port: the server's three ports.
         timeout: seconds allowed for connecting and for each request.
         upload_timeout: seconds allowed for an upload.
@@ -114,7 +117,15 @@ class Connection:
         timeout: float = 30.0,
         upload_timeout: float = 600.0,
         now: datetime | None = None,
+        trust: TrustStore | None = None,
     ) -> None:
+        if trust is not None and simulation:
+            raise ValueError("trust= and simulation=True: got both, expected at most one")
+        if trust is not None and trust.simulated:
+            raise ValueError(
+                "trust: got the simulated root, expected test or vendor roots; "
+                "a simulated server is accepted only with simulation=True"
+            )
         if simulation:
             warnings.warn_explicit(
                 "veil: simulation mode: the server runs in no TEE and its evidence proves "
@@ -150,7 +161,10 @@ class Connection:
                 f"the server is simulated (Server: {server!r}): it runs in no TEE; "
                 "connect with simulation=True only for development"
             )
-        trust = TrustStore.simulated_only() if simulation and mock else TrustStore.production()
+        if simulation and mock:
+            trust = TrustStore.simulated_only()
+        elif trust is None:
+            trust = TrustStore.production()
         # Step 3: evidence, collateral and policy.
         verified = verify_evidence(quote, collateral, policy=policy, trust=trust, now=now)
         # Step 4: the evidence must bind the certificate the server showed us.

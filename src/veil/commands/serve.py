@@ -8,7 +8,7 @@ import os
 import sys
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from veil.attestation.collateral_source import INTEL_PCS_URL
 from veil.attestation.kds import AMD_KDS_URL
@@ -17,7 +17,12 @@ from veil.server.batching import BatchingConfig
 from veil.server.config import ServerConfig
 from veil.server.limits import Limits
 
-__all__ = ["register"]
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from veil.providers import EvidenceProvider
+
+__all__ = ["register", "run", "server_config"]
 
 
 def register(subparsers: Any) -> None:
@@ -84,12 +89,8 @@ def register(subparsers: Any) -> None:
         help="longest wait for more requests before a run, once requests are being merged "
         f"(default {default.max_delay_ms:g})",
     )
-    # Test-only: serve a certificate the evidence does not bind; clients must refuse it.
-    parser.add_argument(
-        "--hazmat-test-tamper-certificate", action="store_true", help=argparse.SUPPRESS
-    )
     _add_hardening_arguments(parser)
-    parser.set_defaults(handler=_serve)
+    parser.set_defaults(handler=run)
 
 
 # --- hardening: authentication, sealed storage, resource limits ---------------------------------
@@ -138,34 +139,44 @@ def _limits(args: argparse.Namespace) -> Limits:
     return Limits(**given)
 
 
-def _serve(args: argparse.Namespace) -> int:
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    """The `ServerConfig` that parsed ``veil serve`` arguments describe."""
+    return ServerConfig(
+        data_dir=args.data_dir,
+        platform=args.platform,
+        host=args.host,
+        unattested_port=args.unattested_port,
+        attested_port=args.attested_port,
+        management_port=args.management_port,
+        threads=args.threads,
+        log_level=args.log_level,
+        pccs_url=args.pccs_url,
+        kds_url=args.kds_url,
+        no_auth=args.no_auth,
+        unsealed_store=args.unsealed_store,
+        limits=_limits(args),
+        batching=BatchingConfig(
+            enabled=args.batching,
+            max_batch_size=args.max_batch_size,
+            max_delay_ms=args.max_batch_delay_ms,
+        ),
+    )
+
+
+def run(
+    args: argparse.Namespace,
+    *,
+    provider_factory: Callable[[ServerConfig], EvidenceProvider] | None = None,
+) -> int:
+    """Run ``veil serve``; `provider_factory` is for the emulated test bed only."""
     from veil.server.runner import serve
 
     logging.basicConfig(level=args.log_level.upper(), format="veil: %(levelname)s %(message)s")
     try:
-        config = ServerConfig(
-            data_dir=args.data_dir,
-            platform=args.platform,
-            host=args.host,
-            unattested_port=args.unattested_port,
-            attested_port=args.attested_port,
-            management_port=args.management_port,
-            threads=args.threads,
-            log_level=args.log_level,
-            pccs_url=args.pccs_url,
-            kds_url=args.kds_url,
-            hazmat_test_tamper_certificate=args.hazmat_test_tamper_certificate,
-            no_auth=args.no_auth,
-            unsealed_store=args.unsealed_store,
-            limits=_limits(args),
-            batching=BatchingConfig(
-                enabled=args.batching,
-                max_batch_size=args.max_batch_size,
-                max_delay_ms=args.max_batch_delay_ms,
-            ),
-        )
+        config = server_config(args)
         args.data_dir.mkdir(parents=True, exist_ok=True)
-        return serve(config)
+        provider = provider_factory(config) if provider_factory else None
+        return serve(config, provider=provider)
     except (VeilError, ValueError, TypeError, OSError) as exc:
         print(f"veil serve: {exc}", file=sys.stderr)
         return 2

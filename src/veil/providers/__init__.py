@@ -15,12 +15,8 @@ from pathlib import Path
 from veil.attestation.claims import Platform
 from veil.errors import EvidenceUnavailableError
 from veil.providers.base import CollateralFetcher, Evidence, EvidenceProvider
-from veil.providers.configfs_tsm import (
-    PROVIDER_NAMES,
-    ConfigfsTsmProvider,
-    TsmFilesystem,
-    probe_tsm_provider,
-)
+from veil.providers.configfs_tsm import PROVIDER_NAMES, ConfigfsTsmProvider, probe_tsm_provider
+from veil.providers.devicefs import DeviceFilesystem, OsDeviceFilesystem
 from veil.providers.gramine import ATTESTATION_DIR, GramineProvider
 from veil.providers.simulated import SimulatedSgxProvider
 
@@ -42,7 +38,7 @@ def detect_provider(
     data_dir: Path,
     fs_root: Path = Path("/"),
     collateral_fetcher: CollateralFetcher | None = None,
-    tsm_fs: TsmFilesystem | None = None,
+    fs: DeviceFilesystem | None = None,
 ) -> EvidenceProvider:
     """The evidence provider for `platform`, checked to be present on this machine.
 
@@ -56,7 +52,8 @@ def detect_provider(
         data_dir: the server's data directory (the simulated platform keeps its key there).
         fs_root: the filesystem root to look for TEE interfaces under (tests pass a fake tree).
         collateral_fetcher: fetches Intel/AMD collateral for a quote (SGX and TDX need one).
-        tsm_fs: configfs-tsm filesystem operations (tests pass a fake kernel).
+        fs: how the TEE device files are reached (default: the real filesystem; tests pass
+            the emulated devices of `veil.testing.devices`). A real deployment never sets it.
 
     Raises:
         EvidenceUnavailableError: the requested TEE is not present. ``"auto"`` never falls
@@ -68,19 +65,20 @@ def detect_provider(
     if platform == "simulated":
         return SimulatedSgxProvider(data_dir)
 
-    gramine_present = (fs_root / ATTESTATION_DIR).is_dir()
+    fs = fs or OsDeviceFilesystem()
+    gramine_present = fs.is_dir(fs_root / ATTESTATION_DIR)
     if platform == "sgx" or (platform == "auto" and gramine_present):
         if not gramine_present:
             raise EvidenceUnavailableError(
                 f"sgx: {fs_root / ATTESTATION_DIR} not found; is this running inside Gramine?"
             )
-        return GramineProvider(fs_root=fs_root, collateral_fetcher=collateral_fetcher)
+        return GramineProvider(fs_root=fs_root, collateral_fetcher=collateral_fetcher, fs=fs)
 
-    tsm_name = probe_tsm_provider(fs_root, tsm_fs)
+    tsm_name = probe_tsm_provider(fs_root, fs)
     for tee in (Platform.TDX, Platform.SEV_SNP):
         if platform in ("auto", tee.value) and tsm_name == PROVIDER_NAMES[tee]:
             return ConfigfsTsmProvider(
-                tee, fs_root=fs_root, fs=tsm_fs, collateral_fetcher=collateral_fetcher
+                tee, fs_root=fs_root, fs=fs, collateral_fetcher=collateral_fetcher
             )
     if platform == "auto":
         raise EvidenceUnavailableError(

@@ -12,8 +12,9 @@ The kernel ABI (Documentation/ABI/testing/configfs-tsm): a process creates a rep
 - ``auxblob`` (read, SNP): the host-provided certificate table (GHCB spec, "SNP Extended Guest
   Request": 24-byte entries GUID ‖ u32 offset ‖ u32 length, an all-zero GUID ends the table).
 
-The entry is removed with ``rmdir`` afterwards. The filesystem is behind `TsmFilesystem` so tests
-run against a fake; a real configfs can only be exercised inside a TDX or SNP guest.
+The entry is removed with ``rmdir`` afterwards. The files are reached through `DeviceFilesystem`,
+so tests run this code unchanged against `veil.testing.devices`; a real configfs exists only
+inside a TDX or SNP guest.
 """
 
 from __future__ import annotations
@@ -25,20 +26,21 @@ import struct
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from veil.attestation.abi import snp
+from veil.attestation.abi.dcap import quote_report_data
 from veil.attestation.claims import Platform
 from veil.errors import EvidenceUnavailableError, MalformedEvidenceError
 from veil.providers.base import CollateralFetcher, Evidence, fetch_collateral, pad_report_data
+from veil.providers.devicefs import DeviceFilesystem, OsDeviceFilesystem
 
 __all__ = [
     "REPORT_DIR",
     "ConfigfsTsmProvider",
-    "OsTsmFilesystem",
-    "TsmFilesystem",
     "parse_snp_cert_table",
     "probe_tsm_provider",
 ]
@@ -55,44 +57,13 @@ _SNP_GUIDS = {
     uuid.UUID("c0b406a4-a803-4952-9743-3fb6014cd0ae"): "ark",
 }
 _CERT_ENTRY = 24
-_SNP_REPORT_DATA = slice(0x50, 0x90)  # SEV-SNP ABI spec, Table "ATTESTATION_REPORT", REPORT_DATA
-_TD_REPORT_DATA_OFFSET = 520  # Intel TDX DCAP quote spec, TD Quote Body: REPORT_DATA at 520
 
 
-class TsmFilesystem(Protocol):
-    """The four operations the configfs-tsm ABI needs; a fake in tests, `OsTsmFilesystem` live."""
-
-    def mkdir(self, path: Path) -> None: ...
-    def rmdir(self, path: Path) -> None: ...
-    def read(self, path: Path) -> bytes: ...
-    def write(self, path: Path, data: bytes) -> None: ...
-
-
-class OsTsmFilesystem:
-    """The real filesystem: each configfs attribute is written in one `write` call, as required."""
-
-    def mkdir(self, path: Path) -> None:
-        os.mkdir(path, 0o700)
-
-    def rmdir(self, path: Path) -> None:
-        os.rmdir(path)
-
-    def read(self, path: Path) -> bytes:
-        with open(path, "rb") as handle:
-            return handle.read()
-
-    def write(self, path: Path, data: bytes) -> None:
-        with open(path, "wb", buffering=0) as handle:
-            written = handle.write(data)
-        if written != len(data):
-            raise OSError(f"short write to {path}: {written} of {len(data)} bytes")
-
-
-def probe_tsm_provider(fs_root: Path, fs: TsmFilesystem | None = None) -> str | None:
+def probe_tsm_provider(fs_root: Path, fs: DeviceFilesystem | None = None) -> str | None:
     """The configfs-tsm provider name (``tdx_guest``, ``sev_guest``), or None if there is none."""
-    fs = fs or OsTsmFilesystem()
+    fs = fs or OsDeviceFilesystem()
     report_dir = fs_root / REPORT_DIR
-    if not report_dir.is_dir():
+    if not fs.is_dir(report_dir):
         return None
     entry = report_dir / f"veil-probe-{os.getpid()}-{secrets.token_hex(4)}"
     try:
@@ -170,7 +141,7 @@ class ConfigfsTsmProvider:
         platform: Platform,
         *,
         fs_root: Path = Path("/"),
-        fs: TsmFilesystem | None = None,
+        fs: DeviceFilesystem | None = None,
         collateral_fetcher: CollateralFetcher | None = None,
         privlevel: int | None = None,
     ) -> None:
@@ -180,7 +151,7 @@ class ConfigfsTsmProvider:
             raise ValueError(f"privlevel: got {privlevel}, expected 0..3 and an SNP platform")
         self.platform = platform
         self._report_dir = fs_root / REPORT_DIR
-        self._fs: TsmFilesystem = fs or OsTsmFilesystem()
+        self._fs: DeviceFilesystem = fs or OsDeviceFilesystem()
         self._fetcher = collateral_fetcher
         self._privlevel = privlevel
 
@@ -262,11 +233,14 @@ class ConfigfsTsmProvider:
         # Cheap sanity check, not a security boundary (the client verifies the signed bytes):
         # catches a kernel or fake answering a different request.
         if self.platform is Platform.SEV_SNP:
-            found = outblob[_SNP_REPORT_DATA]
+            found = outblob[snp.REPORT_DATA]
         else:
-            version = int.from_bytes(outblob[:2], "little")
-            start = 48 + (6 if version >= 5 else 0) + _TD_REPORT_DATA_OFFSET
-            found = outblob[start : start + 64]
+            try:
+                found = quote_report_data(outblob)
+            except MalformedEvidenceError as exc:
+                raise EvidenceUnavailableError(
+                    f"configfs-tsm: the outblob is no quote: {exc}"
+                ) from exc
         if found != data:
             raise EvidenceUnavailableError(
                 "configfs-tsm: the outblob does not carry the requested report data"

@@ -10,7 +10,8 @@ Gramine's pseudo-filesystem (Gramine docs, "Attestation and Secret Provisioning"
 - ``keys/_sgx_mrenclave`` (read, 16 bytes): the SGX sealing key bound to this enclave's
   MRENCLAVE (EGETKEY with KEYPOLICY.MRENCLAVE).
 
-Gramine gives no collateral; it comes from Intel PCS/PCCS through an injected fetcher.
+Gramine gives no collateral; it comes from Intel PCS/PCCS through an injected fetcher. The files are
+reached through `DeviceFilesystem`, so tests run this code unchanged against `veil.testing.devices`.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from veil.attestation.abi.dcap import quote_report_data
 from veil.attestation.claims import Platform
-from veil.errors import EvidenceUnavailableError
+from veil.errors import EvidenceUnavailableError, MalformedEvidenceError
 from veil.providers.base import CollateralFetcher, Evidence, fetch_collateral, pad_report_data
+from veil.providers.devicefs import DeviceFilesystem, OsDeviceFilesystem
 
 __all__ = ["ATTESTATION_DIR", "SEALING_KEY_INFO", "GramineProvider"]
 
@@ -32,7 +35,6 @@ ATTESTATION_DIR = Path("dev/attestation")
 # The label separates veil's model-sealing key from any other use of the same SGX key.
 SEALING_KEY_INFO = b"veil sealing key v1: AES-256-GCM model store"
 _SGX_SEALING_KEY_SIZE = 16
-_QUOTE_REPORT_DATA = slice(48 + 320, 48 + 384)  # quote header (48) + report body REPORTDATA (320)
 
 
 class GramineProvider:
@@ -42,6 +44,7 @@ class GramineProvider:
         fs_root: the filesystem root that holds ``dev/attestation``.
         collateral_fetcher: returns the BlindAI collateral map for a quote (Intel PCS/PCCS).
             Without one, `evidence` raises `EvidenceUnavailableError`.
+        fs: the filesystem operations (default: the real one).
 
     Sealing keys are bound to MRENCLAVE: a rebuilt enclave cannot unseal what an older build
     sealed. That is the safe default (a different binary never reads the models).
@@ -51,16 +54,21 @@ class GramineProvider:
     simulated = False
 
     def __init__(
-        self, *, fs_root: Path = Path("/"), collateral_fetcher: CollateralFetcher | None = None
+        self,
+        *,
+        fs_root: Path = Path("/"),
+        collateral_fetcher: CollateralFetcher | None = None,
+        fs: DeviceFilesystem | None = None,
     ) -> None:
         self._dir = fs_root / ATTESTATION_DIR
         self._fetcher = collateral_fetcher
+        self._fs: DeviceFilesystem = fs or OsDeviceFilesystem()
         # user_report_data and quote form one request: keep concurrent callers from interleaving.
         self._lock = threading.Lock()
 
     def _read(self, name: str) -> bytes:
         try:
-            return (self._dir / name).read_bytes()
+            return self._fs.read(self._dir / name)
         except OSError as exc:
             raise EvidenceUnavailableError(
                 f"Gramine: cannot read {self._dir / name}: {exc.strerror or exc}"
@@ -85,7 +93,7 @@ class GramineProvider:
             )
         with self._lock:
             try:
-                (self._dir / "user_report_data").write_bytes(data)
+                self._fs.write(self._dir / "user_report_data", data)
             except OSError as exc:
                 raise EvidenceUnavailableError(
                     f"Gramine: cannot write user_report_data: {exc.strerror or exc}"
@@ -93,7 +101,13 @@ class GramineProvider:
             quote = self._read("quote")
         # Not a security check (the client verifies the signed quote); it catches a quote
         # answering another request, e.g. a writer outside this process.
-        if quote[_QUOTE_REPORT_DATA] != data:
+        try:
+            found = quote_report_data(quote)
+        except MalformedEvidenceError as exc:
+            raise EvidenceUnavailableError(
+                f"Gramine: the quote file holds no quote: {exc}"
+            ) from exc
+        if found != data:
             raise EvidenceUnavailableError(
                 "Gramine: the quote does not carry the requested report data"
             )

@@ -31,8 +31,6 @@ class ServerConfig:
         pccs_url: Intel PCS or a PCCS, where SGX and TDX collateral for the quote is fetched.
         kds_url: AMD KDS or a mirror, where an SEV-SNP guest whose host supplies no
             certificate table gets its VCEK (and every SNP guest its ASK/ARK chain and CRL).
-        hazmat_test_tamper_certificate: TEST ONLY: serve on the unattested port a certificate
-            other than the one the evidence binds, so tests can see clients refuse it.
     """
 
     data_dir: Path
@@ -45,7 +43,6 @@ class ServerConfig:
     log_level: str = "warning"
     pccs_url: str = INTEL_PCS_URL
     kds_url: str = AMD_KDS_URL
-    hazmat_test_tamper_certificate: bool = False
     # --- hardening: authentication, sealed storage, resource limits ---
     # no_auth: ``--no-auth``: no API keys asked for (local development; a banner says so).
     # unsealed_store: ``--unsealed-store``: keep models in plain files when the platform has no

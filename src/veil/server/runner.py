@@ -33,7 +33,8 @@ import uvicorn
 
 from veil import __version__
 from veil.errors import BadRequestError, EvidenceUnavailableError
-from veil.providers import detect_provider
+from veil.providers import EvidenceProvider, detect_provider
+from veil.providers.devicefs import DeviceFilesystem
 from veil.providers.pcs import collateral_fetcher
 from veil.server.app import ServerState, build_apps
 from veil.server.config import ServerConfig
@@ -44,7 +45,7 @@ from veil.server.sealing import SealedModelStore
 from veil.server.store import ModelStore, ModelStoreProtocol, StoredModel
 from veil.tls import TlsIdentity, binding_report_data, generate_identity, server_context
 
-__all__ = ["UNSEALED_STORE_WARNING", "open_store", "prepare_state", "serve"]
+__all__ = ["UNSEALED_STORE_WARNING", "make_provider", "open_store", "prepare_state", "serve"]
 
 _log = logging.getLogger("veil.server")
 
@@ -78,23 +79,36 @@ def open_store(config: ServerConfig, sealing_key: Callable[[], bytes]) -> ModelS
     return SealedModelStore(config.data_dir / "sealed", key)
 
 
-def prepare_state(
-    config: ServerConfig, *, store: ModelStoreProtocol | None = None
-) -> tuple[ServerState, TlsIdentity]:
-    """Steps 1-3: the state the apps serve and the TLS identity (blocking)."""
-    provider = detect_provider(
+def make_provider(config: ServerConfig, *, fs: DeviceFilesystem | None = None) -> EvidenceProvider:
+    """The evidence provider for `config.platform`, with its collateral fetcher.
+
+    Args:
+        fs: where the TEE device files are reached; only the emulated test bed
+            (`veil.testing.emulated`) sets it.
+    """
+    return detect_provider(
         config.platform,
         data_dir=config.data_dir,
         collateral_fetcher=collateral_fetcher(pccs_url=config.pccs_url, kds_url=config.kds_url),
+        fs=fs,
     )
+
+
+def prepare_state(
+    config: ServerConfig,
+    *,
+    store: ModelStoreProtocol | None = None,
+    provider: EvidenceProvider | None = None,
+) -> tuple[ServerState, TlsIdentity]:
+    """Steps 1-3: the state the apps serve and the TLS identity (blocking).
+
+    `provider` defaults to `make_provider(config)`; the test bed passes one on emulated devices.
+    """
+    provider = provider or make_provider(config)
     # 1. TLS identity, made here so its key never leaves this process.
     identity = generate_identity()
     # 2. Evidence binding SHA-256(certificate DER).
     evidence = provider.evidence(binding_report_data(identity.certificate_der))
-    served = identity.certificate_der
-    if config.hazmat_test_tamper_certificate:
-        _log.warning("HAZMAT: serving a certificate the evidence does not bind (tests only)")
-        served = generate_identity().certificate_der
     # 3. Models kept from earlier runs (sealed unless asked otherwise: fail closed).
     store = store or open_store(config, provider.sealing_key)
     registry = ModelRegistry()
@@ -116,7 +130,7 @@ def prepare_state(
         except BadRequestError as exc:
             _log.warning("stored model %s not loaded: %s", meta.model_id, exc.message)
     state = ServerState(
-        certificate_der=served,
+        certificate_der=identity.certificate_der,
         quote=evidence.quote,
         collateral=dict(evidence.collateral),
         simulated=provider.simulated,
@@ -228,8 +242,15 @@ async def _run(
     return 1 if failed else 0
 
 
-def serve(config: ServerConfig, *, ready: Callable[[str], None] | None = None) -> int:
+def serve(
+    config: ServerConfig,
+    *,
+    ready: Callable[[str], None] | None = None,
+    provider: EvidenceProvider | None = None,
+) -> int:
     """Run the server until SIGINT/SIGTERM; returns the exit status.
+
+    `provider` defaults to `make_provider(config)`; only the emulated test bed passes one.
 
     Raises:
         EvidenceUnavailableError: the platform cannot produce evidence.
@@ -237,7 +258,7 @@ def serve(config: ServerConfig, *, ready: Callable[[str], None] | None = None) -
     if config.no_auth:
         # Loud, before anything else: stderr and the log.
         print(NO_AUTH_BANNER, file=sys.stderr, flush=True)
-    state, identity = prepare_state(config)
+    state, identity = prepare_state(config, provider=provider)
 
     def announce(line: str) -> None:
         print(line, flush=True)

@@ -11,8 +11,12 @@ time (or, for the simulated platform, by veil's public simulated root):
 - `veil.testing.amd_pki`: an AMD-shaped PKI (ARK, ASK, ASVK, VCEK, VLEK, the KDS CRL) and an
   SEV-SNP attestation report signer;
 - `veil.testing.services`: loopback HTTP stand-ins for Intel PCS/PCCS v4 and AMD KDS, with fault
-  knobs (down, slow, 404, stale, foreign) for tests.
+  knobs (down, slow, 404, stale, foreign) for tests;
+- `veil.testing.devices`: the Linux configfs-tsm tree (TDX, SEV-SNP) and Gramine's
+  ``/dev/attestation`` (SGX), answered as the kernel and Gramine do, with those signers behind;
+- `veil.testing.emulated`: ``python -m veil.testing.emulated serve ...`` runs the production
+  ``veil serve`` on those devices.
 
-A verifier accepts this evidence only through a `TrustStore` built on these roots, which is a
-hazmat decision: never do it outside tests.
+A client accepts this evidence only through ``TrustStore.hazmat_test_roots(...)``, which warns:
+never do it outside tests. Nothing here is imported by the server or the client.
 """

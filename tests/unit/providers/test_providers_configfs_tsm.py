@@ -21,10 +21,10 @@ from veil.errors import EvidenceUnavailableError, MalformedEvidenceError
 from veil.providers.configfs_tsm import (
     REPORT_DIR,
     ConfigfsTsmProvider,
-    OsTsmFilesystem,
     parse_snp_cert_table,
     probe_tsm_provider,
 )
+from veil.providers.devicefs import OsDeviceFilesystem
 
 VCEK = uuid.UUID("63da758d-e664-4564-adc5-f4b93be8accd")
 VLEK = uuid.UUID("a8074bc2-a25a-483e-aae6-39c045a0b8a1")
@@ -56,7 +56,7 @@ def cert_table(entries: list[tuple[uuid.UUID, bytes]], le: bool = False) -> byte
     return header + bytes(24) + blobs
 
 
-class FakeKernel(OsTsmFilesystem):
+class FakeKernel(OsDeviceFilesystem):
     """Emulates the configfs-tsm report attributes on an ordinary directory tree."""
 
     def __init__(

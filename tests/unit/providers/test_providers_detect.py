@@ -15,10 +15,11 @@ from veil.providers import (
     SimulatedSgxProvider,
     detect_provider,
 )
-from veil.providers.configfs_tsm import REPORT_DIR, OsTsmFilesystem
+from veil.providers.configfs_tsm import REPORT_DIR
+from veil.providers.devicefs import OsDeviceFilesystem
 
 
-class ProviderOnly(OsTsmFilesystem):
+class ProviderOnly(OsDeviceFilesystem):
     def __init__(self, name: str) -> None:
         self.name = name
 
@@ -75,19 +76,19 @@ def test_sgx_when_gramine_present(tmp_path: Path) -> None:
 def test_configfs_tsm_by_provider_name(tmp_path: Path, kernel: str, platform: Platform) -> None:
     root = tsm_root(tmp_path)
     for name in ("auto", platform.value):
-        prov = detect_provider(name, data_dir=tmp_path, fs_root=root, tsm_fs=ProviderOnly(kernel))
+        prov = detect_provider(name, data_dir=tmp_path, fs_root=root, fs=ProviderOnly(kernel))
         assert isinstance(prov, ConfigfsTsmProvider)
         assert prov.platform is platform
     other = "sev-snp" if platform is Platform.TDX else "tdx"
     with pytest.raises(EvidenceUnavailableError, match=f"found provider '{kernel}'"):
-        detect_provider(other, data_dir=tmp_path, fs_root=root, tsm_fs=ProviderOnly(kernel))
+        detect_provider(other, data_dir=tmp_path, fs_root=root, fs=ProviderOnly(kernel))
     assert list((root / REPORT_DIR).iterdir()) == []
 
 
 def test_unknown_provider_name_is_not_a_tee(tmp_path: Path) -> None:
     root = tsm_root(tmp_path)
     with pytest.raises(EvidenceUnavailableError, match="no TEE found"):
-        detect_provider("auto", data_dir=tmp_path, fs_root=root, tsm_fs=ProviderOnly("mystery"))
+        detect_provider("auto", data_dir=tmp_path, fs_root=root, fs=ProviderOnly("mystery"))
 
 
 def test_unknown_platform_name(tmp_path: Path) -> None:

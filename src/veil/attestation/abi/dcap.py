@@ -25,6 +25,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from veil.attestation.abi import sgx, tdx
 from veil.attestation.abi.sgx import SGX_REPORT_BODY_SIZE, SgxReportBody
 from veil.attestation.abi.tdx import TD_REPORT_BODY_10_SIZE, TD_REPORT_BODY_15_SIZE, TdReportBody
 from veil.errors import MalformedEvidenceError
@@ -39,6 +40,7 @@ __all__ = [
     "TEE_TYPE_TDX",
     "Quote",
     "parse_quote",
+    "quote_report_data",
 ]
 
 HEADER_SIZE = 48
@@ -149,6 +151,28 @@ class Quote:
             f"Quote(version={self.version}, tee_type={self.tee_type:#x}, "
             f"body_type={self.body_type}, body={self.body!r})"
         )
+
+
+def quote_report_data(data: bytes) -> bytes:
+    """The 64 report-data bytes of a quote's body, found from the header alone.
+
+    For a provider's check that a quote answers its request; nothing after the body is read, so
+    this says nothing about the quote being well formed or genuine.
+
+    Raises:
+        MalformedEvidenceError: the header or body is truncated, or the version is unknown.
+    """
+    r = _Reader(bytes(data))
+    version = r.u16("header.version")
+    r.take(2, "header.attestation_key_type")
+    tee_type = r.u32("header.tee_type")
+    r.take(HEADER_SIZE - 8, "header")
+    if version not in (3, 4, 5):
+        raise MalformedEvidenceError(f"quote version: got {version}, expected 3, 4 or 5")
+    if version == 5:
+        r.take(6, "body descriptor")
+    field = sgx.REPORT_DATA if tee_type == TEE_TYPE_SGX else tdx.REPORT_DATA
+    return r.take(field.stop, "body")[field]
 
 
 def parse_quote(data: bytes) -> Quote:

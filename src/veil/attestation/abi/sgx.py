@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from veil.errors import MalformedEvidenceError
 
-__all__ = ["SGX_REPORT_BODY_SIZE", "SgxReportBody"]
+__all__ = ["REPORT_DATA", "SGX_REPORT_BODY_SIZE", "SgxReportBody"]
 
 SGX_REPORT_BODY_SIZE = 384
 
@@ -31,7 +31,7 @@ _ISV_SVN = slice(258, 260)
 _CONFIG_SVN = slice(260, 262)
 _RESERVED4 = slice(262, 304)
 _ISV_FAMILY_ID = slice(304, 320)
-_REPORT_DATA = slice(320, 384)
+REPORT_DATA = slice(320, 384)
 
 # SGX ATTRIBUTES.FLAGS bit 1: the enclave can be debugged (its memory is readable).
 _ATTRIBUTE_DEBUG = 0x02
@@ -101,7 +101,7 @@ class SgxReportBody:
             isv_svn=isv_svn,
             config_svn=config_svn,
             isv_family_id=data[_ISV_FAMILY_ID],
-            report_data=data[_REPORT_DATA],
+            report_data=data[REPORT_DATA],
         )
 
     def __repr__(self) -> str:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from veil.errors import MalformedEvidenceError
 
 __all__ = [
+    "REPORT_DATA",
     "SNP_REPORT_SIZE",
     "SNP_SIGNED_SIZE",
     "SigningKey",
@@ -31,6 +32,8 @@ __all__ = [
 SNP_REPORT_SIZE = 0x4A0
 # The signature covers bytes 0x000..0x29F of the report.
 SNP_SIGNED_SIZE = 0x2A0
+# REPORT_DATA (ABI spec, Table "ATTESTATION_REPORT Structure"): 64 bytes chosen by the guest.
+REPORT_DATA = slice(0x50, 0x90)
 
 _MIN_VERSION = 2
 _V3_CPUID = 3
@@ -320,7 +323,7 @@ def parse_snp_report(data: bytes) -> SnpReport:
         author_key_en=bool(signer_info & _AUTHOR_KEY_EN),
         mask_chip_key=bool(signer_info & _MASK_CHIP_KEY),
         signing_key=signing_key,
-        report_data=data[0x50:0x90],
+        report_data=data[REPORT_DATA],
         measurement=data[0x90:0xC0],
         host_data=data[0xC0:0xE0],
         id_key_digest=data[0xE0:0x110],

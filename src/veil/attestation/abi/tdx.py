@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from veil.errors import MalformedEvidenceError
 
-__all__ = ["TD_REPORT_BODY_10_SIZE", "TD_REPORT_BODY_15_SIZE", "TdReportBody"]
+__all__ = ["REPORT_DATA", "TD_REPORT_BODY_10_SIZE", "TD_REPORT_BODY_15_SIZE", "TdReportBody"]
 
 TD_REPORT_BODY_10_SIZE = 584
 TD_REPORT_BODY_15_SIZE = 648
@@ -26,7 +26,7 @@ _MR_CONFIG_ID = slice(184, 232)
 _MR_OWNER = slice(232, 280)
 _MR_OWNER_CONFIG = slice(280, 328)
 _RTMR = (slice(328, 376), slice(376, 424), slice(424, 472), slice(472, 520))
-_REPORT_DATA = slice(520, 584)
+REPORT_DATA = slice(520, 584)
 _TEE_TCB_SVN2 = slice(584, 600)
 _MR_SERVICETD = slice(600, 648)
 
@@ -104,7 +104,7 @@ class TdReportBody:
             rtmr1=data[_RTMR[1]],
             rtmr2=data[_RTMR[2]],
             rtmr3=data[_RTMR[3]],
-            report_data=data[_REPORT_DATA],
+            report_data=data[REPORT_DATA],
             tee_tcb_svn2=data[_TEE_TCB_SVN2] if is15 else None,
             mr_servicetd=data[_MR_SERVICETD] if is15 else None,
         )

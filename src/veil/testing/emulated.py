@@ -1,0 +1,78 @@
+"""Run the production ``veil serve`` on emulated TEE devices. TEST HARNESS.
+
+Usage::
+
+    python -m veil.testing.emulated serve [HARNESS OPTIONS] <the usual veil serve arguments>
+
+Harness options (nothing else differs from ``veil serve``: same parser, same server code):
+
+- ``--hazmat-test-tamper-certificate``: the evidence binds a certificate this server does not
+  have, so tests can watch clients refuse it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import secrets
+import sys
+from collections.abc import Sequence
+
+from veil.attestation.claims import Platform
+from veil.cli import build_parser
+from veil.commands import serve as serve_command
+from veil.providers import EvidenceProvider
+from veil.providers.base import Evidence
+from veil.server.config import ServerConfig
+from veil.server.runner import make_provider
+
+__all__ = ["main"]
+
+_log = logging.getLogger("veil.testing")
+
+
+class _UnboundEvidence:
+    """A provider whose evidence binds 32 random bytes instead of the server's certificate."""
+
+    def __init__(self, inner: EvidenceProvider) -> None:
+        self._inner = inner
+
+    @property
+    def platform(self) -> Platform:
+        return self._inner.platform
+
+    @property
+    def simulated(self) -> bool:
+        return self._inner.simulated
+
+    def evidence(self, report_data: bytes) -> Evidence:
+        return self._inner.evidence(secrets.token_bytes(32))
+
+    def sealing_key(self) -> bytes:
+        return self._inner.sealing_key()
+
+
+def _harness_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m veil.testing.emulated", add_help=False)
+    parser.add_argument("command", choices=("serve",))
+    parser.add_argument("--hazmat-test-tamper-certificate", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the harness options, then run ``veil serve`` with the rest."""
+    harness, rest = _harness_parser().parse_known_args(argv)
+    args = build_parser().parse_args([harness.command, *rest])
+
+    def provider_factory(config: ServerConfig) -> EvidenceProvider:
+        provider = make_provider(config)
+        if harness.hazmat_test_tamper_certificate:
+            _log.warning("HAZMAT: the evidence binds a certificate this server does not serve")
+            provider = _UnboundEvidence(provider)
+        return provider
+
+    return serve_command.run(args, provider_factory=provider_factory)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
