@@ -48,6 +48,7 @@ from starlette.routing import Route
 
 from veil import wire
 from veil.errors import ApiError, BadRequestError, TensorError, api_error_for_status
+from veil.server.collateral import CollateralKeeper
 from veil.server.config import ServerConfig
 from veil.server.keys import (
     API_KEY_HEADER,
@@ -88,7 +89,7 @@ class ServerState:
     Attributes:
         certificate_der: the certificate served on the unattested port.
         quote: the evidence binding the TLS certificate.
-        collateral: the collateral map served on ``/collateral``.
+        collateral: keeps the collateral served on ``/collateral`` fresh, and its health.
         simulated: whether the platform is simulated (the Server header then says ``mock``).
         registry: the loaded models.
         store: where uploads are kept (plain or sealed).
@@ -99,7 +100,7 @@ class ServerState:
 
     certificate_der: bytes
     quote: bytes
-    collateral: dict[str, Any]
+    collateral: CollateralKeeper
     simulated: bool
     registry: ModelRegistry
     store: ModelStoreProtocol
@@ -273,8 +274,7 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
     storage = {"used": sum(meta.size for meta in access.values()), "pending": 0}
     certificate = cbor2.dumps(state.certificate_der)
     quote = cbor2.dumps(state.quote)
-    collateral = cbor2.dumps(state.collateral)
-    health = cbor2.dumps({"status": "ok", "simulated": state.simulated})
+    keeper = state.collateral
 
     async def get_certificate(request: Request) -> Response:
         return Response(certificate, media_type=_CBOR)
@@ -283,10 +283,20 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         return Response(quote, media_type=_CBOR)
 
     async def get_collateral(request: Request) -> Response:
-        return Response(collateral, media_type=_CBOR)
+        # Read on every request: a background refresh swaps the served copy.
+        return Response(keeper.encoded(), media_type=_CBOR)
 
     async def get_health(request: Request) -> Response:
-        return Response(health, media_type=_CBOR)
+        # "status" stays BlindAI's top-level key; "failing" (expired collateral: clients refuse
+        # this server) also answers 503 so that load balancers take it out.
+        collateral = keeper.status()
+        body = {
+            "status": collateral.state,
+            "simulated": state.simulated,
+            "collateral": collateral.as_map(),
+        }
+        status = 503 if collateral.state == "failing" else 200
+        return Response(cbor2.dumps(body), status_code=status, media_type=_CBOR)
 
     async def handshake(request: Request) -> Response:
         return _cbor(None)

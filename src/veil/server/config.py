@@ -9,6 +9,7 @@ from pathlib import Path
 from veil.attestation.collateral_source import INTEL_PCS_URL
 from veil.attestation.kds import AMD_KDS_URL
 from veil.server.batching import BatchingConfig
+from veil.server.collateral import RefreshSettings
 from veil.server.limits import Limits
 
 __all__ = ["ServerConfig"]
@@ -31,6 +32,8 @@ class ServerConfig:
         pccs_url: Intel PCS or a PCCS, where SGX and TDX collateral for the quote is fetched.
         kds_url: AMD KDS or a mirror, where an SEV-SNP guest whose host supplies no
             certificate table gets its VCEK (and every SNP guest its ASK/ARK chain and CRL).
+        collateral_refresh: when the served collateral is refreshed (schedule, margin before
+            expiry, retry delay after a failure); see `veil.server.collateral`.
     """
 
     data_dir: Path
@@ -52,6 +55,7 @@ class ServerConfig:
     unsealed_store: bool = False
     limits: Limits = field(default_factory=Limits)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    collateral_refresh: RefreshSettings = field(default_factory=RefreshSettings)
 
     def __post_init__(self) -> None:
         for name in ("unattested_port", "attested_port", "management_port"):

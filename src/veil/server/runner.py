@@ -28,15 +28,17 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 
 import uvicorn
 
 from veil import __version__
 from veil.errors import BadRequestError, EvidenceUnavailableError
-from veil.providers import EvidenceProvider, detect_provider
+from veil.providers import EvidenceProvider, SimulatedSgxProvider, detect_provider
 from veil.providers.devicefs import DeviceFilesystem
 from veil.providers.pcs import collateral_fetcher
 from veil.server.app import ServerState, build_apps
+from veil.server.collateral import CollateralKeeper
 from veil.server.config import ServerConfig
 from veil.server.keys import KEYS_FILENAME, NO_AUTH_BANNER, AuthGate, KeyStore
 from veil.server.models import ModelRegistry, load_model
@@ -79,17 +81,38 @@ def open_store(config: ServerConfig, sealing_key: Callable[[], bytes]) -> ModelS
     return SealedModelStore(config.data_dir / "sealed", key)
 
 
-def make_provider(config: ServerConfig, *, fs: DeviceFilesystem | None = None) -> EvidenceProvider:
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _collateral_keeper(config: ServerConfig, clock: Callable[[], datetime]) -> CollateralKeeper:
+    services = collateral_fetcher(pccs_url=config.pccs_url, kds_url=config.kds_url)
+    return CollateralKeeper(
+        config.data_dir, services, clock=clock, settings=config.collateral_refresh
+    )
+
+
+def make_provider(
+    config: ServerConfig,
+    *,
+    fs: DeviceFilesystem | None = None,
+    clock: Callable[[], datetime] = _utc_now,
+) -> EvidenceProvider:
     """The evidence provider for `config.platform`, with its collateral fetcher.
+
+    The fetcher asks PCS/PCCS or KDS through the collateral cache in the data directory
+    (`veil.server.collateral`): a cached copy not yet due is served, and one still valid is
+    the fallback when the service is down.
 
     Args:
         fs: where the TEE device files are reached; only the emulated test bed
             (`veil.testing.emulated`) sets it.
+        clock: the server's time (collateral freshness).
     """
     return detect_provider(
         config.platform,
         data_dir=config.data_dir,
-        collateral_fetcher=collateral_fetcher(pccs_url=config.pccs_url, kds_url=config.kds_url),
+        collateral_fetcher=_collateral_keeper(config, clock).fetcher,
         fs=fs,
     )
 
@@ -99,16 +122,35 @@ def prepare_state(
     *,
     store: ModelStoreProtocol | None = None,
     provider: EvidenceProvider | None = None,
+    clock: Callable[[], datetime] = _utc_now,
 ) -> tuple[ServerState, TlsIdentity]:
     """Steps 1-3: the state the apps serve and the TLS identity (blocking).
 
     `provider` defaults to `make_provider(config)`; the test bed passes one on emulated devices.
+    `clock` is the server's time for collateral freshness (tests advance it).
+
+    Raises:
+        EvidenceUnavailableError: no evidence, or no collateral (the service is down and no
+            cached copy is valid).
     """
-    provider = provider or make_provider(config)
+    provider = provider or make_provider(config, clock=clock)
+    if isinstance(provider, SimulatedSgxProvider):
+        # The simulated platform issues its own collateral: refreshes come from it, not PCS.
+        simulated = provider
+        keeper = CollateralKeeper(
+            config.data_dir,
+            None,
+            clock=clock,
+            settings=config.collateral_refresh,
+            source=lambda _quote: simulated.collateral_map(),
+        )
+    else:
+        keeper = _collateral_keeper(config, clock)
     # 1. TLS identity, made here so its key never leaves this process.
     identity = generate_identity()
-    # 2. Evidence binding SHA-256(certificate DER).
+    # 2. Evidence binding SHA-256(certificate DER); its collateral is kept fresh from now on.
     evidence = provider.evidence(binding_report_data(identity.certificate_der))
+    keeper.adopt(evidence.quote, evidence.collateral)
     # 3. Models kept from earlier runs (sealed unless asked otherwise: fail closed).
     store = store or open_store(config, provider.sealing_key)
     registry = ModelRegistry()
@@ -132,7 +174,7 @@ def prepare_state(
     state = ServerState(
         certificate_der=identity.certificate_der,
         quote=evidence.quote,
-        collateral=dict(evidence.collateral),
+        collateral=keeper,
         simulated=provider.simulated,
         registry=registry,
         store=store,
@@ -167,6 +209,21 @@ def _listen(host: str, port: int) -> socket.socket:
         sock.close()
         raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
     return sock
+
+
+COLLATERAL_POLL_S = 60.0
+
+
+async def keep_collateral_fresh(
+    keeper: CollateralKeeper, *, poll_s: float = COLLATERAL_POLL_S
+) -> None:
+    """Forever: every `poll_s` seconds, refresh the collateral if it is due (in a thread)."""
+    while True:
+        await asyncio.sleep(poll_s)
+        try:
+            await asyncio.to_thread(keeper.refresh_if_due)
+        except Exception as exc:  # never let a refresh bug stop the server; the type says why
+            _log.error("collateral refresh: unexpected %s", type(exc).__name__)
 
 
 async def _run(
@@ -223,6 +280,7 @@ async def _run(
         asyncio.create_task(server.serve(sockets=[sock]))
         for server, sock in zip(servers, sockets, strict=True)
     ]
+    refresher = asyncio.create_task(keep_collateral_fresh(state.collateral))
     try:
         while not all(server.started for server in servers):
             if any(task.done() for task in tasks):
@@ -234,6 +292,9 @@ async def _run(
         ready(ReadyLine(config.host, a, b, c).format(f"{platform}, {state.auth.describe()}"))
         results = await asyncio.gather(*tasks, return_exceptions=True)
     finally:
+        refresher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await refresher
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         for sock in sockets:
