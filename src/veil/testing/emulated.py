@@ -6,6 +6,9 @@ Usage::
 
 Harness options (nothing else differs from ``veil serve``: same parser, same server code):
 
+- ``--emulated-state DIR``: the TEE device files (configfs-tsm, Gramine's /dev/attestation) are
+  answered by `veil.testing.devices`, built from the state directory a test wrote with
+  `veil.testing.state.EmulatedState`; the production providers read them unchanged;
 - ``--hazmat-test-tamper-certificate``: the evidence binds a certificate this server does not
   have, so tests can watch clients refuse it.
 """
@@ -17,6 +20,7 @@ import logging
 import secrets
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from veil.attestation.claims import Platform
 from veil.cli import build_parser
@@ -55,6 +59,7 @@ class _UnboundEvidence:
 def _harness_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m veil.testing.emulated", add_help=False)
     parser.add_argument("command", choices=("serve",))
+    parser.add_argument("--emulated-state", type=Path, default=None)
     parser.add_argument("--hazmat-test-tamper-certificate", action="store_true")
     return parser
 
@@ -65,7 +70,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args([harness.command, *rest])
 
     def provider_factory(config: ServerConfig) -> EvidenceProvider:
-        provider = make_provider(config)
+        fs = None
+        if harness.emulated_state is not None:
+            from veil.testing.state import load_devices
+
+            fs = load_devices(harness.emulated_state)
+        provider = make_provider(config, fs=fs)
         if harness.hazmat_test_tamper_certificate:
             _log.warning("HAZMAT: the evidence binds a certificate this server does not serve")
             provider = _UnboundEvidence(provider)

@@ -15,8 +15,10 @@ What it mirrors, so that veil's production verifier runs unchanged against its o
   signature, QE report signed by the PCK key whose report data binds the attestation key, and
   certification data type 5 (the PEM PCK chain).
 
-Every validity window derives from an injected `now`. Keys derive from a seed, so two PKIs built
-from one seed share their keys and certificates' public parts (ECDSA signatures stay randomised).
+Every validity window derives from an injected `now`. Keys derive from a seed and certificates are
+signed deterministically (RFC 6979), so two PKIs built from one seed and one `now` issue
+byte-identical certificates: an emulated server process and its test agree on every chain. CRL,
+collateral and quote signatures stay randomised.
 Nothing here is Intel's: trust it only through a `TrustStore` built on `IntelPki.root`.
 """
 
@@ -431,7 +433,7 @@ class IntelPki:
                 serial=_serial(self.seed, "root"),
                 path=1,
             )
-            root = CertifiedKey(cert.sign(key, hashes.SHA256()), key)
+            root = CertifiedKey(cert.sign(key, hashes.SHA256(), ecdsa_deterministic=True), key)
         self._root = root
         limit = root.certificate.not_valid_after_utc
         self._cas: dict[CaKind, CertifiedKey] = {
@@ -545,7 +547,9 @@ class IntelPki:
                 x509.UnrecognizedExtension(sgx_extensions.SGX_EXTENSIONS_OID, extension),
                 critical=False,
             )
-        return CertifiedKey(builder.sign(issuer.key, hashes.SHA256()), key)
+        return CertifiedKey(
+            builder.sign(issuer.key, hashes.SHA256(), ecdsa_deterministic=True), key
+        )
 
     def issue_pck(
         self,

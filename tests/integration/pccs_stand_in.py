@@ -1,0 +1,72 @@
+"""A loopback PCCS (Intel PCS API v4 paths) serving an `IntelPki`'s collateral, for the emulated
+platforms' tests. Collateral is issued at the time given; revocations show on the next CRL."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, quote, urlsplit
+
+from veil.testing.intel_pki import DcapPlatform, IntelPki
+
+
+def _answers(
+    pki: IntelPki, platforms: dict[str, DcapPlatform], now: datetime, path: str, query: str
+) -> tuple[bytes, dict[str, str]] | None:
+    params = {k: v[0] for k, v in parse_qs(query).items()}
+    tee, _, rest = path.strip("/").partition("/certification/v4/")
+    platform = platforms.get(tee)
+    if platform is None:
+        return None
+    if rest == "tcb":
+        text, signature = pki.sign_json(platform.tcb_info(now))
+        body = f'{{"tcbInfo":{text},"signature":"{signature.hex()}"}}'
+        return body.encode(), {"TCB-Info-Issuer-Chain": quote(pki.tcb_signing_chain)}
+    if rest == "qe/identity":
+        text, signature = pki.sign_json(platform.qe_identity(now))
+        body = f'{{"enclaveIdentity":{text},"signature":"{signature.hex()}"}}'
+        return body.encode(), {"SGX-Enclave-Identity-Issuer-Chain": quote(pki.tcb_signing_chain)}
+    if rest == "pckcrl" and params.get("ca") in ("platform", "processor"):
+        ca = "platform" if params["ca"] == "platform" else "processor"
+        chain = quote(pki.pck_crl_issuer_chain(ca))
+        return pki.pck_crl(ca, now), {"SGX-PCK-CRL-Issuer-Chain": chain}
+    if rest == "rootcacrl":
+        return pki.root_crl(now), {}
+    return None
+
+
+@contextmanager
+def serve_pccs(pki: IntelPki, *, now: datetime) -> Iterator[str]:
+    """Serve on a free loopback port; yields the base URL."""
+    platforms: dict[str, DcapPlatform] = {"sgx": pki.sgx_platform(), "tdx": pki.tdx_platform()}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            url = urlsplit(self.path)
+            answer = _answers(pki, platforms, now, url.path, url.query)
+            if answer is None:
+                self.send_error(404)
+                return
+            body, headers = answer
+            self.send_response(200)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            return
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

@@ -1,0 +1,179 @@
+"""The production `veil serve` on emulated SGX, TDX and SEV-SNP hardware, verified by a client
+WITHOUT simulation=True: only the trust roots differ from a real deployment (hazmat test roots).
+
+Each platform shares one server across its tests (module-scoped); rejection paths that need
+different evidence (debug, revoked) start their own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx_models import identity_model
+from server_process import VeilServer, start_server
+
+import veil
+from veil.attestation.policy import Policy, SgxPolicy, SnpPolicy, TdxPolicy
+from veil.attestation.trust import TrustStore
+from veil.errors import HazmatWarning
+from veil.testing.intel_pki import IntelPki
+from veil.testing.state import EmulatedState
+
+pytestmark = pytest.mark.slow
+
+NOW = datetime.now(UTC)
+SEED = hashlib.sha256(b"veil emulated platforms").digest()
+MEASUREMENT = {
+    "sgx": hashlib.sha256(b"emulated enclave").digest(),
+    "tdx": hashlib.sha384(b"emulated td").digest(),
+    "sev-snp": hashlib.sha384(b"emulated guest").digest(),
+}
+PLATFORMS = ("sgx", "tdx")
+
+
+def hazmat_trust(intel: IntelPki) -> TrustStore:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HazmatWarning)
+        return TrustStore.hazmat_test_roots(intel_root=intel.root)
+
+
+def policy_for(platform: str, measurement: bytes) -> Policy:
+    if platform == "sgx":
+        return Policy(sgx=SgxPolicy(mr_enclave=(measurement,)))
+    if platform == "tdx":
+        return Policy(tdx=TdxPolicy(mr_td=(measurement,)))
+    return Policy(sev_snp=SnpPolicy(measurement=(measurement,)))
+
+
+@dataclass
+class Bed:
+    """One emulated machine running `veil serve`, and what a client needs to trust it."""
+
+    platform: str
+    server: VeilServer
+    trust: TrustStore
+
+    def connect(self, **kwargs: object) -> veil.Connection:
+        kwargs.setdefault("policy", policy_for(self.platform, MEASUREMENT[self.platform]))
+        kwargs.setdefault("trust", self.trust)
+        return veil.connect("127.0.0.1", **self.server.ports, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def intel_pki() -> IntelPki:
+    return IntelPki(now=NOW, seed=SEED)
+
+
+@pytest.fixture(scope="module")
+def pccs_url(intel_pki: IntelPki) -> Iterator[str]:
+    from pccs_stand_in import serve_pccs
+
+    with serve_pccs(intel_pki, now=NOW) as url:
+        yield url
+
+
+def start_bed(root: Path, platform: str, pccs_url: str, trust: TrustStore, **state: object) -> Bed:
+    state_dir = EmulatedState(
+        platform=platform,
+        seed=SEED,
+        now=NOW,
+        measurement=MEASUREMENT[platform],
+        **state,  # type: ignore[arg-type]
+    ).write(root / "state")
+    extra = ["--emulated-state", str(state_dir), "--platform", platform, "--pccs-url", pccs_url]
+    if platform != "sgx":
+        extra.append("--unsealed-store")  # configfs-tsm guests have no sealing key
+    server = start_server(root / "data", root / "log", *extra, module="veil.testing.emulated")
+    return Bed(platform, server, trust)
+
+
+@pytest.fixture(scope="module", params=PLATFORMS)
+def bed(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    intel_pki: IntelPki,
+    pccs_url: str,
+) -> Iterator[Bed]:
+    platform: str = request.param
+    running = start_bed(
+        tmp_path_factory.mktemp(f"emulated-{platform}"), platform, pccs_url, hazmat_trust(intel_pki)
+    )
+    yield running
+    assert running.server.stop() == 0, running.server.stderr()[-3000:]
+
+
+def test_upload_predict_delete_without_simulation(bed: Bed) -> None:
+    model = identity_model("float32")
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    with bed.connect() as client:
+        assert not client.verified.simulated
+        assert client.verified.report_data[:32] == hashlib.sha256(client.certificate_der).digest()
+        client.upload_model(model, model_id="identity")
+        np.testing.assert_array_equal(client.predict("identity", x).output[0].as_numpy(), x)
+        client.delete_model("identity")
+        assert [m.model_id for m in client.list_models()] == []
+
+
+def test_server_is_not_mock(bed: Bed) -> None:
+    assert "INSECURE" not in bed.server.ready_line
+    assert f"platform={bed.platform}" in bed.server.ready_line
+
+
+def test_production_trust_refuses_the_test_roots(bed: Bed) -> None:
+    with pytest.raises(veil.ChainError):
+        bed.connect(trust=TrustStore.production())
+
+
+def test_foreign_root_is_refused(bed: Bed) -> None:
+    foreign = IntelPki(now=NOW, seed=b"someone else")
+    with pytest.raises(veil.ChainError):
+        bed.connect(trust=hazmat_trust(foreign))
+
+
+def test_wrong_measurement_is_refused(bed: Bed) -> None:
+    other = bytes(len(MEASUREMENT[bed.platform]))
+    with pytest.raises(veil.PolicyError, match="got"):
+        bed.connect(policy=policy_for(bed.platform, other))
+
+
+def test_stale_collateral_is_refused(bed: Bed) -> None:
+    # The collateral the server fetched at start is valid 30 days; 31 days on it has expired.
+    with pytest.raises(veil.ExpiredError):
+        bed.connect(now=datetime.now(UTC) + timedelta(days=31))
+
+
+def test_simulation_flag_does_not_accept_the_test_roots(bed: Bed) -> None:
+    # simulation=True trusts only veil's simulated root: real-format evidence under another
+    # root still fails its chain.
+    with pytest.raises(veil.ChainError):
+        veil.connect("127.0.0.1", simulation=True, **bed.server.ports)
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_debug_guest_is_refused(
+    platform: str, tmp_path: Path, intel_pki: IntelPki, pccs_url: str
+) -> None:
+    debug = start_bed(tmp_path, platform, pccs_url, hazmat_trust(intel_pki), debug=True)
+    try:
+        with pytest.raises(veil.PolicyError, match="debug"):
+            debug.connect()
+    finally:
+        debug.server.stop()
+
+
+def test_revoked_pck_is_refused(tmp_path: Path, intel_pki: IntelPki, pccs_url: str) -> None:
+    label = "sgx-revoked"
+    intel_pki.revoke(intel_pki.sgx_platform(label=label).pck.leaf.serial_number)
+    revoked = start_bed(tmp_path, "sgx", pccs_url, hazmat_trust(intel_pki), label=label)
+    try:
+        with pytest.raises(veil.RevokedError):
+            revoked.connect()
+    finally:
+        revoked.server.stop()
