@@ -36,16 +36,19 @@ MEASUREMENT = bytes([0x4D]) * 48
 REPORT_DATA = bytes(range(64))
 
 
-# One client for the direct requests: a fresh httpx client per request costs an SSL context.
-HTTP = httpx.Client(timeout=5)
-
-
 class Clock:
     def __init__(self) -> None:
         self.now = NOW
 
     def __call__(self) -> datetime:
         return self.now
+
+
+@pytest.fixture(scope="module")
+def http() -> Iterator[httpx.Client]:
+    # One client for the direct requests: a fresh httpx client per request costs an SSL context.
+    with httpx.Client(timeout=5) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")
@@ -126,39 +129,41 @@ def test_pccs_collateral_verifies_sgx_and_tdx(
 
 
 def test_pccs_answers_each_endpoint_in_intel_form(
-    pccs: PccsService, intel: IntelPki, sgx: SgxPlatform
+    http: httpx.Client, pccs: PccsService, intel: IntelPki, sgx: SgxPlatform
 ) -> None:
     base = pccs.url
-    der = HTTP.get(f"{base}/sgx/certification/v4/pckcrl?ca=processor&encoding=der")
+    der = http.get(f"{base}/sgx/certification/v4/pckcrl?ca=processor&encoding=der")
     assert der.status_code == 200
     crl = x509.load_der_x509_crl(der.content)
     assert crl.issuer == intel.ca("processor").certificate.subject
     chain = unquote(der.headers["SGX-PCK-CRL-Issuer-Chain"])
     assert chain == intel.pck_crl_issuer_chain("processor")
-    pem = HTTP.get(f"{base}/sgx/certification/v4/pckcrl?ca=platform")
+    pem = http.get(f"{base}/sgx/certification/v4/pckcrl?ca=platform")
     assert x509.load_pem_x509_crl(pem.content).issuer == intel.ca("platform").certificate.subject
-    tcb = HTTP.get(f"{base}/sgx/certification/v4/tcb?fmspc={sgx.pck.fmspc.hex()}")
+    tcb = http.get(f"{base}/sgx/certification/v4/tcb?fmspc={sgx.pck.fmspc.hex()}")
     assert tcb.json()["tcbInfo"]["fmspc"] == sgx.pck.fmspc.hex().upper()
     assert unquote(tcb.headers["TCB-Info-Issuer-Chain"]) == intel.tcb_signing_chain
-    qe = HTTP.get(f"{base}/tdx/certification/v4/qe/identity")
+    qe = http.get(f"{base}/tdx/certification/v4/qe/identity")
     assert qe.json()["enclaveIdentity"]["id"] == "TD_QE"
     assert "SGX-Enclave-Identity-Issuer-Chain" in qe.headers
-    root = HTTP.get(f"{base}/IntelSGXRootCA.der")
+    root = http.get(f"{base}/IntelSGXRootCA.der")
     assert x509.load_der_x509_crl(root.content).issuer == intel.root.subject
-    assert HTTP.get(f"{base}/sgx/certification/v4/tcb?fmspc=FFFFFFFFFFFF").status_code == 404
-    assert HTTP.get(f"{base}/sgx/certification/v4/pckcrl?ca=other").status_code == 400
-    assert HTTP.get(f"{base}/sgx/certification/v4/tcb").status_code == 400
-    assert HTTP.get(f"{base}/nothing").status_code == 404
+    assert http.get(f"{base}/sgx/certification/v4/tcb?fmspc=FFFFFFFFFFFF").status_code == 404
+    assert http.get(f"{base}/sgx/certification/v4/pckcrl?ca=other").status_code == 400
+    assert http.get(f"{base}/sgx/certification/v4/tcb").status_code == 400
+    assert http.get(f"{base}/nothing").status_code == 404
 
 
-def test_pccs_down_refuses_connections_then_comes_back(pccs: PccsService, sgx: SgxPlatform) -> None:
+def test_pccs_down_refuses_connections_then_comes_back(
+    http: httpx.Client, pccs: PccsService, sgx: SgxPlatform
+) -> None:
     url = pccs.url
     pccs.down = True
     with pytest.raises(httpx.ConnectError):
-        HTTP.get(f"{url}/sgx/certification/v4/qe/identity")
+        http.get(f"{url}/sgx/certification/v4/qe/identity")
     pccs.down = False
     assert pccs.url == url
-    assert HTTP.get(f"{url}/sgx/certification/v4/qe/identity").status_code == 200
+    assert http.get(f"{url}/sgx/certification/v4/qe/identity").status_code == 200
 
 
 def test_pccs_slow_times_the_client_out(pccs: PccsService, sgx: SgxPlatform) -> None:
@@ -254,26 +259,26 @@ def test_kds_collateral_verifies(
     assert f"/vcek/v1/{product}/{hwid.hex()}?" in vcek_line
 
 
-def test_kds_answers_each_endpoint(kds: KdsService, amd: list[AmdPki]) -> None:
+def test_kds_answers_each_endpoint(http: httpx.Client, kds: KdsService, amd: list[AmdPki]) -> None:
     base = kds.url
     for kind, first in (("vcek", "SEV-Milan"), ("vlek", "SEV-VLEK-Milan")):
         chain = x509.load_pem_x509_certificates(
-            HTTP.get(f"{base}/{kind}/v1/Milan/cert_chain").content
+            http.get(f"{base}/{kind}/v1/Milan/cert_chain").content
         )
         names = [c.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value for c in chain]
         assert names == [first, "ARK-Milan"]
-        crl = x509.load_der_x509_crl(HTTP.get(f"{base}/{kind}/v1/Milan/crl").content)
+        crl = x509.load_der_x509_crl(http.get(f"{base}/{kind}/v1/Milan/crl").content)
         assert crl.issuer == amd[0].ark.subject
     hwid = "00" * 64
-    ok = HTTP.get(f"{base}/vcek/v1/Milan/{hwid}?blSPL=3&teeSPL=0&snpSPL=8&ucodeSPL=115")
+    ok = http.get(f"{base}/vcek/v1/Milan/{hwid}?blSPL=3&teeSPL=0&snpSPL=8&ucodeSPL=115")
     assert x509.load_der_x509_certificate(ok.content).issuer == amd[0].ask.subject
-    assert HTTP.get(f"{base}/vcek/v1/Milan/{hwid}?blSPL=3").status_code == 400
+    assert http.get(f"{base}/vcek/v1/Milan/{hwid}?blSPL=3").status_code == 400
     turin = "00" * 8 + "?blSPL=3&teeSPL=0&snpSPL=8&ucodeSPL=115"
-    assert HTTP.get(f"{base}/vcek/v1/Turin/{turin}").status_code == 400  # no fmcSPL
-    assert HTTP.get(f"{base}/vcek/v1/Turin/{turin}&fmcSPL=1").status_code == 200
-    assert HTTP.get(f"{base}/vcek/v1/Turin/{hwid}?blSPL=3").status_code == 400
-    assert HTTP.get(f"{base}/vcek/v1/Naples/cert_chain").status_code == 404
-    assert HTTP.get(f"{base}/vlek/v1/Milan/{hwid}").status_code == 404
+    assert http.get(f"{base}/vcek/v1/Turin/{turin}").status_code == 400  # no fmcSPL
+    assert http.get(f"{base}/vcek/v1/Turin/{turin}&fmcSPL=1").status_code == 200
+    assert http.get(f"{base}/vcek/v1/Turin/{hwid}?blSPL=3").status_code == 400
+    assert http.get(f"{base}/vcek/v1/Naples/cert_chain").status_code == 404
+    assert http.get(f"{base}/vlek/v1/Milan/{hwid}").status_code == 404
 
 
 def test_kds_down_and_404_are_unavailable(kds: KdsService, amd: list[AmdPki]) -> None:
