@@ -1,4 +1,4 @@
-"""Where DCAP collateral comes from: offline files, dcap-qvl JSON, BlindAI's map, Intel PCS.
+"""Where collateral comes from: offline files, dcap-qvl JSON, BlindAI's map, Intel PCS.
 
 Every loader returns a `DcapCollateral` holding the items exactly as published; nothing is
 trusted here (`veil.attestation.verify.dcap` checks it all). Signed JSON (TCB info, QE identity)
@@ -19,6 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from veil.attestation.verify.collateral import DcapCollateral
+from veil.attestation.verify.snp import SnpCollateral
 from veil.errors import CollateralError, MalformedEvidenceError
 
 __all__ = [
@@ -28,7 +29,10 @@ __all__ = [
     "collateral_from_directory",
     "collateral_from_pcs",
     "collateral_to_blindai_map",
+    "collateral_to_directory",
     "extract_signed_json",
+    "load_collateral_directory",
+    "snp_collateral_from_directory",
 ]
 
 INTEL_PCS_URL = "https://api.trustedservices.intel.com"
@@ -226,6 +230,98 @@ def collateral_from_directory(path: Path) -> DcapCollateral:
             chain_file.read_text("ascii", "replace") if chain_file.is_file() else None
         ),
     )
+
+
+# One file per SEV-SNP item: the endorsement key under its kind's name, AMD's chain and CRL.
+SNP_DIRECTORY_FILES = ("vcek.der", "vlek.der", "cert_chain.pem", "crl.der")
+# What `collateral_from_directory` reads, and `collateral_to_directory` writes, for DCAP.
+DCAP_DIRECTORY_FILES = (
+    "pck_crl_issuer_chain.pem",
+    "root_ca_crl.der",
+    "pck_crl.der",
+    "tcb_info_issuer_chain.pem",
+    "tcb_info.json",
+    "qe_identity_issuer_chain.pem",
+    "qe_identity.json",
+    "pck_cert_chain.pem",
+)
+
+
+def snp_collateral_from_directory(path: Path) -> SnpCollateral:
+    """Load SEV-SNP collateral from ``vcek.der`` or ``vlek.der`` (DER), and optionally
+    ``cert_chain.pem`` (ASK/ASVK then ARK, as KDS serves it) and ``crl.der`` (the ARK's CRL).
+
+    Raises:
+        CollateralError: neither or both endorsement key files.
+        OSError: a file cannot be read.
+    """
+    keys = [name for name in ("vcek.der", "vlek.der") if (path / name).is_file()]
+    if len(keys) != 1:
+        raise CollateralError(
+            f"SNP collateral directory: got {keys or 'no key file'}, expected exactly one of "
+            "vcek.der and vlek.der"
+        )
+    chain, crl = path / "cert_chain.pem", path / "crl.der"
+    return SnpCollateral(
+        endorsement_key=(path / keys[0]).read_bytes(),
+        intermediates_pem=chain.read_text("ascii", "replace") if chain.is_file() else None,
+        crl=crl.read_bytes() if crl.is_file() else None,
+    )
+
+
+def load_collateral_directory(path: Path) -> DcapCollateral | SnpCollateral:
+    """A directory written by ``veil collateral fetch``: SEV-SNP when it holds ``vcek.der`` or
+    ``vlek.der``, Intel DCAP (`collateral_from_directory`) otherwise."""
+    if any((path / name).is_file() for name in ("vcek.der", "vlek.der")):
+        return snp_collateral_from_directory(path)
+    return collateral_from_directory(path)
+
+
+def collateral_to_directory(collateral: DcapCollateral | SnpCollateral, path: Path) -> list[str]:
+    """Write `collateral` as the files `load_collateral_directory` reads; returns their names.
+
+    Signed JSON goes back into PCS bodies with its exact bytes. The directory is created if
+    needed; files of the other platform's layout are left alone.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    files: dict[str, bytes] = {}
+    if isinstance(collateral, SnpCollateral):
+        kind = "vlek" if _is_vlek(collateral.endorsement_key) else "vcek"
+        files[f"{kind}.der"] = collateral.endorsement_key
+        if collateral.intermediates_pem:
+            files["cert_chain.pem"] = collateral.intermediates_pem.encode("ascii")
+        if collateral.crl is not None:
+            files["crl.der"] = collateral.crl
+    else:
+        c = collateral
+        files = {
+            "pck_crl_issuer_chain.pem": c.pck_crl_issuer_chain.encode("ascii"),
+            "root_ca_crl.der": c.root_ca_crl,
+            "pck_crl.der": c.pck_crl,
+            "tcb_info_issuer_chain.pem": c.tcb_info_issuer_chain.encode("ascii"),
+            "tcb_info.json": (
+                f'{{"tcbInfo":{c.tcb_info},"signature":"{c.tcb_info_signature.hex()}"}}'
+            ).encode(),
+            "qe_identity_issuer_chain.pem": c.qe_identity_issuer_chain.encode("ascii"),
+            "qe_identity.json": (
+                f'{{"enclaveIdentity":{c.qe_identity},'
+                f'"signature":"{c.qe_identity_signature.hex()}"}}'
+            ).encode(),
+        }
+        if c.pck_certificate_chain is not None:
+            files["pck_cert_chain.pem"] = c.pck_certificate_chain.encode("ascii")
+    for name, data in files.items():
+        (path / name).write_bytes(data)
+    return sorted(files)
+
+
+def _is_vlek(der: bytes) -> bool:
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError:
+        raise MalformedEvidenceError("SNP endorsement key: not a DER certificate") from None
+    names = cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)
+    return bool(names) and names[0].value == "SEV-VLEK"
 
 
 _BLINDAI_KEYS = (

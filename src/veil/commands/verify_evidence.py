@@ -19,7 +19,7 @@ from veil.attestation.abi.dcap import parse_quote
 from veil.attestation.claims import VerifiedEvidence
 from veil.attestation.collateral_source import (
     collateral_from_dcap_qvl_json,
-    collateral_from_directory,
+    load_collateral_directory,
 )
 from veil.attestation.policy import Policy
 from veil.attestation.trust import TrustStore
@@ -33,7 +33,7 @@ from veil.attestation.verify.dcap import hazmat_verify_quote_signatures
 from veil.attestation.verify.snp import SnpCollateral, snp_collateral_from_certificates
 from veil.errors import AttestationError, UnsafePolicyWarning
 
-__all__ = ["register"]
+__all__ = ["read_evidence", "register"]
 
 _HEX_CHARS = frozenset(string.hexdigits.encode() + string.whitespace.encode())
 
@@ -52,7 +52,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--collateral",
         type=Path,
-        help="SGX/TDX collateral: a dcap-qvl JSON file or a directory of per-item files",
+        help="a directory written by 'veil collateral fetch' (SGX, TDX or SEV-SNP), or SGX/TDX "
+        "collateral as a dcap-qvl JSON file",
     )
     parser.add_argument(
         "--certs",
@@ -75,7 +76,8 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(handler=_run)
 
 
-def _read_evidence(path: Path) -> bytes:
+def read_evidence(path: Path) -> bytes:
+    """The evidence in `path`: hex text is decoded, anything else is taken raw."""
     data = path.read_bytes()
     stripped = data.strip()
     # Hex text (as some projects store reports) is decoded; anything else is taken raw.
@@ -115,7 +117,7 @@ def _load_collateral(args: argparse.Namespace) -> DcapCollateral | SnpCollateral
     if args.collateral is not None:
         path: Path = args.collateral
         if path.is_dir():
-            return collateral_from_directory(path)
+            return load_collateral_directory(path)
         return collateral_from_dcap_qvl_json(path.read_text(encoding="utf-8"))
     return None
 
@@ -137,7 +139,7 @@ def _claims_dict(claims: VerifiedEvidence | UnverifiedClaims) -> dict[str, Any]:
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        evidence = _read_evidence(args.evidence)
+        evidence = read_evidence(args.evidence)
         at = _parse_time(args.at)
         policy = _load_policy(args.policy)
     except (OSError, ValueError, AttestationError) as exc:

@@ -27,6 +27,7 @@ from veil.attestation.collateral_source import (
 )
 from veil.attestation.kds import AMD_KDS_URL, KdsClient, snp_collateral_to_map
 from veil.attestation.verifier import detect_platform
+from veil.attestation.verify.collateral import DcapCollateral
 from veil.attestation.verify.x509util import load_pem_chain, parse_pck_extensions
 from veil.errors import CollateralError
 from veil.providers.base import CollateralFetcher, fetch_collateral
@@ -39,6 +40,7 @@ __all__ = [
     "kds_collateral_fetcher",
     "pck_ca_kind",
     "pcs_collateral_fetcher",
+    "pcs_collateral_for_quote",
 ]
 
 # Intel's largest item (a PCK CRL) is well under 1 MiB; the bound keeps a broken or hostile
@@ -104,27 +106,37 @@ def pcs_collateral_fetcher(
     getter = get if get is not None else httpx_getter()
 
     def fetch(quote_bytes: bytes) -> Mapping[str, Any]:
-        quote = parse_quote(quote_bytes)
-        if quote.pck_chain_pem is None:
-            raise CollateralError(
-                "quote certification data: got no PCK certificate chain, expected type 5"
-            )
-        pck_chain = load_pem_chain(quote.pck_chain_pem, "quote PCK chain")
-        leaf = pck_chain[0]
-        issuer_cn = leaf.issuer.get_attributes_for_oid(NameOID.COMMON_NAME)
-        ca = pck_ca_kind(str(issuer_cn[0].value) if issuer_cn else "")
-        collateral = collateral_from_pcs(
-            parse_pck_extensions(leaf).fmspc,
-            ca,
-            tdx=quote.is_tdx,
-            get=getter,
-            base_url=base_url,
+        return collateral_to_blindai_map(
+            pcs_collateral_for_quote(quote_bytes, get=getter, base_url=base_url)
         )
-        # The PCK chain travels with the collateral too, for clients that read it from there.
-        with_chain = replace(collateral, pck_certificate_chain=quote.pck_chain_pem.decode("ascii"))
-        return collateral_to_blindai_map(with_chain)
 
     return fetch
+
+
+def pcs_collateral_for_quote(
+    quote_bytes: bytes, *, get: HttpGet, base_url: str = INTEL_PCS_URL
+) -> DcapCollateral:
+    """Fetch the collateral of an SGX or TDX quote; the quote's PCK certificate names the FMSPC
+    and the PCK CA. The PCK chain is included, for clients that read it from the collateral.
+
+    Raises:
+        CollateralError: the quote embeds no PCK chain, or its issuer is not an Intel PCK CA.
+    """
+    quote = parse_quote(quote_bytes)
+    if quote.pck_chain_pem is None:
+        raise CollateralError(
+            "quote certification data: got no PCK certificate chain, expected type 5"
+        )
+    leaf = load_pem_chain(quote.pck_chain_pem, "quote PCK chain")[0]
+    issuer_cn = leaf.issuer.get_attributes_for_oid(NameOID.COMMON_NAME)
+    collateral = collateral_from_pcs(
+        parse_pck_extensions(leaf).fmspc,
+        pck_ca_kind(str(issuer_cn[0].value) if issuer_cn else ""),
+        tdx=quote.is_tdx,
+        get=get,
+        base_url=base_url,
+    )
+    return replace(collateral, pck_certificate_chain=quote.pck_chain_pem.decode("ascii"))
 
 
 def kds_collateral_fetcher(
