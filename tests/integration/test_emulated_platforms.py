@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from collateral_stand_ins import serve_kds, serve_pccs
+from cryptography.hazmat.primitives.serialization import Encoding
 from onnx_models import identity_model
 from server_process import VeilServer, start_server
 
@@ -23,6 +25,7 @@ import veil
 from veil.attestation.policy import Policy, SgxPolicy, SnpPolicy, TdxPolicy
 from veil.attestation.trust import TrustStore
 from veil.errors import HazmatWarning
+from veil.testing.amd_pki import AmdPki
 from veil.testing.intel_pki import IntelPki
 from veil.testing.state import EmulatedState
 
@@ -35,13 +38,28 @@ MEASUREMENT = {
     "tdx": hashlib.sha384(b"emulated td").digest(),
     "sev-snp": hashlib.sha384(b"emulated guest").digest(),
 }
-PLATFORMS = ("sgx", "tdx")
+PLATFORMS = ("sgx", "tdx", "sev-snp")
+# How long each platform's collateral lives: Intel's TCB info, QE identity and PCK CRL 30 days,
+# the AMD CRL a week (amd_pki.CRL_LIFETIME).
+STALE_AFTER = {"sgx": timedelta(days=31), "tdx": timedelta(days=31), "sev-snp": timedelta(days=8)}
 
 
-def hazmat_trust(intel: IntelPki) -> TrustStore:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", HazmatWarning)
-        return TrustStore.hazmat_test_roots(intel_root=intel.root)
+@dataclass
+class Pkis:
+    """The test PKIs of one module, and the loopback services that publish their collateral."""
+
+    intel: IntelPki
+    amd: AmdPki
+    pccs_url: str
+    kds_url: str
+
+    def trust(self, intel: IntelPki | None = None, amd: AmdPki | None = None) -> TrustStore:
+        amd = amd or self.amd
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", HazmatWarning)
+            return TrustStore.hazmat_test_roots(
+                intel_root=(intel or self.intel).root, amd_arks={amd.product: amd.ark}
+            )
 
 
 def policy_for(platform: str, measurement: bytes) -> Policy:
@@ -67,19 +85,14 @@ class Bed:
 
 
 @pytest.fixture(scope="module")
-def intel_pki() -> IntelPki:
-    return IntelPki(now=NOW, seed=SEED)
+def pkis() -> Iterator[Pkis]:
+    intel = IntelPki(now=NOW, seed=SEED)
+    amd = AmdPki("Milan", now=NOW, seed=SEED)
+    with serve_pccs(intel, now=NOW) as pccs_url, serve_kds(amd, now=NOW) as kds_url:
+        yield Pkis(intel, amd, pccs_url, kds_url)
 
 
-@pytest.fixture(scope="module")
-def pccs_url(intel_pki: IntelPki) -> Iterator[str]:
-    from pccs_stand_in import serve_pccs
-
-    with serve_pccs(intel_pki, now=NOW) as url:
-        yield url
-
-
-def start_bed(root: Path, platform: str, pccs_url: str, trust: TrustStore, **state: object) -> Bed:
+def start_bed(root: Path, platform: str, pkis: Pkis, **state: object) -> Bed:
     state_dir = EmulatedState(
         platform=platform,
         seed=SEED,
@@ -87,24 +100,21 @@ def start_bed(root: Path, platform: str, pccs_url: str, trust: TrustStore, **sta
         measurement=MEASUREMENT[platform],
         **state,  # type: ignore[arg-type]
     ).write(root / "state")
-    extra = ["--emulated-state", str(state_dir), "--platform", platform, "--pccs-url", pccs_url]
+    extra = ["--emulated-state", str(state_dir), "--platform", platform]
+    extra += ["--pccs-url", pkis.pccs_url, "--kds-url", pkis.kds_url]
     if platform != "sgx":
         extra.append("--unsealed-store")  # configfs-tsm guests have no sealing key
     server = start_server(root / "data", root / "log", *extra, module="veil.testing.emulated")
-    return Bed(platform, server, trust)
+    return Bed(platform, server, pkis.trust())
 
 
 @pytest.fixture(scope="module", params=PLATFORMS)
 def bed(
-    request: pytest.FixtureRequest,
-    tmp_path_factory: pytest.TempPathFactory,
-    intel_pki: IntelPki,
-    pccs_url: str,
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, pkis: Pkis
 ) -> Iterator[Bed]:
+    """One server per platform; the SNP host supplies no certificates, so KDS is asked."""
     platform: str = request.param
-    running = start_bed(
-        tmp_path_factory.mktemp(f"emulated-{platform}"), platform, pccs_url, hazmat_trust(intel_pki)
-    )
+    running = start_bed(tmp_path_factory.mktemp(f"emulated-{platform}"), platform, pkis)
     yield running
     assert running.server.stop() == 0, running.server.stderr()[-3000:]
 
@@ -131,10 +141,13 @@ def test_production_trust_refuses_the_test_roots(bed: Bed) -> None:
         bed.connect(trust=TrustStore.production())
 
 
-def test_foreign_root_is_refused(bed: Bed) -> None:
-    foreign = IntelPki(now=NOW, seed=b"someone else")
+def test_foreign_root_is_refused(bed: Bed, pkis: Pkis) -> None:
+    foreign = pkis.trust(
+        intel=IntelPki(now=NOW, seed=b"someone else"),
+        amd=AmdPki("Milan", now=NOW, seed=b"someone else"),
+    )
     with pytest.raises(veil.ChainError):
-        bed.connect(trust=hazmat_trust(foreign))
+        bed.connect(trust=foreign)
 
 
 def test_wrong_measurement_is_refused(bed: Bed) -> None:
@@ -144,9 +157,10 @@ def test_wrong_measurement_is_refused(bed: Bed) -> None:
 
 
 def test_stale_collateral_is_refused(bed: Bed) -> None:
-    # The collateral the server fetched at start is valid 30 days; 31 days on it has expired.
+    # The collateral the server fetched at start has expired by then (the PKI's certificates,
+    # issued for years, have not).
     with pytest.raises(veil.ExpiredError):
-        bed.connect(now=datetime.now(UTC) + timedelta(days=31))
+        bed.connect(now=datetime.now(UTC) + STALE_AFTER[bed.platform])
 
 
 def test_simulation_flag_does_not_accept_the_test_roots(bed: Bed) -> None:
@@ -157,10 +171,8 @@ def test_simulation_flag_does_not_accept_the_test_roots(bed: Bed) -> None:
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)
-def test_debug_guest_is_refused(
-    platform: str, tmp_path: Path, intel_pki: IntelPki, pccs_url: str
-) -> None:
-    debug = start_bed(tmp_path, platform, pccs_url, hazmat_trust(intel_pki), debug=True)
+def test_debug_guest_is_refused(platform: str, tmp_path: Path, pkis: Pkis) -> None:
+    debug = start_bed(tmp_path, platform, pkis, debug=True)
     try:
         with pytest.raises(veil.PolicyError, match="debug"):
             debug.connect()
@@ -168,12 +180,39 @@ def test_debug_guest_is_refused(
         debug.server.stop()
 
 
-def test_revoked_pck_is_refused(tmp_path: Path, intel_pki: IntelPki, pccs_url: str) -> None:
+def test_revoked_pck_is_refused(tmp_path: Path, pkis: Pkis) -> None:
     label = "sgx-revoked"
-    intel_pki.revoke(intel_pki.sgx_platform(label=label).pck.leaf.serial_number)
-    revoked = start_bed(tmp_path, "sgx", pccs_url, hazmat_trust(intel_pki), label=label)
+    pkis.intel.revoke(pkis.intel.sgx_platform(label=label).pck.leaf.serial_number)
+    revoked = start_bed(tmp_path, "sgx", pkis, label=label)
     try:
         with pytest.raises(veil.RevokedError):
             revoked.connect()
     finally:
         revoked.server.stop()
+
+
+def test_revoked_vcek_is_refused(tmp_path: Path, pkis: Pkis) -> None:
+    chip_id = bytes([7]) * 64
+    pkis.amd.revoke(pkis.amd.chip(chip_id=chip_id).endorsement_key.serial_number)
+    revoked = start_bed(tmp_path, "sev-snp", pkis, chip_id=chip_id)
+    try:
+        with pytest.raises(veil.RevokedError):
+            revoked.connect()
+    finally:
+        revoked.server.stop()
+
+
+def test_snp_host_certificate_table(tmp_path: Path, pkis: Pkis) -> None:
+    # The host hands VCEK, ASK and ARK to the guest with each report (auxblob): no KDS needed.
+    chip = pkis.amd.chip()
+    table = {
+        "vcek": chip.endorsement_key.der,
+        "ask": pkis.amd.ask.public_bytes(Encoding.DER),
+        "ark": pkis.amd.ark.public_bytes(Encoding.DER),
+    }
+    host = start_bed(tmp_path, "sev-snp", pkis, host_certificates=table)
+    try:
+        with host.connect() as client:
+            assert client.verified.measurements["measurement"] == MEASUREMENT["sev-snp"]
+    finally:
+        host.server.stop()

@@ -20,7 +20,12 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from veil.testing.devices import EmulatedDevices, EmulatedGramine, EmulatedTsm
+from veil.testing.devices import (
+    EmulatedDevices,
+    EmulatedGramine,
+    EmulatedTsm,
+    SnpReportSigner,
+)
 
 __all__ = ["STATE_FILE", "EmulatedState", "load_devices"]
 
@@ -43,6 +48,8 @@ class EmulatedState:
         host_certificates: SNP only: the DER certificates (``vcek`` or ``vlek``, ``ask``,
             ``ark``) the host supplies with each report; None when it supplies none.
         vlek_csp_id: SNP only: reports are signed by a VLEK of this provider instead of a VCEK.
+        chip_id: SNP only: the chip's 64-byte ID (its VCEK derives from it); None for the
+            seed's default chip.
         sealing_key: SGX only: the 16-byte MRENCLAVE sealing key Gramine hands out.
         label: the platform's label in the Intel PKI (its PCK key and serial derive from it).
     """
@@ -55,6 +62,7 @@ class EmulatedState:
     product: str = "Milan"
     host_certificates: Mapping[str, bytes] | None = None
     vlek_csp_id: str | None = None
+    chip_id: bytes | None = None
     sealing_key: bytes = field(default=bytes(range(16)), repr=False)
     label: str | None = None
 
@@ -87,6 +95,7 @@ class EmulatedState:
             "product": self.product,
             "host_certificates": certs,
             "vlek_csp_id": self.vlek_csp_id,
+            "chip_id": None if self.chip_id is None else self.chip_id.hex(),
             "sealing_key": self.sealing_key.hex(),
             "label": self.label,
         }
@@ -109,6 +118,7 @@ class EmulatedState:
             if certs is None
             else {name: (directory / file).read_bytes() for name, file in certs.items()},
             vlek_csp_id=document["vlek_csp_id"],
+            chip_id=None if document["chip_id"] is None else bytes.fromhex(document["chip_id"]),
             sealing_key=bytes.fromhex(document["sealing_key"]),
             label=document["label"],
         )
@@ -140,8 +150,21 @@ class EmulatedState:
 
         return EmulatedDevices(tsm=EmulatedTsm(quote_signer=tdx_quote))
 
-    def _snp_signer(self) -> Any:
-        raise NotImplementedError("SEV-SNP emulation needs veil.testing.amd_pki")
+    def _snp_signer(self) -> SnpReportSigner:
+        from veil.testing.amd_pki import AmdPki
+
+        # The RSA keys of this PKI are not the test's; only the endorsement key (derived from
+        # the seed) signs here, and the host certificates come from the test's PKI.
+        chip = AmdPki(self.product, now=self.now, seed=self.seed).chip(
+            chip_id=self.chip_id, vlek_csp_id=self.vlek_csp_id
+        )
+
+        def report(report_data: bytes, vmpl: int) -> bytes:
+            return chip.report(
+                report_data, measurement=self.measurement, debug=self.debug, vmpl=vmpl
+            )
+
+        return report
 
 
 def load_devices(directory: Path) -> EmulatedDevices:

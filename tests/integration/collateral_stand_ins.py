@@ -1,21 +1,26 @@
-"""A loopback PCCS (Intel PCS API v4 paths) serving an `IntelPki`'s collateral, for the emulated
-platforms' tests. Collateral is issued at the time given; revocations show on the next CRL."""
+"""Loopback collateral services for the emulated platforms' tests: a PCCS (Intel PCS API v4 paths)
+serving an `IntelPki`'s collateral and an AMD KDS serving an `AmdPki`'s VCEKs, chain and CRL.
+Collateral is issued at the time given; revocations show on the next CRL."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, quote, urlsplit
 
+from veil.attestation.abi.snp import SnpTcb
+from veil.testing.amd_pki import AmdPki
 from veil.testing.intel_pki import DcapPlatform, IntelPki
 
+Answer = tuple[bytes, dict[str, str]] | None
 
-def _answers(
+
+def _pccs_answer(
     pki: IntelPki, platforms: dict[str, DcapPlatform], now: datetime, path: str, query: str
-) -> tuple[bytes, dict[str, str]] | None:
+) -> Answer:
     params = {k: v[0] for k, v in parse_qs(query).items()}
     tee, _, rest = path.strip("/").partition("/certification/v4/")
     platform = platforms.get(tee)
@@ -38,19 +43,35 @@ def _answers(
     return None
 
 
-@contextmanager
-def serve_pccs(pki: IntelPki, *, now: datetime) -> Iterator[str]:
-    """Serve on a free loopback port; yields the base URL."""
-    platforms: dict[str, DcapPlatform] = {"sgx": pki.sgx_platform(), "tdx": pki.tdx_platform()}
+def _kds_answer(pki: AmdPki, now: datetime, path: str, query: str) -> Answer:
+    parts = path.strip("/").split("/")
+    if len(parts) != 4 or parts[:2] != ["vcek", "v1"] or parts[2] != pki.product:
+        return None
+    if parts[3] == "cert_chain":
+        return pki.chain_pem().encode(), {}
+    if parts[3] == "crl":
+        return pki.crl(now), {}
+    spl = {k: int(v[0]) for k, v in parse_qs(query).items()}
+    tcb = SnpTcb(
+        bootloader=spl["blSPL"],
+        tee=spl["teeSPL"],
+        snp=spl["snpSPL"],
+        microcode=spl["ucodeSPL"],
+        fmc=spl.get("fmcSPL"),
+    )
+    return pki.vcek(bytes.fromhex(parts[3]), tcb).der, {}
 
+
+@contextmanager
+def _serve(answer: Callable[[str, str], Answer]) -> Iterator[str]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             url = urlsplit(self.path)
-            answer = _answers(pki, platforms, now, url.path, url.query)
-            if answer is None:
+            found = answer(url.path, url.query)
+            if found is None:
                 self.send_error(404)
                 return
-            body, headers = answer
+            body, headers = found
             self.send_response(200)
             for name, value in headers.items():
                 self.send_header(name, value)
@@ -70,3 +91,18 @@ def serve_pccs(pki: IntelPki, *, now: datetime) -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+@contextmanager
+def serve_pccs(pki: IntelPki, *, now: datetime) -> Iterator[str]:
+    """A PCCS for `pki`'s default SGX and TDX platforms; yields its base URL."""
+    platforms: dict[str, DcapPlatform] = {"sgx": pki.sgx_platform(), "tdx": pki.tdx_platform()}
+    with _serve(lambda path, query: _pccs_answer(pki, platforms, now, path, query)) as url:
+        yield url
+
+
+@contextmanager
+def serve_kds(pki: AmdPki, *, now: datetime) -> Iterator[str]:
+    """An AMD KDS for `pki`'s product (VCEKs, cert_chain, crl); yields its base URL."""
+    with _serve(lambda path, query: _kds_answer(pki, now, path, query)) as url:
+        yield url
