@@ -36,6 +36,9 @@ from veil.errors import (
     TcbError,
 )
 
+# hazmat_verify_quote_signatures warns on every call (asserted in its own test below).
+pytestmark = pytest.mark.filterwarnings("ignore::veil.errors.HazmatWarning")
+
 UTC = dt.UTC
 SECOND = dt.timedelta(seconds=1)
 

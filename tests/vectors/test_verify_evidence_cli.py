@@ -169,6 +169,42 @@ def test_tdx_v5_no_tcb_level(vectors: Path, capsys: pytest.CaptureFixture[str]) 
     assert out["measurements"]["mr_td"].startswith("273828c46252fcbd")
 
 
+VIRTEE_MEASUREMENT = (
+    "7a1e5c266c0108dbc9bb94fa926951320940915d0aafb42464bd88b579ea158d"
+    "3e1a0dc39b2c60bd95b9c480cd81841f"
+)
+VLEK_MEASUREMENT = (
+    "8922ebbdd00ec2c541f36a6e7a82a8773a7accb451ed67bc94e740dbe92c93c4"
+    "e8c9af857f5ceeb5a493df2a570d7bf0"
+)
+
+
+def pinned_snp_policy(path: Path, measurement: str, tcb: str, vmpl: int = 0) -> Path:
+    """A policy that pins the vector's measurement and its own TCB as the minimum: the real
+    vectors predate AMD-SB-3019, so AMD's default minimum refuses them."""
+    path.write_text(
+        f'[sev_snp]\nmeasurement = ["{measurement}"]\nvmpl = {vmpl}\nmin_tcb = {{ {tcb} }}\n'
+    )
+    return path
+
+
+VIRTEE_TCB = "bootloader = 3, tee = 0, snp = 8, microcode = 115"
+VLEK_TCB = "bootloader = 4, tee = 0, snp = 24, microcode = 217"
+
+
+def test_snp_virtee_refused_by_the_default_minimum(
+    vectors: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = vectors / SNP / "virtee-milan-vcek"
+    status, out, _ = run(
+        capsys, d / "report_milan.hex", "--certs", d / "vcek_milan.der", "--at", "2025-01-01"
+    )
+    assert (status, out["verdict"], out["error_type"]) == (1, "rejected", "TcbError")
+    assert out["claims_verified"] is True
+    assert out["tcb_status"] == "BelowMinimum"
+    assert "reported_tcb.microcode: got 115, expected >= 219" in out["error"]
+
+
 def test_snp_debugpolicy_rejected(vectors: Path, capsys: pytest.CaptureFixture[str]) -> None:
     d = vectors / SNP / "go-sev-guest-milan-vcek-debugpolicy"
     status, out, _ = run(
@@ -185,14 +221,17 @@ def test_snp_debugpolicy_rejected(vectors: Path, capsys: pytest.CaptureFixture[s
     assert out["error_type"] == "PolicyError"
     assert "debug: got True, expected False" in out["error"]
     assert out["claims_verified"] is True  # authentic, rejected by the policy
-    assert out["tcb_status"] == "UpToDate"
+    assert out["tcb_status"] == "BelowMinimum"  # firmware of 2022; refused for debug first
     assert out["debug"] is True
     assert out["measurements"]["measurement"].startswith("b07af9620f3b839b")
     assert out["report_data"] == "0102030405" + "00" * 59
 
 
-def test_snp_virtee_hex_file_accepted(vectors: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_snp_virtee_hex_file_accepted(
+    vectors: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     d = vectors / SNP / "virtee-milan-vcek"
+    policy = pinned_snp_policy(tmp_path / "p.toml", VIRTEE_MEASUREMENT, VIRTEE_TCB)
     status, out, _ = run(
         capsys,
         d / "report_milan.hex",
@@ -200,6 +239,8 @@ def test_snp_virtee_hex_file_accepted(vectors: Path, capsys: pytest.CaptureFixtu
         d / "vcek_milan.der",
         "--at",
         "2025-01-01T00:00:00Z",
+        "--policy",
+        policy,
     )
     assert (status, out["platform"], out["verdict"], out["error"]) == (
         0,
@@ -212,6 +253,7 @@ def test_snp_virtee_hex_file_accepted(vectors: Path, capsys: pytest.CaptureFixtu
         "3e1a0dc39b2c60bd95b9c480cd81841f"
     )
     assert out["details"]["reported_tcb"] == 0x7308000000000003
+    assert out["tcb_status"] == "MeetsMinimum"
     assert out["debug"] is False
 
 
@@ -227,11 +269,13 @@ def test_snp_virtee_hex_file_accepted(vectors: Path, capsys: pytest.CaptureFixtu
 def test_snp_vlek(
     vectors: Path,
     capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
     at: str,
     verdict: str,
     error_type: str | None,
 ) -> None:
     d = vectors / SNP / "trustee-milan-vlek-v3"
+    policy = pinned_snp_policy(tmp_path / "p.toml", VLEK_MEASUREMENT, VLEK_TCB, vmpl=1)
     status, out, _ = run(
         capsys,
         d / "test-vlek-report.bin",
@@ -241,6 +285,8 @@ def test_snp_vlek(
         d / "milan_ask_ark_asvk.pem",
         "--at",
         at,
+        "--policy",
+        policy,
     )
     assert (out["verdict"], out["error_type"]) == (verdict, error_type)
     assert status == (0 if verdict == "accepted" else 1)
@@ -296,7 +342,9 @@ def test_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert "pins no measurement" in capsys.readouterr().err
 
 
-def test_text_output_labels(vectors: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_text_output_labels(
+    vectors: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     debug = vectors / "tdx/trustee-tdx-v4-debug/tdx_quote_4.dat"
     assert main(["verify-evidence", str(debug)]) == 1
     out = capsys.readouterr().out
@@ -305,7 +353,8 @@ def test_text_output_labels(vectors: Path, capsys: pytest.CaptureFixture[str]) -
     assert "debug:" in out
     d = vectors / SNP / "virtee-milan-vcek"
     args = ["verify-evidence", str(d / "report_milan.hex"), "--certs", str(d / "vcek_milan.der")]
-    assert main([*args, "--at", "2025-01-01"]) == 0
+    policy = pinned_snp_policy(tmp_path / "p.toml", VIRTEE_MEASUREMENT, VIRTEE_TCB)
+    assert main([*args, "--at", "2025-01-01", "--policy", str(policy)]) == 0
     out = capsys.readouterr().out
     assert "verdict:  ACCEPTED" in out
     assert "claims (verified):" in out
@@ -317,8 +366,9 @@ def test_text_output_labels(vectors: Path, capsys: pytest.CaptureFixture[str]) -
     assert "claims (authentic, but rejected by the policy):" in capsys.readouterr().out
 
 
-def test_subprocess_entry_point(vectors: Path) -> None:
+def test_subprocess_entry_point(vectors: Path, tmp_path: Path) -> None:
     d = vectors / SNP / "virtee-milan-vcek"
+    policy = pinned_snp_policy(tmp_path / "p.toml", VIRTEE_MEASUREMENT, VIRTEE_TCB)
     proc = subprocess.run(
         [
             sys.executable,
@@ -334,6 +384,8 @@ def test_subprocess_entry_point(vectors: Path) -> None:
             str(d / "cert_chain_milan"),
             "--at",
             "2025-01-01T00:00:00Z",
+            "--policy",
+            str(policy),
             "--json",
         ],
         capture_output=True,
@@ -344,7 +396,7 @@ def test_subprocess_entry_point(vectors: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert (out["platform"], out["verdict"]) == ("sev-snp", "accepted")
-    assert "WARNING: policy pins no measurement" in proc.stderr
+    assert proc.stderr == ""  # a pinned policy: no warning
 
 
 def test_text_output_rejections(
@@ -395,7 +447,15 @@ def test_snp_single_pem_bundle(
     vcek = load_certificate((d / "vcek_milan.der").read_bytes(), "VCEK")
     bundle = tmp_path / "certs.pem"
     bundle.write_bytes(vcek.public_bytes(Encoding.PEM) + (d / "cert_chain_milan").read_bytes())
+    policy = pinned_snp_policy(tmp_path / "p.toml", VIRTEE_MEASUREMENT, VIRTEE_TCB)
     status, out, _ = run(
-        capsys, d / "report_milan.hex", "--certs", bundle, "--at", "2025-01-01T00:00:00Z"
+        capsys,
+        d / "report_milan.hex",
+        "--certs",
+        bundle,
+        "--at",
+        "2025-01-01T00:00:00Z",
+        "--policy",
+        policy,
     )
     assert (status, out["verdict"]) == (0, "accepted")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
 
-__all__ = ["Platform", "VerifiedEvidence"]
+__all__ = ["AuthenticEvidence", "Platform", "VerifiedEvidence"]
 
 
 class Platform(enum.StrEnum):
@@ -40,7 +40,9 @@ class VerifiedEvidence:
             ``host_data``, ``id_key_digest``, ``author_key_digest``.
         debug: whether the TEE allows a debugger (its memory is then readable by the host).
         tcb_status: Intel's TCB status ("UpToDate", "SWHardeningNeeded", ...) for SGX/TDX;
-            "UpToDate" for SEV-SNP when the reported TCB matches the VCEK/VLEK.
+            for SEV-SNP the minimum-TCB decision: "MeetsMinimum" (the verified REPORTED_TCB is
+            at least the policy's minimum for the product in every component), "BelowMinimum",
+            or "NoMinimum" (no minimum known for the product). See `policy.AMD_MINIMUM_TCB`.
         advisory_ids: Intel security advisories (INTEL-SA-…) that apply to this TCB level.
         valid_from: start of the window in which every certificate and collateral item is valid.
         valid_until: end of that window; the verdict must be renewed after it.
@@ -64,9 +66,42 @@ class VerifiedEvidence:
         object.__setattr__(self, "details", MappingProxyType(dict(self.details)))
 
     def __repr__(self) -> str:
-        shown = ", ".join(f"{k}={v.hex()}" for k, v in self.measurements.items())
-        return (
-            f"VerifiedEvidence(platform={self.platform.value}, tcb_status={self.tcb_status}, "
-            f"debug={self.debug}, simulated={self.simulated}, {shown}, "
-            f"report_data={self.report_data.hex()})"
-        )
+        return _repr(self)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthenticEvidence:
+    """Claims of evidence whose signatures, chains and collateral verified, but that NO policy
+    appraised: nothing says WHAT runs (measurements, debug, TCB minimum unchecked).
+
+    Returned only by `verifier.hazmat_verify_without_policy`; `Policy.validate` appraises it.
+    Same attributes as `VerifiedEvidence`; its `tcb_status` for SEV-SNP is computed against the
+    minimum the caller passed (AMD's default table if none).
+    """
+
+    platform: Platform
+    report_data: bytes
+    measurements: Mapping[str, bytes]
+    debug: bool
+    tcb_status: str
+    advisory_ids: tuple[str, ...]
+    valid_from: datetime
+    valid_until: datetime
+    simulated: bool = False
+    details: Mapping[str, int | bytes | str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "measurements", _frozen(self.measurements))
+        object.__setattr__(self, "details", MappingProxyType(dict(self.details)))
+
+    def __repr__(self) -> str:
+        return _repr(self)
+
+
+def _repr(e: VerifiedEvidence | AuthenticEvidence) -> str:
+    shown = ", ".join(f"{k}={v.hex()}" for k, v in e.measurements.items())
+    return (
+        f"{type(e).__name__}(platform={e.platform.value}, tcb_status={e.tcb_status}, "
+        f"debug={e.debug}, simulated={e.simulated}, {shown}, "
+        f"report_data={e.report_data.hex()})"
+    )

@@ -3,7 +3,8 @@
 A `Policy` is a small immutable object. It compares verified facts (`VerifiedEvidence`) with what
 the user pinned and raises on any difference; it never touches signatures or collateral.
 
-Safe by default: debug is refused, only the ``UpToDate`` TCB status is accepted, and a policy
+Safe by default: debug is refused, only the ``UpToDate`` TCB status is accepted (SGX/TDX), an
+SEV-SNP TCB must meet `AMD_MINIMUM_TCB` at VMPL 0, and a policy
 that pins no measurement cannot be built except through `Policy.unsafe_unpinned`, which warns.
 
 Example::
@@ -26,17 +27,72 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from veil.attestation.abi.snp import SnpTcb
-from veil.attestation.claims import Platform, VerifiedEvidence
+from veil.attestation.claims import AuthenticEvidence, Platform, VerifiedEvidence
 from veil.attestation.verify.tcb import KNOWN_TCB_STATUSES, REVOKED
 from veil.errors import CollateralError, PolicyError, TcbError, UnsafePolicyWarning
 
-__all__ = ["TCB_STATUSES", "Policy", "SgxPolicy", "SnpPolicy", "TdxPolicy"]
+__all__ = [
+    "AMD_MINIMUM_TCB",
+    "AMD_MINIMUM_TCB_AS_OF",
+    "SNP_TCB_STATUSES",
+    "TCB_STATUSES",
+    "Policy",
+    "SgxPolicy",
+    "SnpPolicy",
+    "TdxPolicy",
+    "minimum_snp_tcb",
+    "snp_tcb_status",
+]
 
 # Intel's TCB statuses a policy may accept. "Revoked" can never be accepted.
 TCB_STATUSES = KNOWN_TCB_STATUSES - {REVOKED}
+
+# The SEV-SNP TCB decision, made by comparing the verified REPORTED_TCB with a minimum per
+# product: "MeetsMinimum" (every component >= the minimum), "BelowMinimum", or "NoMinimum"
+# (no minimum is known for the product; refused: name one in `SnpPolicy.min_tcb`).
+# Only "MeetsMinimum" is ever accepted; lower the minimum, never the status.
+SNP_MEETS_MINIMUM = "MeetsMinimum"
+SNP_TCB_STATUSES = frozenset({SNP_MEETS_MINIMUM, "BelowMinimum", "NoMinimum"})
+
+# Default minimum SEV-SNP TCB per product, from AMD's security bulletins.
+# As of 2025-02-03, AMD-SB-3019 (CVE-2024-56161, microcode signature verification; fixed
+# microcode and SEV firmware for EPYC 7003 "Milan"): Milan TCB_VERSION 0xDB18000000000004 =
+# bootloader 4, TEE 0, SNP 0x18 (24), microcode 0xDB (219), the level Microsoft CCF also took
+# as its Milan minimum (microsoft/CCF pull request 7749). Genoa and Turin are NOT in the table:
+# their bulletin values were not confirmed when it was written, so evidence from them is
+# "NoMinimum" and refused until a policy names a minimum (fail closed, never a guess).
+# Review this table with every AMD bulletin that raises an SPL (SB-3011, SB-3005, ... later).
+AMD_MINIMUM_TCB_AS_OF = "2025-02-03 (AMD-SB-3019)"
+AMD_MINIMUM_TCB: Mapping[str, SnpTcb] = MappingProxyType(
+    {"Milan": SnpTcb(bootloader=4, tee=0, snp=24, microcode=219)}
+)
+
+SnpMinimumTcb = SnpTcb | Mapping[str, SnpTcb]
+
+
+def minimum_snp_tcb(min_tcb: SnpMinimumTcb | None, product: str) -> SnpTcb | None:
+    """The minimum TCB for `product`: one `SnpTcb` applies to every product, a mapping is
+    per product, None means `AMD_MINIMUM_TCB`. None when the product has no minimum."""
+    if isinstance(min_tcb, SnpTcb):
+        return min_tcb
+    return (AMD_MINIMUM_TCB if min_tcb is None else min_tcb).get(product)
+
+
+def _below_minimum(reported: SnpTcb, minimum: SnpTcb) -> list[str]:
+    got = reported.components()
+    return [name for name, floor in minimum.components().items() if got.get(name, -1) < floor]
+
+
+def snp_tcb_status(reported: SnpTcb, minimum: SnpTcb | None) -> str:
+    """ "MeetsMinimum", "BelowMinimum" or "NoMinimum" (see `SNP_TCB_STATUSES`)."""
+    if minimum is None:
+        return "NoMinimum"
+    return "BelowMinimum" if _below_minimum(reported, minimum) else SNP_MEETS_MINIMUM
+
 
 # SNP guest policy bits (SEV-SNP ABI spec, "Guest Policy Structure").
 _SNP_POLICY_SMT = 1 << 16
@@ -110,7 +166,7 @@ class SgxPolicy:
     def pinned(self) -> bool:
         return bool(self.mr_enclave) or self.mr_signer is not None
 
-    def _mismatches(self, claims: VerifiedEvidence, out: list[str]) -> None:
+    def _mismatches(self, claims: AuthenticEvidence | VerifiedEvidence, out: list[str]) -> None:
         m, d = claims.measurements, claims.details
         _compare_allowed(out, "mr_enclave", m.get("mr_enclave"), self.mr_enclave)
         _compare_exact(out, "mr_signer", m.get("mr_signer"), self.mr_signer)
@@ -157,7 +213,7 @@ class TdxPolicy:
         # MRTD measures the TD firmware that extends the RTMRs: without it they prove nothing.
         return bool(self.mr_td)
 
-    def _mismatches(self, claims: VerifiedEvidence, out: list[str]) -> None:
+    def _mismatches(self, claims: AuthenticEvidence | VerifiedEvidence, out: list[str]) -> None:
         m, d = claims.measurements, claims.details
         _compare_allowed(out, "mr_td", m.get("mr_td"), self.mr_td)
         for name in ("rtmr0", "rtmr1", "rtmr2", "rtmr3", "mr_seam"):
@@ -177,8 +233,14 @@ class SnpPolicy:
         allow_migration_agent: accept a guest policy with MIGRATE_MA set (default False).
         allow_smt: accept a guest policy that allows SMT (default True).
         require_single_socket: require the SINGLE_SOCKET guest policy bit.
-        vmpl: the exact VMPL that must have requested the report (e.g. 0).
-        min_tcb: lowest accepted reported TCB, component by component.
+        vmpl: the exact VMPL that must have requested the report (default 0, the most
+            privileged level, where an SVSM or the guest kernel runs; None accepts any).
+        min_tcb: lowest accepted REPORTED_TCB, component by component: one `SnpTcb` for every
+            product, or a mapping product -> `SnpTcb`. None (default) uses `AMD_MINIMUM_TCB`.
+            A product without a minimum is refused ("NoMinimum").
+        platform_info_required, platform_info_forbidden: PLATFORM_INFO bits that must be set /
+            clear (ABI spec: bit 0 SMT_EN, 1 TSME_EN, 2 ECC_EN, 3 RAPL_DIS, 4 CIPHERTEXT_HIDING_EN,
+            5 ALIAS_CHECK_COMPLETE). E.g. ``platform_info_forbidden=1`` refuses a host with SMT on.
         require_crl: refuse evidence whose collateral had no AMD CRL (default False: BlindAI
             and veil servers have served only the VCEK and its chain, so a missing CRL means
             "revocation not checked", recorded as ``details["amd_crl_checked"] == 0``; a CRL
@@ -192,9 +254,11 @@ class SnpPolicy:
     allow_migration_agent: bool = False
     allow_smt: bool = True
     require_single_socket: bool = False
-    vmpl: int | None = None
-    min_tcb: SnpTcb | None = None
+    vmpl: int | None = 0
+    min_tcb: SnpMinimumTcb | None = None
     require_crl: bool = False
+    platform_info_required: int = 0
+    platform_info_forbidden: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -205,12 +269,16 @@ class SnpPolicy:
         _check_optional(self.author_key_digest, "sev_snp.author_key_digest", 48)
         if self.vmpl is not None and not 0 <= self.vmpl <= 3:
             raise PolicyError(f"policy sev_snp.vmpl: got {self.vmpl}, expected 0..3")
+        if self.min_tcb is not None and not isinstance(self.min_tcb, SnpTcb):
+            object.__setattr__(self, "min_tcb", MappingProxyType(dict(self.min_tcb)))
+        if self.platform_info_required & self.platform_info_forbidden:
+            raise PolicyError("policy sev_snp.platform_info: a bit is both required and forbidden")
 
     @property
     def pinned(self) -> bool:
         return bool(self.measurement)
 
-    def _mismatches(self, claims: VerifiedEvidence, out: list[str]) -> None:
+    def _mismatches(self, claims: AuthenticEvidence | VerifiedEvidence, out: list[str]) -> None:
         m, d = claims.measurements, claims.details
         _compare_allowed(out, "measurement", m.get("measurement"), self.measurement)
         _compare_exact(out, "host_data", m.get("host_data"), self.host_data)
@@ -226,20 +294,40 @@ class SnpPolicy:
             out.append("guest_policy.single_socket: got False, expected True")
         if self.vmpl is not None and d.get("vmpl") != self.vmpl:
             out.append(f"vmpl: got {_hex(d.get('vmpl'))}, expected {self.vmpl}")
+        raw_info = d.get("platform_info")
+        info = raw_info if isinstance(raw_info, int) else 0
+        if info & self.platform_info_required != self.platform_info_required:
+            out.append(
+                f"platform_info: got {info:#x}, expected bits {self.platform_info_required:#x} set"
+            )
+        if info & self.platform_info_forbidden:
+            out.append(
+                f"platform_info: got {info:#x}, expected bits "
+                f"{self.platform_info_forbidden:#x} clear"
+            )
 
-    def _collateral_problems(self, claims: VerifiedEvidence) -> None:
+    def _collateral_problems(self, claims: AuthenticEvidence | VerifiedEvidence) -> None:
         if self.require_crl and claims.details.get("amd_crl_checked") != 1:
             raise CollateralError(
                 "AMD CRL: got none in the collateral, expected one (policy sev_snp.require_crl)"
             )
 
-    def _tcb_problems(self, claims: VerifiedEvidence, out: list[str]) -> None:
-        if self.min_tcb is None:
-            return
-        for name, minimum in self.min_tcb.components().items():
-            got = claims.details.get(f"tcb_{name}")
-            if not isinstance(got, int) or got < minimum:
-                out.append(f"reported_tcb.{name}: got {_hex(got)}, expected >= {minimum}")
+
+def _snp_tcb_problems(
+    min_tcb: SnpMinimumTcb | None, claims: AuthenticEvidence | VerifiedEvidence, out: list[str]
+) -> None:
+    """The SEV-SNP TCB decision: status and every component below the minimum."""
+    if claims.tcb_status != SNP_MEETS_MINIMUM:
+        out.append(f"tcb_status: got {claims.tcb_status}, expected {SNP_MEETS_MINIMUM}")
+    product = claims.details.get("product")
+    minimum = minimum_snp_tcb(min_tcb, str(product))
+    if minimum is None:
+        out.append(f"min_tcb: none known for {_hex(product)}; set sev_snp.min_tcb for it")
+        return
+    for name, floor in minimum.components().items():
+        got = claims.details.get(f"tcb_{name}")
+        if not isinstance(got, int) or got < floor:
+            out.append(f"reported_tcb.{name}: got {_hex(got)}, expected >= {floor}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,7 +441,7 @@ class Policy:
 
     # --- validation ---
 
-    def validate(self, claims: VerifiedEvidence) -> None:
+    def validate(self, claims: AuthenticEvidence | VerifiedEvidence) -> None:
         """Compare verified claims with this policy.
 
         Raises:
@@ -382,7 +470,10 @@ class Policy:
             raise PolicyError("evidence does not match the policy: " + "; ".join(mismatches))
 
         problems: list[str] = []
-        if claims.tcb_status not in self.accepted_tcb_statuses:
+        if claims.platform is Platform.SEV_SNP:
+            section_tcb = self.sev_snp.min_tcb if self.sev_snp is not None else None
+            _snp_tcb_problems(section_tcb, claims, problems)
+        elif claims.tcb_status not in self.accepted_tcb_statuses:
             problems.append(
                 f"tcb_status: got {claims.tcb_status}, expected "
                 + " or ".join(sorted(self.accepted_tcb_statuses))
@@ -402,8 +493,6 @@ class Policy:
                     f"tcb_evaluation_data_number: got {_hex(number)}, "
                     f"expected >= {self.min_tcb_evaluation_data_number}"
                 )
-        if isinstance(section, SnpPolicy):
-            section._tcb_problems(claims, problems)
         if problems:
             raise TcbError("TCB not accepted by the policy: " + "; ".join(problems))
 
@@ -435,9 +524,11 @@ class Policy:
             [sev_snp]
             measurement = ["7a1e…"]
             allow_migration_agent = false
-            vmpl = 0
-            min_tcb = { bootloader = 3, tee = 0, snp = 8, microcode = 115 }
+            vmpl = 0                             # the default; "any" accepts every VMPL
+            min_tcb = { bootloader = 4, tee = 0, snp = 24, microcode = 219 }   # all products
+            # or per product: [sev_snp.min_tcb.Genoa] bootloader = ..., ...
             require_crl = true                   # refuse collateral without AMD's CRL
+            platform_info_forbidden = 1          # refuse a host with SMT enabled
 
         Raises:
             PolicyError: invalid TOML, an unknown key, a value of the wrong type or size.
@@ -533,6 +624,33 @@ class _Table:
             raise PolicyError(f"policy: unknown key(s) {unknown}")
 
 
+_SNP_PRODUCTS = ("Milan", "Genoa", "Turin")
+
+
+def _vmpl(t: _Table) -> int | None:
+    # vmpl = "any" accepts every VMPL; absent means the default, 0.
+    if t._data.get("vmpl") == "any":
+        t._take("vmpl")
+        return None
+    value = t.integer("vmpl")
+    return 0 if value is None else value
+
+
+def _snp_tcb_from_table(m: _Table, what: str) -> SnpTcb:
+    parts = {k: m.integer(k) for k in ("bootloader", "tee", "snp", "microcode", "fmc")}
+    m.done()
+    missing = [k for k in ("bootloader", "tee", "snp", "microcode") if parts[k] is None]
+    if missing:
+        raise PolicyError(f"policy sev_snp.{what}: missing {', '.join(missing)}")
+    return SnpTcb(
+        bootloader=parts["bootloader"] or 0,
+        tee=parts["tee"] or 0,
+        snp=parts["snp"] or 0,
+        microcode=parts["microcode"] or 0,
+        fmc=parts["fmc"],
+    )
+
+
 def _policy_from_mapping(doc: Mapping[str, Any]) -> Policy:
     top = _Table(doc, "")
     sgx = tdx = snp = None
@@ -557,20 +675,17 @@ def _policy_from_mapping(doc: Mapping[str, Any]) -> Policy:
         )
         t.done()
     if (t := top.table("sev_snp")) is not None:
-        min_tcb = None
+        min_tcb: SnpMinimumTcb | None = None
         if (m := t.table("min_tcb")) is not None:
-            parts = {k: m.integer(k) for k in ("bootloader", "tee", "snp", "microcode", "fmc")}
-            m.done()
-            missing = [k for k in ("bootloader", "tee", "snp", "microcode") if parts[k] is None]
-            if missing:
-                raise PolicyError(f"policy sev_snp.min_tcb: missing {', '.join(missing)}")
-            min_tcb = SnpTcb(
-                bootloader=parts["bootloader"] or 0,
-                tee=parts["tee"] or 0,
-                snp=parts["snp"] or 0,
-                microcode=parts["microcode"] or 0,
-                fmc=parts["fmc"],
-            )
+            if any(key in _SNP_PRODUCTS for key in m._data):
+                per_product = {}
+                for product in _SNP_PRODUCTS:
+                    if (pm := m.table(product)) is not None:
+                        per_product[product] = _snp_tcb_from_table(pm, f"min_tcb.{product}")
+                m.done()
+                min_tcb = per_product
+            else:
+                min_tcb = _snp_tcb_from_table(m, "min_tcb")
         snp = SnpPolicy(
             measurement=t.hex_list("measurement"),
             host_data=t.hex("host_data"),
@@ -579,9 +694,11 @@ def _policy_from_mapping(doc: Mapping[str, Any]) -> Policy:
             allow_migration_agent=t.boolean("allow_migration_agent", False),
             allow_smt=t.boolean("allow_smt", True),
             require_single_socket=t.boolean("require_single_socket", False),
-            vmpl=t.integer("vmpl"),
+            vmpl=_vmpl(t),
             min_tcb=min_tcb,
             require_crl=t.boolean("require_crl", False),
+            platform_info_required=t.integer("platform_info_required") or 0,
+            platform_info_forbidden=t.integer("platform_info_forbidden") or 0,
         )
         t.done()
     statuses = top.strings("accepted_tcb_statuses")

@@ -23,19 +23,26 @@ Example::
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any
 
 from veil.attestation.abi.dcap import TEE_TYPE_SGX, TEE_TYPE_TDX, Quote, parse_quote
 from veil.attestation.abi.sgx import SgxReportBody
 from veil.attestation.abi.snp import SNP_REPORT_SIZE, SnpReport, SnpTcb, parse_snp_report
 from veil.attestation.abi.tdx import TdReportBody
-from veil.attestation.claims import Platform, VerifiedEvidence
+from veil.attestation.claims import AuthenticEvidence, Platform, VerifiedEvidence
 from veil.attestation.collateral_source import collateral_from_blindai_map
-from veil.attestation.policy import Policy
+from veil.attestation.policy import (
+    AMD_MINIMUM_TCB_AS_OF,
+    Policy,
+    SnpMinimumTcb,
+    minimum_snp_tcb,
+    snp_tcb_status,
+)
 from veil.attestation.trust import TrustStore
 from veil.attestation.verify.collateral import DcapCollateral
 from veil.attestation.verify.dcap import DcapVerdict, verify_dcap_quote
@@ -46,7 +53,7 @@ from veil.attestation.verify.snp import (
     snp_collateral_from_map,
     verify_snp_report,
 )
-from veil.errors import CollateralError, ExpiredError, MalformedEvidenceError
+from veil.errors import CollateralError, HazmatWarning, MalformedEvidenceError
 
 __all__ = [
     "UnverifiedClaims",
@@ -60,7 +67,6 @@ _DCAP_VERSIONS = (3, 4, 5)
 _DCAP_ECDSA_P256 = 2
 
 Collateral = DcapCollateral | SnpCollateral | Mapping[str, Any] | None
-_V = TypeVar("_V")
 
 
 def detect_platform(evidence: bytes) -> Platform:
@@ -215,20 +221,6 @@ def unverified_claims(evidence: bytes) -> UnverifiedClaims:
 # --- verification ---
 
 
-def _with_grace(check: Callable[[datetime], _V], now: datetime, grace: timedelta) -> _V:
-    """Run `check` at `now`; on expiry, accept what was still valid `grace` ago."""
-    try:
-        return check(now)
-    except ExpiredError as original:
-        if not grace:
-            raise
-        # Passes only when every item was valid `grace` ago, i.e. expired less than that ago.
-        try:
-            return check(now - grace)
-        except ExpiredError:
-            raise original from None
-
-
 def _snp_collateral(collateral: Collateral) -> SnpCollateral:
     if isinstance(collateral, SnpCollateral):
         return collateral
@@ -268,10 +260,13 @@ def verify_evidence(
     1. Detect the platform from the bytes (`detect_platform`) and parse them.
     2. Verify: SGX/TDX with `verify_dcap_quote` (quote and QE signatures, PCK chain to the
        pinned Intel root, CRLs, TCB info, QE identity, TCB status); SEV-SNP with
-       `verify_snp_report` (VCEK/VLEK chain to the pinned ARK, TCB, chip ID, signature).
-       With a policy grace period, collateral that expired less than that long ago passes.
-    3. Build `VerifiedEvidence` from the verified structures.
-    4. `policy.validate` it (measurements, debug, attributes, TCB status).
+       `verify_snp_report` (VCEK/VLEK chain to the pinned ARK, AMD CRL when given, TCB
+       consistency, chip ID, signature). With a policy grace period, a CRL, TCB info or QE
+       identity whose nextUpdate passed less than that long ago passes; certificates never do.
+    3. Build the claims from the verified structures; for SEV-SNP, decide the TCB status
+       against the policy's minimum for the product (`AMD_MINIMUM_TCB` by default).
+    4. `policy.validate` them (measurements, debug, attributes, TCB status); only then
+       return a `VerifiedEvidence`.
 
     Args:
         evidence: raw quote or report bytes.
@@ -287,16 +282,29 @@ def verify_evidence(
         ExpiredError, TcbError, PolicyError: the first check that failed.
     """
     # Steps 1-3.
-    claims = hazmat_verify_without_policy(
+    snp_min_tcb = policy.sev_snp.min_tcb if policy.sev_snp is not None else None
+    authentic = _verify(
         evidence,
         collateral,
         trust=trust,
         now=now,
         collateral_grace_period=policy.collateral_grace_period,
+        snp_min_tcb=snp_min_tcb,
     )
     # Step 4: the user's policy.
-    policy.validate(claims)
-    return claims
+    policy.validate(authentic)
+    return VerifiedEvidence(
+        platform=authentic.platform,
+        report_data=authentic.report_data,
+        measurements=authentic.measurements,
+        debug=authentic.debug,
+        tcb_status=authentic.tcb_status,
+        advisory_ids=authentic.advisory_ids,
+        valid_from=authentic.valid_from,
+        valid_until=authentic.valid_until,
+        simulated=authentic.simulated,
+        details=authentic.details,
+    )
 
 
 def hazmat_verify_without_policy(
@@ -306,13 +314,40 @@ def hazmat_verify_without_policy(
     trust: TrustStore | None = None,
     now: datetime | None = None,
     collateral_grace_period: timedelta = timedelta(0),
-) -> VerifiedEvidence:
-    """Steps 1-3 of `verify_evidence`: authenticity and collateral, NO policy.
+    snp_min_tcb: SnpMinimumTcb | None = None,
+) -> AuthenticEvidence:
+    """Steps 1-3 of `verify_evidence`: authenticity and collateral, NO policy. Warns.
 
-    The result is authentic but says nothing about WHAT runs (measurements and debug are not
-    checked). Call `Policy.validate` on it before trusting it; `verify_evidence` does both.
-    Arguments as for `verify_evidence`.
+    The result is an `AuthenticEvidence`, not a `VerifiedEvidence`: it says nothing about WHAT
+    runs (measurements, debug and the TCB minimum are not checked). Call `Policy.validate` on
+    it before trusting it; `verify_evidence` does both. Arguments as for `verify_evidence`;
+    `snp_min_tcb` is the minimum the SEV-SNP `tcb_status` is computed against
+    (`AMD_MINIMUM_TCB` when None).
     """
+    warnings.warn(
+        "hazmat_verify_without_policy: the evidence is authentic but NO policy was applied",
+        HazmatWarning,
+        stacklevel=2,
+    )
+    return _verify(
+        evidence,
+        collateral,
+        trust=trust,
+        now=now,
+        collateral_grace_period=collateral_grace_period,
+        snp_min_tcb=snp_min_tcb,
+    )
+
+
+def _verify(
+    evidence: bytes,
+    collateral: Collateral,
+    *,
+    trust: TrustStore | None,
+    now: datetime | None,
+    collateral_grace_period: timedelta,
+    snp_min_tcb: SnpMinimumTcb | None,
+) -> AuthenticEvidence:
     # Step 1: the injected context, platform detection and parsing.
     trust = TrustStore.production() if trust is None else trust
     now = datetime.now(UTC) if now is None else now
@@ -340,17 +375,25 @@ def hazmat_verify_without_policy(
         details["signing_key"] = snp.signing_key
         details["chip_id_checked"] = int(snp.chip_id_checked)
         details["amd_crl_checked"] = int(snp.crl_checked)
+        # The TCB decision: the verified REPORTED_TCB against the minimum for the product.
+        minimum = minimum_snp_tcb(snp_min_tcb, snp.product)
+        details["tcb_minimum"] = "none" if minimum is None else str(minimum)
+        details["tcb_minimum_source"] = (
+            f"AMD bulletins as of {AMD_MINIMUM_TCB_AS_OF}" if snp_min_tcb is None else "policy"
+        )
         if snp.csp_id is not None:
             details["csp_id"] = snp.csp_id
-        tcb_status, advisories = "UpToDate", ()
+        tcb_status, advisories = snp_tcb_status(snp.reported_tcb, minimum), ()
     else:
         quote = parse_quote(evidence)
         dcap_collateral = _dcap_collateral(collateral, platform)
         # Step 2 (SGX/TDX).
-        dcap = _with_grace(
-            lambda t: verify_dcap_quote(quote, dcap_collateral, trust=trust, now=t),
-            now,
-            collateral_grace_period,
+        dcap = verify_dcap_quote(
+            quote,
+            dcap_collateral,
+            trust=trust,
+            now=now,
+            collateral_grace=collateral_grace_period,
         )
         verdict = dcap
         # Step 3: claims from the verified quote.
@@ -367,7 +410,7 @@ def hazmat_verify_without_policy(
             details["tdx_module_tcb_status"] = dcap.tdx_module_tcb_status
         tcb_status, advisories = dcap.tcb_status, dcap.advisory_ids
 
-    return VerifiedEvidence(
+    return AuthenticEvidence(
         platform=platform,
         report_data=base.report_data,
         measurements=base.measurements,

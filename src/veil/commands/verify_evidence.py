@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from veil.attestation.abi.dcap import parse_quote
-from veil.attestation.claims import VerifiedEvidence
+from veil.attestation.claims import AuthenticEvidence
 from veil.attestation.collateral_source import (
     collateral_from_dcap_qvl_json,
     load_collateral_directory,
@@ -31,7 +31,7 @@ from veil.attestation.verifier import (
 from veil.attestation.verify.collateral import DcapCollateral
 from veil.attestation.verify.dcap import hazmat_verify_quote_signatures
 from veil.attestation.verify.snp import SnpCollateral, snp_collateral_from_certificates
-from veil.errors import AttestationError, UnsafePolicyWarning
+from veil.errors import AttestationError, HazmatWarning, UnsafePolicyWarning
 
 __all__ = ["read_evidence", "register"]
 
@@ -128,7 +128,7 @@ def _plain(value: object) -> object:
     return value
 
 
-def _claims_dict(claims: VerifiedEvidence | UnverifiedClaims) -> dict[str, Any]:
+def _claims_dict(claims: AuthenticEvidence | UnverifiedClaims) -> dict[str, Any]:
     return {
         "debug": claims.debug,
         "report_data": claims.report_data.hex(),
@@ -163,7 +163,6 @@ def _run(args: argparse.Namespace) -> int:
         "valid_until": None,
         "simulated": False,
     }
-    verified: VerifiedEvidence | None = None
     try:
         # Parse first, so that a rejection can still show what the evidence claims.
         parsed = unverified_claims(evidence)
@@ -171,13 +170,16 @@ def _run(args: argparse.Namespace) -> int:
         result |= _claims_dict(parsed)
         collateral = _load_collateral(args)
         # The same two steps as verify_evidence; split so that a policy rejection can still
-        # report the verified TCB status.
-        verified = hazmat_verify_without_policy(
-            evidence,
-            collateral,
-            now=at,
-            collateral_grace_period=policy.collateral_grace_period,
-        )
+        # report the verified TCB status. The policy is applied below, hence no warning.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", HazmatWarning)
+            verified = hazmat_verify_without_policy(
+                evidence,
+                collateral,
+                now=at,
+                collateral_grace_period=policy.collateral_grace_period,
+                snp_min_tcb=policy.sev_snp.min_tcb if policy.sev_snp is not None else None,
+            )
         result |= _claims_dict(verified)
         result |= {
             "claims_verified": True,
@@ -206,7 +208,12 @@ def _inspect_quote_signatures(evidence: bytes, at: datetime) -> str:
     """Without full verification, say whether the quote's own signatures and PCK chain hold:
     useful for quotes shipped without collateral. Informational only, never a verdict."""
     try:
-        hazmat_verify_quote_signatures(parse_quote(evidence), trust=TrustStore.production(), now=at)
+        with warnings.catch_warnings():
+            # Shown as "informational only" in the output, which is the warning's point.
+            warnings.simplefilter("ignore", HazmatWarning)
+            hazmat_verify_quote_signatures(
+                parse_quote(evidence), trust=TrustStore.production(), now=at
+            )
     except AttestationError as exc:
         return f"invalid: {exc}"
     return "valid (PCK chain, QE report, quote; no CRL, TCB or QE identity check)"

@@ -167,6 +167,9 @@ def build_report(
     signing_key: int = 0,
     mask_chip: bool = False,
     reported_tcb: int = tcb(3, 0, 8, 115),
+    current_tcb: int | None = None,
+    committed_tcb: int | None = None,
+    platform_info: int = 0x1,
     chip_id: bytes = CHIP_ID,
     cpuid: tuple[int, int, int] | None = None,
     mit: tuple[int, int] | None = None,
@@ -179,7 +182,8 @@ def build_report(
     r = bytearray(0x4A0)
     struct.pack_into("<IIQ", r, 0, version, 1, policy)
     struct.pack_into("<II", r, 0x30, vmpl, 1)
-    struct.pack_into("<QQ", r, 0x38, reported_tcb, 0x1)
+    current = reported_tcb if current_tcb is None else current_tcb
+    struct.pack_into("<QQ", r, 0x38, current, platform_info)
     struct.pack_into("<I", r, 0x48, (signing_key << 2) | (2 if mask_chip else 0))
     r[0x50:0x90] = report_data
     r[0x90:0xC0] = measurement
@@ -188,7 +192,7 @@ def build_report(
     if cpuid is not None:
         r[0x188:0x18B] = bytes(cpuid)
     r[0x1A0:0x1E0] = bytes(64) if mask_chip else chip_id
-    struct.pack_into("<Q", r, 0x1E0, reported_tcb)
+    struct.pack_into("<Q", r, 0x1E0, reported_tcb if committed_tcb is None else committed_tcb)
     r[0x1E8:0x1EB] = bytes([4, 52, 1])
     r[0x1EC:0x1EF] = bytes([4, 52, 1])
     struct.pack_into("<Q", r, 0x1F0, reported_tcb)

@@ -11,7 +11,15 @@ import pytest
 
 from veil.attestation.abi.snp import SnpTcb
 from veil.attestation.claims import Platform, VerifiedEvidence
-from veil.attestation.policy import Policy, SgxPolicy, SnpPolicy, TdxPolicy
+from veil.attestation.policy import (
+    AMD_MINIMUM_TCB,
+    Policy,
+    SgxPolicy,
+    SnpPolicy,
+    TdxPolicy,
+    minimum_snp_tcb,
+    snp_tcb_status,
+)
 from veil.errors import PolicyError, TcbError, UnsafePolicyWarning
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
@@ -46,17 +54,19 @@ def claims(platform: Platform, **kw: Any) -> VerifiedEvidence:
         details = {
             "guest_policy": 0x30000,
             "vmpl": 0,
-            "tcb_bootloader": 3,
+            "platform_info": 0x3,
+            "product": "Milan",
+            "tcb_bootloader": 4,
             "tcb_tee": 0,
-            "tcb_snp": 8,
-            "tcb_microcode": 115,
+            "tcb_snp": 24,
+            "tcb_microcode": 219,
         }
     fields: dict[str, Any] = {
         "platform": platform,
         "report_data": bytes(64),
         "measurements": measurements | kw.pop("measurements", {}),
         "debug": False,
-        "tcb_status": "UpToDate",
+        "tcb_status": "MeetsMinimum" if platform is Platform.SEV_SNP else "UpToDate",
         "advisory_ids": (),
         "valid_from": T0,
         "valid_until": T0 + timedelta(days=30),
@@ -264,16 +274,93 @@ def test_snp_migration_agent_allowed_when_asked() -> None:
 
 
 def test_snp_min_tcb() -> None:
-    policy = Policy(sev_snp=SnpPolicy(measurement=(b(1, 48),), min_tcb=SnpTcb(4, 0, 9, 115, fmc=1)))
+    policy = Policy(
+        sev_snp=SnpPolicy(measurement=(b(1, 48),), min_tcb=SnpTcb(5, 0, 25, 219, fmc=1))
+    )
     with pytest.raises(TcbError) as info:
-        policy.validate(claims(Platform.SEV_SNP))
+        policy.validate(claims(Platform.SEV_SNP, tcb_status="BelowMinimum"))
     message = str(info.value)
-    assert "reported_tcb.bootloader: got 3, expected >= 4" in message
-    assert "reported_tcb.snp: got 8, expected >= 9" in message
+    assert "tcb_status: got BelowMinimum, expected MeetsMinimum" in message
+    assert "reported_tcb.bootloader: got 4, expected >= 5" in message
+    assert "reported_tcb.snp: got 24, expected >= 25" in message
     assert "reported_tcb.fmc: got None, expected >= 1" in message
     assert "microcode" not in message
-    ok = Policy(sev_snp=SnpPolicy(measurement=(b(1, 48),), min_tcb=SnpTcb(3, 0, 8, 115)))
+    ok = Policy(sev_snp=SnpPolicy(measurement=(b(1, 48),), min_tcb=SnpTcb(4, 0, 24, 219)))
     ok.validate(claims(Platform.SEV_SNP))
+
+
+def test_snp_default_minimum_is_amds_table() -> None:
+    assert AMD_MINIMUM_TCB["Milan"] == SnpTcb(bootloader=4, tee=0, snp=24, microcode=219)
+    SNP.validate(claims(Platform.SEV_SNP))
+    low = claims(Platform.SEV_SNP, tcb_status="BelowMinimum", details={"tcb_microcode": 218})
+    with pytest.raises(TcbError, match=r"reported_tcb.microcode: got 218, expected >= 219"):
+        SNP.validate(low)
+
+
+def test_snp_product_without_minimum_is_refused() -> None:
+    genoa = claims(Platform.SEV_SNP, tcb_status="NoMinimum", details={"product": "Genoa"})
+    with pytest.raises(TcbError, match=r"min_tcb: none known for Genoa; set sev_snp.min_tcb"):
+        SNP.validate(genoa)
+    per_product = Policy(
+        sev_snp=SnpPolicy(measurement=(b(1, 48),), min_tcb={"Genoa": SnpTcb(4, 0, 24, 219)})
+    )
+    # The status the verifier computed is the decision; the policy never upgrades it.
+    with pytest.raises(TcbError, match="tcb_status: got NoMinimum, expected MeetsMinimum"):
+        per_product.validate(genoa)
+    per_product.validate(claims(Platform.SEV_SNP, details={"product": "Genoa"}))
+
+
+@pytest.mark.parametrize(
+    ("reported", "minimum", "status"),
+    [
+        (SnpTcb(4, 0, 24, 219), SnpTcb(4, 0, 24, 219), "MeetsMinimum"),
+        (SnpTcb(9, 9, 99, 250), SnpTcb(4, 0, 24, 219), "MeetsMinimum"),
+        (SnpTcb(4, 0, 23, 250), SnpTcb(4, 0, 24, 219), "BelowMinimum"),
+        (SnpTcb(4, 0, 24, 219, fmc=0), SnpTcb(4, 0, 24, 219, fmc=1), "BelowMinimum"),
+        (SnpTcb(4, 0, 24, 219), SnpTcb(4, 0, 24, 219, fmc=1), "BelowMinimum"),
+        (SnpTcb(4, 0, 24, 219), None, "NoMinimum"),
+    ],
+)
+def test_snp_tcb_status(reported: SnpTcb, minimum: SnpTcb | None, status: str) -> None:
+    assert snp_tcb_status(reported, minimum) == status
+
+
+def test_snp_vmpl_defaults_to_zero_and_platform_info() -> None:
+    with pytest.raises(PolicyError, match="vmpl: got 1, expected 0"):
+        SNP.validate(claims(Platform.SEV_SNP, details={"vmpl": 1}))
+    anywhere = Policy(sev_snp=SnpPolicy(measurement=(b(1, 48),), vmpl=None))
+    anywhere.validate(claims(Platform.SEV_SNP, details={"vmpl": 3}))
+    strict = Policy(
+        sev_snp=SnpPolicy(
+            measurement=(b(1, 48),), platform_info_required=0x2, platform_info_forbidden=0x1
+        )
+    )
+    with pytest.raises(PolicyError) as info:
+        strict.validate(claims(Platform.SEV_SNP, details={"platform_info": 0x1}))
+    assert "platform_info: got 0x1, expected bits 0x2 set" in str(info.value)
+    assert "platform_info: got 0x1, expected bits 0x1 clear" in str(info.value)
+    strict.validate(claims(Platform.SEV_SNP, details={"platform_info": 0x2}))
+    with pytest.raises(PolicyError, match="both required and forbidden"):
+        SnpPolicy(measurement=(b(1, 48),), platform_info_required=1, platform_info_forbidden=1)
+    toml = Policy.from_toml(f'[sev_snp]\nmeasurement = ["{"01" * 48}"]\nvmpl = "any"\n')
+    assert toml.sev_snp is not None
+    assert toml.sev_snp.vmpl is None
+
+
+def test_snp_min_tcb_per_product_in_toml() -> None:
+    text = (
+        f'[sev_snp]\nmeasurement = ["{"01" * 48}"]\n'
+        "[sev_snp.min_tcb.Genoa]\nbootloader = 9\ntee = 0\nsnp = 23\nmicrocode = 72\n"
+    )
+    policy = Policy.from_toml(text)
+    assert policy.sev_snp is not None
+    assert minimum_snp_tcb(policy.sev_snp.min_tcb, "Genoa") == SnpTcb(9, 0, 23, 72)
+    assert minimum_snp_tcb(policy.sev_snp.min_tcb, "Milan") is None
+    with pytest.raises(PolicyError, match=r"sev_snp.min_tcb.Turin: missing tee"):
+        Policy.from_toml(
+            f'[sev_snp]\nmeasurement = ["{"01" * 48}"]\n'
+            "[sev_snp.min_tcb.Turin]\nbootloader = 1\nsnp = 1\nmicrocode = 1\n"
+        )
 
 
 # --- TCB status, advisories, freshness ---
@@ -362,7 +449,7 @@ allow_migration_agent = false
 allow_smt = true
 require_single_socket = false
 vmpl = 0
-min_tcb = {{ bootloader = 3, tee = 0, snp = 8, microcode = 115 }}
+min_tcb = {{ bootloader = 4, tee = 0, snp = 24, microcode = 219 }}
 """
 
 
@@ -375,7 +462,7 @@ def test_toml_full_text() -> None:
     assert policy.tdx.mr_td == (b(1, 48),)
     assert policy.tdx.xfam == bytes.fromhex("e702060000000000")
     assert policy.sev_snp is not None
-    assert policy.sev_snp.min_tcb == SnpTcb(3, 0, 8, 115)
+    assert policy.sev_snp.min_tcb == SnpTcb(4, 0, 24, 219)
     assert policy.sev_snp.vmpl == 0
     assert policy.accepted_tcb_statuses == {"UpToDate", "SWHardeningNeeded"}
     assert policy.accepted_advisory_ids == {"INTEL-SA-00615"}

@@ -9,7 +9,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from snp_fake import NOW, FakeAmd, _rsa_key, build_report, make_crl
 
-from veil.attestation.abi.snp import parse_snp_report
+from veil.attestation.abi.snp import SnpTcb, parse_snp_report
 from veil.attestation.claims import Platform
 from veil.attestation.policy import Policy, SnpPolicy
 from veil.attestation.verifier import verify_evidence
@@ -166,7 +166,10 @@ def test_crl_from_map_and_files(amd: FakeAmd, vcek: bytes) -> None:
 
 
 def _policy(**kw: object) -> Policy:
-    return Policy(sev_snp=SnpPolicy(measurement=(bytes([0xAB]) * 48,), **kw))  # type: ignore[arg-type]
+    # The fake PKI's TCB (3, 0, 8, 115) is pinned: this test is about the CRL.
+    return Policy(
+        sev_snp=SnpPolicy(measurement=(bytes([0xAB]) * 48,), min_tcb=SnpTcb(3, 0, 8, 115), **kw)  # type: ignore[arg-type]
+    )
 
 
 def test_policy_require_crl(amd: FakeAmd, report: bytes, vcek: bytes) -> None:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from veil.attestation.claims import Platform
+from veil.attestation.abi.snp import SnpTcb
+from veil.attestation.claims import AuthenticEvidence, Platform, VerifiedEvidence
 from veil.attestation.collateral_source import (
     collateral_from_dcap_qvl_json,
     collateral_to_blindai_map,
@@ -27,6 +28,7 @@ from veil.attestation.verify.snp import SnpCollateral
 from veil.errors import (
     CollateralError,
     ExpiredError,
+    HazmatWarning,
     MalformedEvidenceError,
     PolicyError,
     TcbError,
@@ -231,22 +233,36 @@ def test_tdx_v5_no_matching_tcb_level(vectors: Path) -> None:
 
 
 def test_snp_through_verifier(snp: tuple[bytes, SnpCollateral]) -> None:
-    claims = hazmat_verify_without_policy(snp[0], snp[1], now=datetime(2025, 1, 1, tzinfo=UTC))
-    assert claims.platform is Platform.SEV_SNP
-    assert claims.details["product"] == "Milan"
-    assert claims.details["guest_policy"] == 0x30000
-    assert claims.details["vmpl"] == 0
-    policy = Policy(sev_snp=SnpPolicy(measurement=(claims.measurements["measurement"],), vmpl=0))
-    policy.validate(claims)
-    assert (
-        verify_evidence(snp[0], snp[1], policy=policy, now=datetime(2025, 1, 1, tzinfo=UTC))
-        == claims
-    )
+    at = datetime(2025, 1, 1, tzinfo=UTC)
+    with pytest.warns(HazmatWarning, match="NO policy was applied"):
+        authentic = hazmat_verify_without_policy(snp[0], snp[1], now=at)
+    # Authentic, not verified: the type says no policy passed.
+    assert isinstance(authentic, AuthenticEvidence)
+    assert not isinstance(authentic, VerifiedEvidence)
+    assert authentic.platform is Platform.SEV_SNP
+    assert authentic.details["product"] == "Milan"
+    assert authentic.details["guest_policy"] == 0x30000
+    assert authentic.details["vmpl"] == 0
+    # The virtee report (2023: bootloader 3, SNP 8, microcode 115) is below AMD's minimum.
+    assert authentic.tcb_status == "BelowMinimum"
+    assert authentic.details["tcb_minimum"] == "bootloader 4, tee 0, snp 24, microcode 219"
+    measurement = authentic.measurements["measurement"]
+    default = Policy(sev_snp=SnpPolicy(measurement=(measurement,)))
+    with pytest.raises(TcbError, match=r"reported_tcb.snp: got 8, expected >= 24"):
+        verify_evidence(snp[0], snp[1], policy=default, now=at)
+    # A policy that pins the vector's own level accepts it, and says on what grounds.
+    pinned = Policy(sev_snp=SnpPolicy(measurement=(measurement,), min_tcb=SnpTcb(3, 0, 8, 115)))
+    claims = verify_evidence(snp[0], snp[1], policy=pinned, now=at)
+    assert isinstance(claims, VerifiedEvidence)
+    assert claims.tcb_status == "MeetsMinimum"
+    assert claims.details["tcb_minimum_source"] == "policy"
+    assert claims.measurements == authentic.measurements
 
 
 def test_default_trust_and_clock(snp: tuple[bytes, SnpCollateral]) -> None:
     # Production roots and the real clock: the virtee VCEK is valid until 2030.
-    claims = hazmat_verify_without_policy(snp[0], snp[1])
+    with pytest.warns(HazmatWarning):
+        claims = hazmat_verify_without_policy(snp[0], snp[1])
     assert not claims.simulated
 
 
@@ -308,6 +324,7 @@ def test_simulated_debug_enclave_rejected(tmp_path: Path) -> None:
     trust = TrustStore.simulated_only()
     with pytest.raises(PolicyError, match="debug: got True, expected False"):
         verify_evidence(evidence.quote, evidence.collateral, policy=policy, trust=trust)
-    claims = hazmat_verify_without_policy(evidence.quote, evidence.collateral, trust=trust)
+    with pytest.warns(HazmatWarning):
+        claims = hazmat_verify_without_policy(evidence.quote, evidence.collateral, trust=trust)
     assert claims.debug
     assert claims.details["attributes"][0] & 0x02  # type: ignore[index]

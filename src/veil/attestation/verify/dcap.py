@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import warnings
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
 
 from veil.attestation.abi.dcap import INTEL_QE_VENDOR_ID, Quote
 from veil.attestation.abi.tdx import TdReportBody
-from veil.attestation.trust import TrustStore
+from veil.attestation.trust import TrustStore, load_embedded_root
 from veil.attestation.verify import tcb as tcbmod
 from veil.attestation.verify.collateral import DcapCollateral
 from veil.attestation.verify.x509util import (
@@ -35,7 +37,7 @@ from veil.attestation.verify.x509util import (
     verify_crl,
     verify_ecdsa_raw,
 )
-from veil.errors import ChainError, CollateralError, SignatureError
+from veil.errors import ChainError, CollateralError, HazmatWarning, SignatureError
 
 __all__ = ["DcapVerdict", "hazmat_verify_quote_signatures", "verify_dcap_quote"]
 
@@ -119,11 +121,47 @@ def hazmat_verify_quote_signatures(
     Use it to inspect evidence for which no collateral is at hand; never to accept evidence.
     Returns the PCK certificate's SGX extension.
     """
+    warnings.warn(
+        "hazmat_verify_quote_signatures: no CRL, TCB info or QE identity was checked",
+        HazmatWarning,
+        stacklevel=2,
+    )
     _require_aware(now)
     chain, _ = _pck_chain(quote, pck_chain_pem, trust, now)
     ext = parse_pck_extensions(chain[0])
     _verify_quote_crypto(quote, chain[0])
     return ext
+
+
+# Intel signs TCB info and QE identities with one certificate issued directly by the root
+# (PCS API v4, "TCB-Info-Issuer-Chain": TCB Signing certificate + Root CA).
+INTEL_TCB_SIGNING_CN = "Intel SGX TCB Signing"
+
+
+def _require_tcb_signer(chain: list[x509.Certificate], trust: TrustStore, what: str) -> None:
+    """The signer must be Intel's TCB Signing identity, not any certificate under the root
+    (a PCK CA is one too). Under veil's test and simulated roots, whose signers are named
+    after their PKI, the name must end in "TCB Signing"; the shape is checked alike."""
+    if len(chain) != 2:
+        raise ChainError(
+            f"{what} issuer chain: got {len(chain) - 1} certificate(s) below the root, "
+            "expected the TCB Signing certificate issued directly by the root"
+        )
+    signer = chain[0]
+    attrs = signer.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    cn = str(attrs[0].value) if len(attrs) == 1 else ""
+    production = trust.intel_root == load_embedded_root("intel_sgx_root_ca.pem")
+    if cn != INTEL_TCB_SIGNING_CN if production else not cn.endswith("TCB Signing"):
+        raise ChainError(
+            f"{what} signer: got {signer.subject.rfc4514_string()!r}, "
+            f"expected CN={INTEL_TCB_SIGNING_CN!r}"
+        )
+    try:
+        bc = signer.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return
+    if bc.ca:
+        raise ChainError(f"{what} signer: got a CA certificate, expected an end entity")
 
 
 def _verify_signed_json(
@@ -141,6 +179,7 @@ def _verify_signed_json(
         now,
         f"{what} issuer chain",
     )
+    _require_tcb_signer(chain, trust, what)
     for cert in chain[:-1]:
         check_not_revoked(cert, root_crl, f"{what} issuer chain")
     # The signature covers the exact JSON text as published; it is never re-serialised.
@@ -149,7 +188,12 @@ def _verify_signed_json(
 
 
 def verify_dcap_quote(
-    quote: Quote, collateral: DcapCollateral, *, trust: TrustStore, now: datetime
+    quote: Quote,
+    collateral: DcapCollateral,
+    *,
+    trust: TrustStore,
+    now: datetime,
+    collateral_grace: timedelta = timedelta(0),
 ) -> DcapVerdict:
     """Verify a parsed DCAP quote with its collateral; return the TCB facts.
 
@@ -158,6 +202,8 @@ def verify_dcap_quote(
         collateral: the DCAP collateral for the quote's FMSPC and CA (see `collateral_source`).
         trust: the pinned roots; only ``trust.intel_root`` is used.
         now: the verification time, timezone-aware.
+        collateral_grace: how long past its nextUpdate a CRL, the TCB info or the QE identity
+            is still accepted. Certificates are never excused.
 
     Raises:
         ChainError / RevokedError: a chain does not reach the pinned root, or a cert is revoked.
@@ -198,7 +244,9 @@ def verify_dcap_quote(
 
     # Step 2: CRLs and revocation.
     root_crl = load_crl(collateral.root_ca_crl, "root CA CRL")
-    window = window.intersect(verify_crl(root_crl, root, now, "root CA CRL"))
+    window = window.intersect(
+        verify_crl(root_crl, root, now, "root CA CRL", grace=collateral_grace)
+    )
     crl_chain, crl_chain_window = verify_chain(
         load_pem_chain(collateral.pck_crl_issuer_chain, "PCK CRL issuer chain"),
         root,
@@ -212,7 +260,7 @@ def verify_dcap_quote(
             f"expected the PCK's CA {pck_ca.subject.rfc4514_string()}"
         )
     pck_crl = load_crl(collateral.pck_crl, "PCK CRL")
-    window = window.intersect(verify_crl(pck_crl, pck_ca, now, "PCK CRL"))
+    window = window.intersect(verify_crl(pck_crl, pck_ca, now, "PCK CRL", grace=collateral_grace))
     check_not_revoked(pck_ca, root_crl, "PCK CA")
     check_not_revoked(pck_leaf, pck_crl, "PCK leaf")
 
@@ -230,7 +278,7 @@ def verify_dcap_quote(
     )
     tcb_info = tcbmod.TcbInfo.from_json(collateral.tcb_info)
     tcb_window = Window(tcb_info.issue_date, tcb_info.next_update)
-    check_window(tcb_window, now, "TCB info")
+    check_window(tcb_window, now, "TCB info", grace=collateral_grace)
     window = window.intersect(tcb_window)
     expected_id = "TDX" if quote.is_tdx else "SGX"
     if tcb_info.id != expected_id:
@@ -258,7 +306,7 @@ def verify_dcap_quote(
     )
     qe_identity = tcbmod.QeIdentity.from_json(collateral.qe_identity)
     qe_window = Window(qe_identity.issue_date, qe_identity.next_update)
-    check_window(qe_window, now, "QE identity")
+    check_window(qe_window, now, "QE identity", grace=collateral_grace)
     window = window.intersect(qe_window)
     expected_qe = "TD_QE" if quote.is_tdx else "QE"
     if qe_identity.id != expected_qe:

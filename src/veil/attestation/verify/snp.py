@@ -482,7 +482,8 @@ def verify_snp_report(
        RSASSA-PSS SHA-384, all valid at `now` (no grace: a certificate is never excused).
        5b. With a CRL in the collateral: signed by the ARK, current (nextUpdate may be
        `collateral_grace` past), and listing neither the ASK/ASVK nor the VCEK/VLEK.
-    6. REPORTED_TCB equals the TCB in the certificate's SPL extensions.
+    6. REPORTED_TCB equals the TCB in the certificate's SPL extensions, and
+       REPORTED_TCB <= COMMITTED_TCB <= CURRENT_TCB component by component.
     7. For a VCEK, CHIP_ID equals the certificate's hwID (skipped for a VLEK, which has no
        hwID, and when the firmware masked the chip ID).
     8. The report signature (ECDSA P-384, SHA-384 over bytes 0x000..0x29F) verifies with the
@@ -581,6 +582,24 @@ def verify_snp_report(
     if mismatches:
         raise TcbError(
             f"SNP REPORTED_TCB differs from the {kind} certificate: " + "; ".join(mismatches)
+        )
+
+    # 6b. TCB consistency (ABI spec, "TCB_VERSION" and SNP_SET_CONFIG): the firmware never
+    #     reports a TCB above what it committed, nor commits one above what runs, so
+    #     REPORTED_TCB <= COMMITTED_TCB <= CURRENT_TCB in every component.
+    committed = SnpTcb.from_raw(report.committed_tcb, turin=turin)
+    current = SnpTcb.from_raw(report.current_tcb, turin=turin)
+    inconsistent = [
+        f"{name}: reported {tcb.components()[name]}, committed {committed.components()[name]}, "
+        f"current {current.components()[name]}"
+        for name in tcb.components()
+        if not tcb.components()[name] <= committed.components()[name] <= current.components()[name]
+    ]
+    if inconsistent:
+        raise TcbError(
+            "SNP TCB: got "
+            + "; ".join(inconsistent)
+            + ", expected reported <= committed <= current"
         )
 
     # 7. CHIP_ID equals hwID (VCEK only; Turin hwIDs are the first 8 bytes of CHIP_ID).

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -65,14 +65,20 @@ class Window:
         return Window(max(self.not_before, other.not_before), min(self.not_after, other.not_after))
 
 
-def check_window(window: Window, now: datetime, what: str) -> None:
-    """Raise `ExpiredError` unless not_before <= now <= not_after."""
+def check_window(
+    window: Window, now: datetime, what: str, *, grace: timedelta = timedelta(0)
+) -> None:
+    """Raise `ExpiredError` unless not_before <= now <= not_after + grace.
+
+    `grace` is for collateral whose nextUpdate passed (a stale list is still a list of what
+    was revoked); certificates are always checked with none.
+    """
     if now < window.not_before:
         raise ExpiredError(
             f"{what}: not valid yet at {now.isoformat()}, "
             f"valid from {window.not_before.isoformat()}"
         )
-    if now > window.not_after:
+    if now - grace > window.not_after:
         raise ExpiredError(
             f"{what}: expired at {now.isoformat()}, valid until {window.not_after.isoformat()}"
         )
@@ -193,14 +199,19 @@ def load_crl(data: bytes, what: str) -> x509.CertificateRevocationList:
 
 
 def verify_crl(
-    crl: x509.CertificateRevocationList, issuer: x509.Certificate, now: datetime, what: str
+    crl: x509.CertificateRevocationList,
+    issuer: x509.Certificate,
+    now: datetime,
+    what: str,
+    *,
+    grace: timedelta = timedelta(0),
 ) -> Window:
     """Check a CRL's issuer, signature and thisUpdate/nextUpdate window; return the window.
 
     Raises:
         CollateralError: the CRL is issued by someone else or has no nextUpdate.
         SignatureError: the issuer's signature does not verify.
-        ExpiredError: `now` is outside [thisUpdate, nextUpdate].
+        ExpiredError: `now` is outside [thisUpdate, nextUpdate + grace].
     """
     if crl.issuer != issuer.subject:
         raise CollateralError(
@@ -213,7 +224,7 @@ def verify_crl(
     if next_update is None:
         raise CollateralError(f"{what}: nextUpdate missing")
     window = Window(crl.last_update_utc, next_update)
-    check_window(window, now, what)
+    check_window(window, now, what, grace=grace)
     return window
 
 
