@@ -32,6 +32,7 @@ from veil.attestation.verify.x509util import (
     ecdsa_p256_public_key,
     load_crl,
     load_pem_chain,
+    malformed_x509_as_typed,
     parse_pck_extensions,
     verify_chain,
     verify_crl,
@@ -127,9 +128,10 @@ def hazmat_verify_quote_signatures(
         stacklevel=2,
     )
     _require_aware(now)
-    chain, _ = _pck_chain(quote, pck_chain_pem, trust, now)
-    ext = parse_pck_extensions(chain[0])
-    _verify_quote_crypto(quote, chain[0])
+    with malformed_x509_as_typed("PCK chain"):
+        chain, _ = _pck_chain(quote, pck_chain_pem, trust, now)
+        ext = parse_pck_extensions(chain[0])
+        _verify_quote_crypto(quote, chain[0])
     return ext
 
 
@@ -235,6 +237,17 @@ def verify_dcap_quote(
     #     TDX); first match wins; converge with the module and QE statuses. [QVL TCB matching]
     #  9. Validity window: intersection of every certificate, CRL and collateral window.
     _require_aware(now)
+    with malformed_x509_as_typed("DCAP collateral"):
+        return _verify_dcap_quote(quote, collateral, trust, now, collateral_grace)
+
+
+def _verify_dcap_quote(
+    quote: Quote,
+    collateral: DcapCollateral,
+    trust: TrustStore,
+    now: datetime,
+    collateral_grace: timedelta,
+) -> DcapVerdict:
     root = trust.intel_root
 
     # Step 1: PCK chain to the pinned root.

@@ -37,7 +37,11 @@ from cryptography.x509.oid import NameOID
 
 from veil.attestation.abi.snp import SigningKey, SnpReport, SnpTcb
 from veil.attestation.trust import TrustStore
-from veil.attestation.verify.x509util import load_crl
+from veil.attestation.verify.x509util import (
+    check_signature_bit_string,
+    load_crl,
+    malformed_x509_as_typed,
+)
 from veil.errors import (
     ChainError,
     CollateralError,
@@ -158,17 +162,21 @@ class SnpVerdict:
 
 
 def load_certificate(data: bytes, what: str) -> x509.Certificate:
-    """Load one DER or PEM certificate; a parse failure is a `MalformedEvidenceError`."""
+    """Load one DER or PEM certificate; a parse failure, or a signature BIT STRING with unused
+    bits, is a `MalformedEvidenceError`."""
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings(
                 "ignore", message=_SERIAL_WARNING, category=CryptographyDeprecationWarning
             )
             if data.lstrip().startswith(b"-----BEGIN"):
-                return x509.load_pem_x509_certificate(data)
-            return x509.load_der_x509_certificate(data)
+                cert = x509.load_pem_x509_certificate(data)
+            else:
+                cert = x509.load_der_x509_certificate(data)
     except (ValueError, x509.InvalidVersion, UnsupportedAlgorithm) as exc:
         raise MalformedEvidenceError(f"{what}: not a valid X.509 certificate ({exc})") from None
+    check_signature_bit_string(cert.public_bytes(Encoding.DER), what)
+    return cert
 
 
 def _load_pem_certificates(pem: str | bytes, what: str) -> list[x509.Certificate]:
@@ -503,6 +511,20 @@ def verify_snp_report(
     """
     if now.tzinfo is None or now.utcoffset() is None:
         raise ValueError("now must be a timezone-aware datetime")
+    with malformed_x509_as_typed("SEV-SNP collateral"):
+        return _verify_snp_report(
+            report, collateral, trust=trust, now=now, collateral_grace=collateral_grace
+        )
+
+
+def _verify_snp_report(
+    report: SnpReport,
+    collateral: SnpCollateral,
+    *,
+    trust: TrustStore,
+    now: datetime,
+    collateral_grace: timedelta,
+) -> SnpVerdict:
     # 1. Which key signed the report (ABI spec, signer info at 0x48, bits 4:2).
     if report.signing_key not in _KEY_NAMES:
         raise SignatureError(

@@ -7,7 +7,8 @@ with the evidence is compared with the pinned one and never trusted on its own.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -33,10 +34,12 @@ __all__ = [
     "Window",
     "cert_window",
     "check_not_revoked",
+    "check_signature_bit_string",
     "check_window",
     "ecdsa_p256_public_key",
     "load_crl",
     "load_pem_chain",
+    "malformed_x509_as_typed",
     "parse_pck_extensions",
     "verify_chain",
     "verify_crl",
@@ -84,6 +87,67 @@ def check_window(
         )
 
 
+@contextmanager
+def malformed_x509_as_typed(what: str) -> Iterator[None]:
+    """Turn the errors `cryptography` raises on damaged certificates and CRLs into
+    `MalformedEvidenceError`.
+
+    It parses fields lazily: a bad extension, key or version surfaces as ValueError, TypeError,
+    `x509.InvalidVersion`, `x509.DuplicateExtension` or `UnsupportedAlgorithm` on first access,
+    deep inside a
+    verification. Malformed input must fail closed with a typed `AttestationError`.
+    """
+    try:
+        yield
+    except (
+        ValueError,
+        TypeError,
+        x509.InvalidVersion,
+        x509.DuplicateExtension,
+        UnsupportedAlgorithm,
+    ) as exc:
+        raise MalformedEvidenceError(f"{what}: malformed certificate or CRL ({exc})") from None
+
+
+def _der_header(data: bytes, pos: int, what: str) -> tuple[int, int, int]:
+    """(tag, start of content, content length) of the DER element at `pos`."""
+    if pos + 2 > len(data):
+        raise MalformedEvidenceError(f"{what}: truncated DER")
+    tag, length, start = data[pos], data[pos + 1], pos + 2
+    if length & 0x80:
+        count = length & 0x7F
+        if not 1 <= count <= 4 or start + count > len(data):
+            raise MalformedEvidenceError(f"{what}: bad DER length")
+        length = int.from_bytes(data[start : start + count], "big")
+        start += count
+    if start + length > len(data):
+        raise MalformedEvidenceError(f"{what}: truncated DER")
+    return tag, start, length
+
+
+def check_signature_bit_string(der: bytes, what: str) -> None:
+    """Refuse a certificate or CRL whose signatureValue BIT STRING has unused bits.
+
+    Both are SEQUENCE { to-be-signed, signatureAlgorithm, signatureValue BIT STRING }. A
+    signature is whole octets, so its unused-bits octet must be 0; cryptography accepts any
+    value whose padding bits are zero, which lets anyone make a second encoding of a signed
+    object (DER malleability) that independent verifiers reject.
+    """
+    tag, pos, _ = _der_header(der, 0, what)
+    if tag != _TAG_SEQ:
+        raise MalformedEvidenceError(f"{what}: tag got {tag:#x}, expected SEQUENCE")
+    for _ in range(2):
+        _, start, length = _der_header(der, pos, what)
+        pos = start + length
+    tag, start, length = _der_header(der, pos, what)
+    if tag != 0x03 or length < 1:
+        raise MalformedEvidenceError(f"{what}: signatureValue is not a BIT STRING")
+    if der[start] != 0:
+        raise MalformedEvidenceError(
+            f"{what}: signature BIT STRING unused bits got {der[start]}, expected 0"
+        )
+
+
 def _name(cert: x509.Certificate) -> str:
     return cert.subject.rfc4514_string()
 
@@ -91,10 +155,13 @@ def _name(cert: x509.Certificate) -> str:
 def load_pem_chain(pem: bytes | str, what: str) -> list[x509.Certificate]:
     """Load a PEM certificate chain (leaf first); `MalformedEvidenceError` if it is not one."""
     raw = pem.encode("ascii", "replace") if isinstance(pem, str) else pem
-    try:
-        certs = x509.load_pem_x509_certificates(raw.rstrip(b"\x00"))
-    except ValueError as exc:
-        raise MalformedEvidenceError(f"{what}: not a PEM certificate chain ({exc})") from None
+    with malformed_x509_as_typed(what):
+        try:
+            certs = x509.load_pem_x509_certificates(raw.rstrip(b"\x00"))
+        except ValueError as exc:
+            raise MalformedEvidenceError(f"{what}: not a PEM certificate chain ({exc})") from None
+        for cert in certs:
+            check_signature_bit_string(cert.public_bytes(Encoding.DER), what)
     return certs
 
 
@@ -180,7 +247,13 @@ def verify_chain(
 
 
 def load_crl(data: bytes, what: str) -> x509.CertificateRevocationList:
-    """Load a CRL given as DER, PEM, or hex-encoded DER."""
+    """Load a CRL given as DER, PEM, or hex-encoded DER (signature BIT STRING checked)."""
+    crl = _load_crl(data, what)
+    check_signature_bit_string(crl.public_bytes(Encoding.DER), what)
+    return crl
+
+
+def _load_crl(data: bytes, what: str) -> x509.CertificateRevocationList:
     raw = bytes(data)
     try:
         if raw[:1] == b"\x30":
