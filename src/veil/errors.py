@@ -186,7 +186,3 @@ class HazmatWarning(UserWarning):
 
 class UnsafePolicyWarning(UserWarning):
     """A policy that pins no measurement was used: any code on a genuine TEE is accepted."""
-
-
-class HazmatWarning(UserWarning):
-    """A hazmat entry point was used: its result skips a check that protects data."""

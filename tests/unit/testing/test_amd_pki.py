@@ -29,7 +29,8 @@ from veil.testing.intel_pki import IntelPki
 NOW = datetime(2026, 3, 1, 12, tzinfo=UTC)
 MEASUREMENT = bytes([0x4D]) * 48
 REPORT_DATA = bytes(range(64))
-POLICY = Policy(sev_snp=SnpPolicy(measurement=(MEASUREMENT,)))
+# The test PKI's TCB is arbitrary: the TCB minimum decision is tested in tests/unit/attestation.
+POLICY = Policy(sev_snp=SnpPolicy(measurement=(MEASUREMENT,), min_tcb=SnpTcb(0, 0, 0, 0)))
 _INTEL_ROOT = IntelPki(now=NOW, seed=b"amd tests").root
 
 

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from cryptography import x509
 
-from veil.attestation.abi.snp import parse_snp_report
+from veil.attestation.abi.snp import SnpTcb, parse_snp_report
 from veil.attestation.collateral_source import collateral_from_pcs
 from veil.attestation.kds import KdsClient
 from veil.attestation.policy import Policy, SgxPolicy, SnpPolicy, TdxPolicy
@@ -34,6 +34,9 @@ MR_ENCLAVE = bytes([0x5E]) * 32
 MR_TD = bytes([0x7D]) * 48
 MEASUREMENT = bytes([0x4D]) * 48
 REPORT_DATA = bytes(range(64))
+
+# The test PKI's TCB is arbitrary: the TCB minimum decision is tested in tests/unit/attestation.
+ANY_TCB = SnpTcb(0, 0, 0, 0)
 
 
 class Clock:
@@ -245,7 +248,7 @@ def test_kds_collateral_verifies(
     claims = verify_evidence(
         report,
         collateral,
-        policy=Policy(sev_snp=SnpPolicy(measurement=(MEASUREMENT,))),
+        policy=Policy(sev_snp=SnpPolicy(measurement=(MEASUREMENT,), min_tcb=ANY_TCB)),
         trust=_amd_trust(intel, amd),
         now=NOW,
     )
@@ -307,7 +310,7 @@ def test_kds_stale_crl_and_foreign_chain_are_refused(
     chip = amd[0].chip()
     report = chip.report(REPORT_DATA, measurement=MEASUREMENT)
     client = KdsClient(kds.url, get=httpx_getter())
-    policy = Policy(sev_snp=SnpPolicy(measurement=(MEASUREMENT,)))
+    policy = Policy(sev_snp=SnpPolicy(measurement=(MEASUREMENT,), min_tcb=ANY_TCB))
     kds.faults.stale = timedelta(days=8)
     with pytest.raises(ExpiredError, match="CRL"):
         verify_evidence(
@@ -332,7 +335,7 @@ def test_kds_reports_a_revoked_vcek(intel: IntelPki, clock: Clock) -> None:
         verify_evidence(
             report,
             collateral,
-            policy=Policy(sev_snp=SnpPolicy(measurement=(MEASUREMENT,))),
+            policy=Policy(sev_snp=SnpPolicy(measurement=(MEASUREMENT,), min_tcb=ANY_TCB)),
             trust=TrustStore(intel_root=intel.root, amd_arks={"Genoa": pki.ark}),
             now=NOW,
         )
