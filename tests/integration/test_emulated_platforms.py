@@ -8,6 +8,8 @@ different evidence (debug, revoked) start their own.
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from collateral_stand_ins import serve_kds, serve_pccs
 from cryptography.hazmat.primitives.serialization import Encoding
 from onnx_models import identity_model
 from server_process import VeilServer, start_server
@@ -27,6 +28,7 @@ from veil.attestation.trust import TrustStore
 from veil.errors import HazmatWarning
 from veil.testing.amd_pki import AmdPki
 from veil.testing.intel_pki import IntelPki
+from veil.testing.services import KdsService, PccsService
 from veil.testing.state import EmulatedState
 
 pytestmark = pytest.mark.slow
@@ -50,8 +52,8 @@ class Pkis:
 
     intel: IntelPki
     amd: AmdPki
-    pccs_url: str
-    kds_url: str
+    pccs: PccsService
+    kds: KdsService
 
     def trust(self, intel: IntelPki | None = None, amd: AmdPki | None = None) -> TrustStore:
         amd = amd or self.amd
@@ -88,8 +90,9 @@ class Bed:
 def pkis() -> Iterator[Pkis]:
     intel = IntelPki(now=NOW, seed=SEED)
     amd = AmdPki("Milan", now=NOW, seed=SEED)
-    with serve_pccs(intel, now=NOW) as pccs_url, serve_kds(amd, now=NOW) as kds_url:
-        yield Pkis(intel, amd, pccs_url, kds_url)
+    platforms = [intel.sgx_platform(), intel.tdx_platform()]
+    with PccsService(intel, platforms) as pccs, KdsService(amd) as kds:
+        yield Pkis(intel, amd, pccs, kds)
 
 
 def start_bed(root: Path, platform: str, pkis: Pkis, **state: object) -> Bed:
@@ -101,7 +104,7 @@ def start_bed(root: Path, platform: str, pkis: Pkis, **state: object) -> Bed:
         **state,  # type: ignore[arg-type]
     ).write(root / "state")
     extra = ["--emulated-state", str(state_dir), "--platform", platform]
-    extra += ["--pccs-url", pkis.pccs_url, "--kds-url", pkis.kds_url]
+    extra += ["--pccs-url", pkis.pccs.url, "--kds-url", pkis.kds.url]
     if platform != "sgx":
         extra.append("--unsealed-store")  # configfs-tsm guests have no sealing key
     server = start_server(root / "data", root / "log", *extra, module="veil.testing.emulated")
@@ -216,3 +219,21 @@ def test_snp_host_certificate_table(tmp_path: Path, pkis: Pkis) -> None:
             assert client.verified.measurements["measurement"] == MEASUREMENT["sev-snp"]
     finally:
         host.server.stop()
+
+
+def test_snp_guest_with_kds_down_and_no_cache_does_not_start(tmp_path: Path, pkis: Pkis) -> None:
+    state_dir = EmulatedState(
+        platform="sev-snp", seed=SEED, now=NOW, measurement=MEASUREMENT["sev-snp"]
+    ).write(tmp_path / "state")
+    command = [sys.executable, "-m", "veil.testing.emulated", "serve"]
+    command += ["--emulated-state", str(state_dir), "--platform", "sev-snp", "--unsealed-store"]
+    command += ["--kds-url", pkis.kds.url, "--data-dir", str(tmp_path / "data")]
+    command += ["--unattested-port", "0", "--attested-port", "0", "--management-port", "0"]
+    pkis.kds.down = True
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    finally:
+        pkis.kds.down = False
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "no cached copy" in result.stderr
+    assert "serving on" not in result.stdout
