@@ -18,5 +18,27 @@ time (or, for the simulated platform, by veil's public simulated root):
   ``veil serve`` on those devices.
 
 A client accepts this evidence only through ``TrustStore.hazmat_test_roots(...)``, which warns:
-never do it outside tests. Nothing here is imported by the server or the client.
+never do it outside tests. The server and the client import nothing from here, except that veil's
+simulated platform (`veil.providers.simulated`) issues its evidence with `intel_pki` under its own
+public root.
+
+Example (an SGX quote, and its collateral fetched from the PCCS stand-in by veil's own client)::
+
+    from datetime import UTC, datetime
+    from veil.attestation.policy import Policy, SgxPolicy
+    from veil.attestation.trust import TrustStore
+    from veil.attestation.verifier import verify_evidence
+    from veil.providers.pcs import pcs_collateral_fetcher
+    from veil.testing.intel_pki import IntelPki
+    from veil.testing.services import PccsService
+
+    now = datetime.now(UTC)
+    pki = IntelPki(now=now, seed=b"example")
+    sgx = pki.sgx_platform()
+    quote = sgx.quote(b"report data", mr_enclave=bytes(32))
+    with PccsService(pki, [sgx], clock=lambda: now) as pccs:
+        collateral = pcs_collateral_fetcher(pccs.url)(quote)
+    policy = Policy(sgx=SgxPolicy(mr_enclave=(bytes(32),)))
+    trust = TrustStore.hazmat_test_roots(intel_root=pki.root)  # warns: test roots
+    verify_evidence(quote, collateral, policy=policy, trust=trust, now=now)
 """

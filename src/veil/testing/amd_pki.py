@@ -41,6 +41,7 @@ __all__ = [
     "CPUID",
     "CRL_LIFETIME",
     "DEFAULT_GUEST_POLICY",
+    "DEFAULT_TCB",
     "PSS",
     "AmdPki",
     "EndorsementKey",
@@ -56,6 +57,15 @@ PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
 CRL_LIFETIME = timedelta(days=7)
 _ROOT_LIFETIME = timedelta(days=25 * 365)
 _VCEK_LIFETIME = timedelta(days=7 * 365)
+
+# A chip's TCB unless a test picks one. Milan's is the level of AMD-SB-3019 (bootloader 4, TEE 0,
+# SNP 24, microcode 219), so default Milan evidence meets a bulletin-based minimum; Genoa's and
+# Turin's are plausible values only: a policy must name their minimum.
+DEFAULT_TCB = {
+    "Milan": SnpTcb(bootloader=4, tee=0, snp=24, microcode=219),
+    "Genoa": SnpTcb(bootloader=9, tee=0, snp=23, microcode=72),
+    "Turin": SnpTcb(bootloader=1, tee=0, snp=4, microcode=77, fmc=1),
+}
 
 # Guest policy (ABI spec "Guest Policy Structure"): bit 16 SMT allowed, bit 17 must be one,
 # bit 18 migration agent, bit 19 debug.
@@ -175,6 +185,11 @@ class AmdPki:
         now: the time certificate validity windows are computed from.
         seed: serials and EC keys derive from it, RSA keys are cached by it; random when None.
         rsa_key_size: AMD's keys are RSA-4096; the default 2048 keeps tests fast.
+
+    RSA keys are random (cached per process and seed), so a second process built from the same
+    seed signs with other ARK/ASK/ASVK keys: hand it the certificates (a host certificate table,
+    the KDS stand-in of the first process) rather than rebuilding them. VCEK and VLEK keys derive
+    from the seed, the chip ID and the TCB, so any process signs reports the same VCEK verifies.
     """
 
     def __init__(
@@ -343,7 +358,7 @@ class AmdPki:
         """
         turin = self.product == "Turin"
         if tcb is None:
-            tcb = SnpTcb(bootloader=3, tee=0, snp=8, microcode=115, fmc=1 if turin else None)
+            tcb = DEFAULT_TCB[self.product]
         if chip_id is None:
             chip_id = hashlib.sha512(b"chip" + self.seed).digest()
             if turin:

@@ -16,10 +16,11 @@ and stopped as a context manager, answering the public API's paths with the test
   ``/{vcek,vlek}/v1/{product}/crl`` → the ARK-signed CRL, DER.
 
 Fault knobs a test flips at run time (see `Faults`): `down` (connections refused), `delay`
-(seconds before each answer), `not_found` (404 for everything), `stale` (items issued that long
-before the service clock: past 30 days Intel's items are expired, past 7 days AMD's CRL),
-`foreign` (items signed by another PKI of the same shape). The clock is injected; every request
-is counted by path. Nothing here validates like the real services beyond what tests need.
+(seconds before each answer), `not_found` (404 for everything), `missing` (404 for some paths),
+`stale` (items issued that long before the service clock: past 30 days Intel's items are
+expired, past 7 days AMD's CRL), `foreign` (items signed by another PKI of the same shape).
+The clock is injected; every request is counted by path. Nothing here validates like the real
+services beyond what tests need.
 """
 
 from __future__ import annotations
@@ -73,12 +74,14 @@ class Faults:
     Attributes:
         delay: seconds to wait before answering each request.
         not_found: answer 404 to every request.
+        missing: paths (without query) answered 404, e.g. only the TCB info.
         stale: issue items this long before the service clock (0 = fresh).
         foreign: sign items with another PKI of the same shape (an untrusted root).
     """
 
     delay: float = 0.0
     not_found: bool = False
+    missing: set[str] = field(default_factory=set)
     stale: timedelta = timedelta(0)
     foreign: bool = False
 
@@ -237,7 +240,7 @@ class LoopbackService:
         faults = self.faults
         if faults.delay > 0:
             time.sleep(faults.delay)
-        if faults.not_found:
+        if faults.not_found or parts.path in faults.missing:
             return _error(404, "not found (fault injected)")
         query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
         try:

@@ -23,20 +23,23 @@ from veil.errors import (
     SignatureError,
     TcbError,
 )
-from veil.testing.amd_pki import CRL_LIFETIME, AmdPki, derive_p384_key, tcb_raw
+from veil.testing.amd_pki import CRL_LIFETIME, DEFAULT_TCB, AmdPki, derive_p384_key, tcb_raw
 from veil.testing.intel_pki import IntelPki
 
 NOW = datetime(2026, 3, 1, 12, tzinfo=UTC)
 MEASUREMENT = bytes([0x4D]) * 48
 REPORT_DATA = bytes(range(64))
-# The test PKI's TCB is arbitrary: the TCB minimum decision is tested in tests/unit/attestation.
-POLICY = Policy(sev_snp=SnpPolicy(measurement=(MEASUREMENT,), min_tcb=SnpTcb(0, 0, 0, 0)))
 _INTEL_ROOT = IntelPki(now=NOW, seed=b"amd tests").root
 
 
 @pytest.fixture(scope="module", params=["Milan", "Genoa", "Turin"])
 def pki(request: pytest.FixtureRequest) -> AmdPki:
     return AmdPki(request.param, now=NOW, seed=b"test_amd_pki")
+
+
+def _policy(pki: AmdPki) -> Policy:
+    # Genoa and Turin have no default minimum TCB in veil: name the chip's own.
+    return Policy(sev_snp=SnpPolicy(measurement=(MEASUREMENT,), min_tcb=DEFAULT_TCB[pki.product]))
 
 
 def _trust(pki: AmdPki) -> TrustStore:
@@ -48,7 +51,7 @@ def test_vcek_report_verifies(pki: AmdPki, version: int) -> None:
     chip = pki.chip()
     report = chip.report(REPORT_DATA, measurement=MEASUREMENT, version=version)
     claims = verify_evidence(
-        report, chip.collateral(NOW), policy=POLICY, trust=_trust(pki), now=NOW
+        report, chip.collateral(NOW), policy=_policy(pki), trust=_trust(pki), now=NOW
     )
     assert claims.report_data == REPORT_DATA
     assert claims.measurements["measurement"] == MEASUREMENT
@@ -63,7 +66,7 @@ def test_vlek_report_verifies(pki: AmdPki) -> None:
     chip = pki.chip(vlek_csp_id="example-cloud")
     report = chip.report(REPORT_DATA, measurement=MEASUREMENT)
     claims = verify_evidence(
-        report, chip.collateral(NOW), policy=POLICY, trust=_trust(pki), now=NOW
+        report, chip.collateral(NOW), policy=_policy(pki), trust=_trust(pki), now=NOW
     )
     assert claims.details["signing_key"] == "VLEK"
     assert not any(parse_snp_report(report).chip_id)
@@ -100,13 +103,17 @@ def test_revoked_vcek_and_ask_are_reported_revoked() -> None:
     crl = x509.load_der_x509_crl(pki.crl(NOW))
     assert crl.get_revoked_certificate_by_serial_number(chip.endorsement_key.serial_number)
     with pytest.raises(RevokedError, match="VCEK"):
-        verify_evidence(report, chip.collateral(NOW), policy=POLICY, trust=_trust(pki), now=NOW)
+        verify_evidence(
+            report, chip.collateral(NOW), policy=_policy(pki), trust=_trust(pki), now=NOW
+        )
     pki.unrevoke(chip.endorsement_key.serial_number)
     pki.revoke(pki.ask.serial_number)
     with pytest.raises(RevokedError, match="SEV-Milan"):
-        verify_evidence(report, chip.collateral(NOW), policy=POLICY, trust=_trust(pki), now=NOW)
+        verify_evidence(
+            report, chip.collateral(NOW), policy=_policy(pki), trust=_trust(pki), now=NOW
+        )
     pki.unrevoke(pki.ask.serial_number)
-    verify_evidence(report, chip.collateral(NOW), policy=POLICY, trust=_trust(pki), now=NOW)
+    verify_evidence(report, chip.collateral(NOW), policy=_policy(pki), trust=_trust(pki), now=NOW)
 
 
 def test_crl_expires_after_its_lifetime() -> None:
@@ -116,12 +123,12 @@ def test_crl_expires_after_its_lifetime() -> None:
     collateral = chip.collateral(NOW)
     next_update = x509.load_der_x509_crl(collateral.crl or b"").next_update_utc
     assert next_update == NOW - timedelta(hours=1) + CRL_LIFETIME
-    verify_evidence(report, collateral, policy=POLICY, trust=_trust(pki), now=next_update)
+    verify_evidence(report, collateral, policy=_policy(pki), trust=_trust(pki), now=next_update)
     with pytest.raises(ExpiredError, match="CRL"):
         verify_evidence(
             report,
             collateral,
-            policy=POLICY,
+            policy=_policy(pki),
             trust=_trust(pki),
             now=next_update + timedelta(seconds=1),
         )
@@ -132,7 +139,9 @@ def test_foreign_ark_is_refused(pki: AmdPki) -> None:
     chip = pki.chip()
     report = chip.report(REPORT_DATA, measurement=MEASUREMENT)
     with pytest.raises(ChainError):
-        verify_evidence(report, chip.collateral(NOW), policy=POLICY, trust=_trust(foreign), now=NOW)
+        verify_evidence(
+            report, chip.collateral(NOW), policy=_policy(pki), trust=_trust(foreign), now=NOW
+        )
 
 
 def test_forged_signature_is_refused(pki: AmdPki) -> None:
@@ -141,7 +150,9 @@ def test_forged_signature_is_refused(pki: AmdPki) -> None:
         REPORT_DATA, measurement=MEASUREMENT, signing_key=derive_p384_key(b"x", "forger")
     )
     with pytest.raises(SignatureError):
-        verify_evidence(forged, chip.collateral(NOW), policy=POLICY, trust=_trust(pki), now=NOW)
+        verify_evidence(
+            forged, chip.collateral(NOW), policy=_policy(pki), trust=_trust(pki), now=NOW
+        )
 
 
 def test_reported_tcb_other_than_the_vcek_is_refused(pki: AmdPki) -> None:
@@ -149,7 +160,9 @@ def test_reported_tcb_other_than_the_vcek_is_refused(pki: AmdPki) -> None:
     newer = replace(chip.tcb, snp=chip.tcb.snp + 1)
     report = chip.report(REPORT_DATA, measurement=MEASUREMENT, reported_tcb=newer)
     with pytest.raises(TcbError, match="REPORTED_TCB"):
-        verify_evidence(report, chip.collateral(NOW), policy=POLICY, trust=_trust(pki), now=NOW)
+        verify_evidence(
+            report, chip.collateral(NOW), policy=_policy(pki), trust=_trust(pki), now=NOW
+        )
 
 
 def test_chip_id_other_than_the_hwid_is_refused() -> None:
@@ -160,7 +173,9 @@ def test_chip_id_other_than_the_hwid_is_refused() -> None:
         REPORT_DATA, measurement=MEASUREMENT, signing_key=chip.endorsement_key.key
     )
     with pytest.raises(CollateralError, match="chip_id"):
-        verify_evidence(report, chip.collateral(NOW), policy=POLICY, trust=_trust(pki), now=NOW)
+        verify_evidence(
+            report, chip.collateral(NOW), policy=_policy(pki), trust=_trust(pki), now=NOW
+        )
 
 
 def test_debug_guest_is_refused_by_the_default_policy(pki: AmdPki) -> None:
@@ -168,7 +183,9 @@ def test_debug_guest_is_refused_by_the_default_policy(pki: AmdPki) -> None:
     report = chip.report(REPORT_DATA, measurement=MEASUREMENT, debug=True)
     assert parse_snp_report(report).policy.debug
     with pytest.raises(PolicyError, match="debug"):
-        verify_evidence(report, chip.collateral(NOW), policy=POLICY, trust=_trust(pki), now=NOW)
+        verify_evidence(
+            report, chip.collateral(NOW), policy=_policy(pki), trust=_trust(pki), now=NOW
+        )
 
 
 def test_expired_vcek_is_refused() -> None:
@@ -177,7 +194,9 @@ def test_expired_vcek_is_refused() -> None:
     report = chip.report(REPORT_DATA, measurement=MEASUREMENT)
     after = chip.endorsement_key.certificate.not_valid_after_utc + timedelta(seconds=1)
     with pytest.raises(ExpiredError, match="VCEK"):
-        verify_evidence(report, chip.collateral(after), policy=POLICY, trust=_trust(pki), now=after)
+        verify_evidence(
+            report, chip.collateral(after), policy=_policy(pki), trust=_trust(pki), now=after
+        )
 
 
 def test_same_seed_same_keys() -> None:

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from cryptography import x509
 
-from veil.attestation.abi.snp import SnpTcb, parse_snp_report
+from veil.attestation.abi.snp import parse_snp_report
 from veil.attestation.collateral_source import collateral_from_pcs
 from veil.attestation.kds import KdsClient
 from veil.attestation.policy import Policy, SgxPolicy, SnpPolicy, TdxPolicy
@@ -25,7 +25,7 @@ from veil.errors import (
     SignatureError,
 )
 from veil.providers.pcs import httpx_getter, pcs_collateral_fetcher
-from veil.testing.amd_pki import AmdPki
+from veil.testing.amd_pki import DEFAULT_TCB, AmdPki
 from veil.testing.intel_pki import IntelPki, SgxPlatform, TdxPlatform
 from veil.testing.services import KdsService, PccsService
 
@@ -34,9 +34,6 @@ MR_ENCLAVE = bytes([0x5E]) * 32
 MR_TD = bytes([0x7D]) * 48
 MEASUREMENT = bytes([0x4D]) * 48
 REPORT_DATA = bytes(range(64))
-
-# The test PKI's TCB is arbitrary: the TCB minimum decision is tested in tests/unit/attestation.
-ANY_TCB = SnpTcb(0, 0, 0, 0)
 
 
 class Clock:
@@ -91,6 +88,10 @@ def amd() -> list[AmdPki]:
 def kds(amd: list[AmdPki], clock: Clock) -> Iterator[KdsService]:
     with KdsService(amd, clock=clock) as service:
         yield service
+
+
+def _snp_policy(pki: AmdPki) -> Policy:
+    return Policy(sev_snp=SnpPolicy(measurement=(MEASUREMENT,), min_tcb=DEFAULT_TCB[pki.product]))
 
 
 def _intel_trust(intel: IntelPki) -> TrustStore:
@@ -182,6 +183,14 @@ def test_pccs_404(pccs: PccsService, sgx: SgxPlatform) -> None:
         collateral_from_pcs(
             sgx.pck.fmspc, "processor", tdx=False, get=httpx_getter(), base_url=pccs.url
         )
+    pccs.faults.not_found = False
+    before = pccs.requests["/sgx/certification/v4/tcb"]
+    pccs.faults.missing.add("/sgx/certification/v4/qe/identity")
+    with pytest.raises(httpx.HTTPStatusError, match="404"):
+        collateral_from_pcs(
+            sgx.pck.fmspc, "processor", tdx=False, get=httpx_getter(), base_url=pccs.url
+        )
+    assert pccs.requests["/sgx/certification/v4/tcb"] == before + 1  # asked, then the QE 404
 
 
 def test_pccs_stale_items_are_expired(pccs: PccsService, intel: IntelPki, sgx: SgxPlatform) -> None:
@@ -248,7 +257,7 @@ def test_kds_collateral_verifies(
     claims = verify_evidence(
         report,
         collateral,
-        policy=Policy(sev_snp=SnpPolicy(measurement=(MEASUREMENT,), min_tcb=ANY_TCB)),
+        policy=_snp_policy(chip.pki),
         trust=_amd_trust(intel, amd),
         now=NOW,
     )
@@ -310,7 +319,7 @@ def test_kds_stale_crl_and_foreign_chain_are_refused(
     chip = amd[0].chip()
     report = chip.report(REPORT_DATA, measurement=MEASUREMENT)
     client = KdsClient(kds.url, get=httpx_getter())
-    policy = Policy(sev_snp=SnpPolicy(measurement=(MEASUREMENT,), min_tcb=ANY_TCB))
+    policy = _snp_policy(chip.pki)
     kds.faults.stale = timedelta(days=8)
     with pytest.raises(ExpiredError, match="CRL"):
         verify_evidence(
@@ -335,7 +344,7 @@ def test_kds_reports_a_revoked_vcek(intel: IntelPki, clock: Clock) -> None:
         verify_evidence(
             report,
             collateral,
-            policy=Policy(sev_snp=SnpPolicy(measurement=(MEASUREMENT,), min_tcb=ANY_TCB)),
+            policy=_snp_policy(chip.pki),
             trust=TrustStore(intel_root=intel.root, amd_arks={"Genoa": pki.ark}),
             now=NOW,
         )
