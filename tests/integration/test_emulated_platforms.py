@@ -23,6 +23,7 @@ from onnx_models import identity_model
 from server_process import VeilServer, start_server
 
 import veil
+from veil.attestation.abi.snp import SnpTcb
 from veil.attestation.policy import Policy, SgxPolicy, SnpPolicy, TdxPolicy
 from veil.attestation.trust import TrustStore
 from veil.errors import HazmatWarning
@@ -64,12 +65,16 @@ class Pkis:
             )
 
 
+EMULATED_SNP_TCB = SnpTcb(bootloader=3, tee=0, snp=8, microcode=115)
+
+
 def policy_for(platform: str, measurement: bytes) -> Policy:
     if platform == "sgx":
         return Policy(sgx=SgxPolicy(mr_enclave=(measurement,)))
     if platform == "tdx":
         return Policy(tdx=TdxPolicy(mr_td=(measurement,)))
-    return Policy(sev_snp=SnpPolicy(measurement=(measurement,)))
+    # The emulated chip reports the test PKI's TCB (3, 0, 8, 115), below AMD's table: pinned.
+    return Policy(sev_snp=SnpPolicy(measurement=(measurement,), min_tcb=EMULATED_SNP_TCB))
 
 
 @dataclass

@@ -25,6 +25,7 @@ from veil.attestation.trust import TrustStore
 from veil.attestation.verifier import hazmat_verify_without_policy
 from veil.attestation.verify.snp import SnpCollateral
 from veil.cli import main
+from veil.errors import HazmatWarning
 from veil.testing.amd_pki import AmdPki
 
 AT = "2025-07-01T00:00:00Z"
@@ -202,7 +203,8 @@ def test_snp_bundle_holds_vcek_chain_and_crl_and_verifies(
     assert loaded.crl is not None
     with pytest.warns(UserWarning, match="hazmat_test_roots"):
         trust = TrustStore.hazmat_test_roots(amd_arks={"Genoa": genoa.ark})
-    verified = hazmat_verify_without_policy(report.read_bytes(), loaded, trust=trust, now=NOW)
+    with pytest.warns(HazmatWarning, match="NO policy"):
+        verified = hazmat_verify_without_policy(report.read_bytes(), loaded, trust=trust, now=NOW)
     assert verified.details["amd_crl_checked"] == 1
 
 
