@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 from veil.attestation.claims import Platform, VerifiedEvidence
 from veil.attestation.policy import Policy, SgxPolicy, SnpPolicy, TdxPolicy
 from veil.client import (
+    CollateralServices,
     Connection,
     ModelInfo,
     PredictResponse,
@@ -61,6 +62,7 @@ __all__ = [
     "BindingError",
     "ChainError",
     "CollateralError",
+    "CollateralServices",
     "ConflictError",
     "Connection",
     "DatumType",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from veil.client.collateral import CollateralServices
 from veil.client.connection import API_KEY_HEADER, Connection, connect
 from veil.client.responses import (
     ModelInfo,
@@ -13,6 +14,7 @@ from veil.client.responses import (
 
 __all__ = [
     "API_KEY_HEADER",
+    "CollateralServices",
     "Connection",
     "ModelInfo",
     "PredictResponse",

@@ -2,7 +2,8 @@
 
 `Connection` attests the server before anything leaves this machine:
 
-1. fetch the server's TLS certificate, its evidence and collateral from the unattested port;
+1. fetch the server's TLS certificate, its evidence and collateral from the unattested port
+   (or take the collateral from the vendors' services or an offline bundle: `collateral=`);
 2. refuse a simulated ("mock") server unless ``simulation=True``;
 3. verify the evidence (signatures, chains, collateral, TCB status) and check it against the
    policy (`veil.attestation.verifier.verify_evidence`);
@@ -34,6 +35,13 @@ from veil.attestation.claims import VerifiedEvidence
 from veil.attestation.policy import Policy, SgxPolicy
 from veil.attestation.trust import TrustStore
 from veil.attestation.verifier import verify_evidence
+from veil.client.collateral import (
+    SERVER,
+    CollateralChoice,
+    check_choice,
+    own_collateral,
+    wants_server_collateral,
+)
 from veil.client.responses import ModelInfo, PredictResponse, Tensor, UploadResponse
 from veil.errors import (
     ApiError,
@@ -97,6 +105,9 @@ class Connection:
         timeout: seconds allowed for connecting and for each request.
         upload_timeout: seconds allowed for an upload.
         now: the time to verify the evidence at (default: now).
+        collateral: where the collateral comes from: ``"server"`` (default, BlindAI's way),
+            `veil.CollateralServices` (the client fetches it from Intel PCS/PCCS or AMD KDS),
+            or the `pathlib.Path` of a bundle written by ``veil collateral fetch``.
 
     Raises:
         AttestationError: (or a subclass) the server could not prove what it runs; nothing
@@ -118,7 +129,9 @@ class Connection:
         upload_timeout: float = 600.0,
         now: datetime | None = None,
         trust: TrustStore | None = None,
+        collateral: CollateralChoice = SERVER,
     ) -> None:
+        check_choice(collateral)
         if trust is not None and simulation:
             raise ValueError("trust= and simulation=True: got both, expected at most one")
         if trust is not None and trust.simulated:
@@ -151,7 +164,9 @@ class Connection:
         self._management_url = f"https://{host}:{management_port}"
         headers = {"user-agent": f"veil-python/{__version__}"}
         # Step 1 runs over plain HTTP to a server not yet verified: no API key there.
-        certificate, quote, collateral, server = self._fetch_evidence(headers)
+        certificate, quote, served, server = self._fetch_evidence(
+            headers, with_collateral=wants_server_collateral(collateral)
+        )
         if api_key is not None:
             headers[API_KEY_HEADER] = api_key
         # Step 2: a mock server is refused before any verification unless asked for.
@@ -165,8 +180,9 @@ class Connection:
             trust = TrustStore.simulated_only()
         elif trust is None:
             trust = TrustStore.production()
-        # Step 3: evidence, collateral and policy.
-        verified = verify_evidence(quote, collateral, policy=policy, trust=trust, now=now)
+        # Step 3: evidence, collateral (the server's, the services', or a bundle) and policy.
+        chosen = own_collateral(collateral, quote, lambda: served)
+        verified = verify_evidence(quote, chosen, policy=policy, trust=trust, now=now)
         # Step 4: the evidence must bind the certificate the server showed us.
         expected = certificate_digest(certificate)
         if verified.report_data[:32] != expected:
@@ -193,8 +209,10 @@ class Connection:
             self._client.close()
             raise
 
-    def _fetch_evidence(self, headers: Mapping[str, str]) -> tuple[bytes, bytes, Any, str]:
-        """Step 1: certificate, quote, collateral and the Server header."""
+    def _fetch_evidence(
+        self, headers: Mapping[str, str], *, with_collateral: bool
+    ) -> tuple[bytes, bytes, Any, str]:
+        """Step 1: certificate, quote, collateral (an empty map without) and the Server header."""
         with httpx.Client(
             transport=httpx.HTTPTransport(socket_options=_SOCKET_OPTIONS),
             headers=dict(headers),
@@ -229,7 +247,7 @@ class Connection:
             server = first.headers.get("server", "")
             certificate = decode(first, bytes, "certificate")
             quote = decode(get("/quote"), bytes, "quote")
-            collateral = decode(get("/collateral"), dict, "collateral")
+            collateral = decode(get("/collateral"), dict, "collateral") if with_collateral else {}
         return certificate, quote, collateral, server
 
     def _request(
