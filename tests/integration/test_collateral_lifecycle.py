@@ -198,7 +198,11 @@ def test_snp_guest_without_host_certificates_gets_its_vcek_from_kds(
         assert any(path.startswith("/vcek/v1/Genoa/") for path in kds.requests)
     _, served = get(state, "/collateral")
     assert set(served) == {"vcek", "cert_chain", "crl"}
-    policy = Policy(sev_snp=SnpPolicy(measurement=(SNP_MEASUREMENT,), require_crl=True))
+    policy = Policy(
+        sev_snp=SnpPolicy(
+            measurement=(SNP_MEASUREMENT,), min_tcb=genoa.chip().tcb, require_crl=True
+        )
+    )
     trust = hazmat(amd_arks={"Genoa": genoa.ark})
     verify_evidence(state.quote, served, policy=policy, trust=trust, now=clock())
 
@@ -234,7 +238,7 @@ def test_snp_foreign_kds_answer_refuses_to_start(
         # The foreign PKI's VCEK has the same shape: the server cannot tell, the client can.
         state = snp_server(tmp_path, genoa, kds.url, clock)
     _, served = get(state, "/collateral")
-    policy = Policy(sev_snp=SnpPolicy(measurement=(SNP_MEASUREMENT,)))
+    policy = Policy(sev_snp=SnpPolicy(measurement=(SNP_MEASUREMENT,), min_tcb=genoa.chip().tcb))
     trust = hazmat(amd_arks={"Genoa": genoa.ark})
     with pytest.raises((ChainError, SignatureError)):
         verify_evidence(state.quote, served, policy=policy, trust=trust, now=clock())
