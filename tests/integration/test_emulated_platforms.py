@@ -23,8 +23,7 @@ from onnx_models import identity_model
 from server_process import VeilServer, start_server
 
 import veil
-from veil.attestation.abi.snp import SnpTcb
-from veil.attestation.policy import Policy, SgxPolicy, SnpPolicy, TdxPolicy
+from veil.attestation.policy import AMD_MINIMUM_TCB, Policy, SgxPolicy, SnpPolicy, TdxPolicy
 from veil.attestation.trust import TrustStore
 from veil.errors import HazmatWarning
 from veil.testing.amd_pki import AmdPki
@@ -42,6 +41,8 @@ MEASUREMENT = {
     "sev-snp": hashlib.sha384(b"emulated guest").digest(),
 }
 PLATFORMS = ("sgx", "tdx", "sev-snp")
+# An SNP machine patched to AMD's published minimum (the default policy refuses older ones).
+SNP_TCB = AMD_MINIMUM_TCB["Milan"]
 # How long each platform's collateral lives: Intel's TCB info, QE identity and PCK CRL 30 days,
 # the AMD CRL a week (amd_pki.CRL_LIFETIME).
 STALE_AFTER = {"sgx": timedelta(days=31), "tdx": timedelta(days=31), "sev-snp": timedelta(days=8)}
@@ -65,16 +66,13 @@ class Pkis:
             )
 
 
-EMULATED_SNP_TCB = SnpTcb(bootloader=3, tee=0, snp=8, microcode=115)
-
-
 def policy_for(platform: str, measurement: bytes) -> Policy:
     if platform == "sgx":
         return Policy(sgx=SgxPolicy(mr_enclave=(measurement,)))
     if platform == "tdx":
         return Policy(tdx=TdxPolicy(mr_td=(measurement,)))
-    # The emulated chip reports the test PKI's TCB (3, 0, 8, 115), below AMD's table: pinned.
-    return Policy(sev_snp=SnpPolicy(measurement=(measurement,), min_tcb=EMULATED_SNP_TCB))
+    # The default minimum TCB (AMD's table) applies: the emulated chip is patched to it.
+    return Policy(sev_snp=SnpPolicy(measurement=(measurement,)))
 
 
 @dataclass
@@ -101,6 +99,8 @@ def pkis() -> Iterator[Pkis]:
 
 
 def start_bed(root: Path, platform: str, pkis: Pkis, **state: object) -> Bed:
+    if platform == "sev-snp":
+        state.setdefault("snp_tcb", SNP_TCB)
     state_dir = EmulatedState(
         platform=platform,
         seed=SEED,
@@ -201,7 +201,7 @@ def test_revoked_pck_is_refused(tmp_path: Path, pkis: Pkis) -> None:
 
 def test_revoked_vcek_is_refused(tmp_path: Path, pkis: Pkis) -> None:
     chip_id = bytes([7]) * 64
-    pkis.amd.revoke(pkis.amd.chip(chip_id=chip_id).endorsement_key.serial_number)
+    pkis.amd.revoke(pkis.amd.chip(chip_id=chip_id, tcb=SNP_TCB).endorsement_key.serial_number)
     revoked = start_bed(tmp_path, "sev-snp", pkis, chip_id=chip_id)
     try:
         with pytest.raises(veil.RevokedError):
@@ -212,7 +212,7 @@ def test_revoked_vcek_is_refused(tmp_path: Path, pkis: Pkis) -> None:
 
 def test_snp_host_certificate_table(tmp_path: Path, pkis: Pkis) -> None:
     # The host hands VCEK, ASK and ARK to the guest with each report (auxblob): no KDS needed.
-    chip = pkis.amd.chip()
+    chip = pkis.amd.chip(tcb=SNP_TCB)
     table = {
         "vcek": chip.endorsement_key.der,
         "ask": pkis.amd.ask.public_bytes(Encoding.DER),

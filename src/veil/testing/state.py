@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from veil.attestation.abi.snp import SnpTcb
 from veil.testing.devices import (
     EmulatedDevices,
     EmulatedGramine,
@@ -50,6 +51,8 @@ class EmulatedState:
         vlek_csp_id: SNP only: reports are signed by a VLEK of this provider instead of a VCEK.
         chip_id: SNP only: the chip's 64-byte ID (its VCEK derives from it); None for the
             seed's default chip.
+        snp_tcb: SNP only: the chip's TCB (reported, committed and current, and its VCEK's);
+            None for `AmdPki.chip`'s default.
         sealing_key: SGX only: the 16-byte MRENCLAVE sealing key Gramine hands out.
         label: the platform's label in the Intel PKI (its PCK key and serial derive from it).
     """
@@ -63,6 +66,7 @@ class EmulatedState:
     host_certificates: Mapping[str, bytes] | None = None
     vlek_csp_id: str | None = None
     chip_id: bytes | None = None
+    snp_tcb: SnpTcb | None = None
     sealing_key: bytes = field(default=bytes(range(16)), repr=False)
     label: str | None = None
 
@@ -96,6 +100,7 @@ class EmulatedState:
             "host_certificates": certs,
             "vlek_csp_id": self.vlek_csp_id,
             "chip_id": None if self.chip_id is None else self.chip_id.hex(),
+            "snp_tcb": None if self.snp_tcb is None else asdict(self.snp_tcb),
             "sealing_key": self.sealing_key.hex(),
             "label": self.label,
         }
@@ -119,6 +124,7 @@ class EmulatedState:
             else {name: (directory / file).read_bytes() for name, file in certs.items()},
             vlek_csp_id=document["vlek_csp_id"],
             chip_id=None if document["chip_id"] is None else bytes.fromhex(document["chip_id"]),
+            snp_tcb=None if document["snp_tcb"] is None else SnpTcb(**document["snp_tcb"]),
             sealing_key=bytes.fromhex(document["sealing_key"]),
             label=document["label"],
         )
@@ -156,7 +162,7 @@ class EmulatedState:
         # The RSA keys of this PKI are not the test's; only the endorsement key (derived from
         # the seed) signs here, and the host certificates come from the test's PKI.
         chip = AmdPki(self.product, now=self.now, seed=self.seed).chip(
-            chip_id=self.chip_id, vlek_csp_id=self.vlek_csp_id
+            chip_id=self.chip_id, tcb=self.snp_tcb, vlek_csp_id=self.vlek_csp_id
         )
 
         def report(report_data: bytes, vmpl: int) -> bytes:

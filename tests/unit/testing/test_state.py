@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from veil.attestation.abi.dcap import parse_quote
+from veil.attestation.abi.snp import SnpTcb
 from veil.testing.intel_pki import IntelPki
 from veil.testing.state import EmulatedState, load_devices
 
@@ -24,6 +25,8 @@ def test_round_trip(tmp_path: Path) -> None:
         product="Genoa",
         host_certificates={"vcek": b"V", "ask": b"A"},
         vlek_csp_id=None,
+        chip_id=bytes(64),
+        snp_tcb=SnpTcb(bootloader=1, tee=2, snp=3, microcode=4, fmc=5),
     )
     assert EmulatedState.read(state.write(tmp_path / "st")) == state
 
