@@ -105,3 +105,17 @@ def broadcast_model() -> onnx.ModelProto:
     return _model(
         helper.make_graph([helper.make_node("Add", ["a", "b"], ["c"])], "add", [a, b], [c])
     )
+
+
+def slow_model(steps: int = 40, n: int = 1024) -> onnx.ModelProto:
+    """y = x·W·W·…·W (`steps` MatMuls of n×n floats): keeps ONNX Runtime busy for a while
+    (about 1 s at the defaults on one core) from one request."""
+    nodes, previous = [], "x"
+    for i in range(steps):
+        out = "y" if i == steps - 1 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [previous, "w"], [out]))
+        previous = out
+    w = numpy_helper.from_array(np.full((n, n), 1 / n, np.float32), "w")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, n])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])
+    return _model(helper.make_graph(nodes, "slow", [x], [y], initializer=[w]))

@@ -15,11 +15,13 @@ with a 504 past ``request_timeout_s``.
 
 Every request on the attested and management ports goes through, in this order: a request id
 (``X-Request-Id`` on the response, one log line when it ends: id, port, route, status, duration,
-model id, key id, never inputs, outputs or keys); the concurrency limit (429); authentication
-(401, `veil.server.keys.AuthGate`); the per-key rate limit (429); the body limit while reading
-(413); decoding (400); then per route: tensor limits (422) and the model lookup (404) for a
-run; role and ownership (403, or 404 where the key may not even see the model); model and
-storage limits (413) and `check_model` (422) for an upload, before ONNX Runtime sees it.
+model id, key id, never inputs, outputs or keys); authentication (401,
+`veil.server.keys.AuthGate`); the per-key rate limit (429); the body limit and the body read
+time-out while reading (413, 408); the concurrency limit once the body is complete (429,
+`veil.server.connections.RequestGate`); decoding (400); then per route: tensor limits (422)
+and the model lookup (404) for a run; role and ownership (403, or 404 where the key may not
+even see the model); model and storage limits (413) and `check_model` (422) for an upload,
+before ONNX Runtime sees it.
 
 Access rules (`veil.server.keys`): uploads need an ``owner`` or ``admin`` key; a model is
 deleted by its uploader or an admin; it is listed to its uploader (admins: all); it is run by
@@ -50,6 +52,7 @@ from veil import wire
 from veil.errors import ApiError, BadRequestError, TensorError, api_error_for_status
 from veil.server.collateral import CollateralKeeper
 from veil.server.config import ServerConfig
+from veil.server.connections import RequestGate
 from veil.server.keys import (
     API_KEY_HEADER,
     PUBLIC,
@@ -201,13 +204,10 @@ async def _drain(request: Request) -> None:
         return
 
 
-def _endpoint(handler: Handler, limiter: ConcurrencyLimiter | None = None) -> Handler:
+def _endpoint(handler: Handler) -> Handler:
     async def wrapped(request: Request) -> Response:
         try:
-            if limiter is None:
-                return await handler(request)
-            async with limiter.slot():
-                return await handler(request)
+            return await handler(request)
         except Exception as exc:
             await _drain(request)
             return error_response(exc)
@@ -480,13 +480,15 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         return _cbor(listed)
 
     def route(path: str, handler: Handler, method: str) -> Route:
-        # Work (POST) is counted against the concurrency limit; the cheap GETs are not.
-        return Route(
-            path, _endpoint(handler, limiter if method == "POST" else None), methods=[method]
-        )
+        return Route(path, _endpoint(handler), methods=[method])
 
     def app(port: str, *routes: Route) -> Starlette:
-        return Starlette(middleware=[Middleware(_RequestLog, port=port)], routes=list(routes))
+        # Work (POST) is counted against the concurrency limit once its body is in; the cheap
+        # GETs are not.
+        gate = Middleware(
+            RequestGate, limiter=limiter, body_read_timeout_s=limits.body_read_timeout_s
+        )
+        return Starlette(middleware=[Middleware(_RequestLog, port=port), gate], routes=list(routes))
 
     handshake_route = route("/", handshake, "GET")
     # BlindAI 0.6 clients manage models on the attested port too; veil's own use the management one.

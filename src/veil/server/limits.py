@@ -64,6 +64,18 @@ class Limits:
         requests_per_second: sustained request rate per API key (429).
         burst: requests a key may send at once before the rate applies.
         max_tracked_keys: rate-limiter buckets kept in memory (least recently used dropped).
+
+    Connections (`veil.server.connections`; a breach closes the connection, or answers 408):
+        header_read_timeout_s: from a connection's first byte (or its opening) to the end of
+            a request's headers; past it the connection is closed.
+        body_read_timeout_s: longest wait for the next piece of a request body the server is
+            reading (408, then the connection is closed).
+        keep_alive_timeout_s: an idle connection between two requests is closed after this.
+        tls_handshake_timeout_s: a TLS handshake not finished by then is aborted.
+        max_header_bytes: request line and headers of one request (400, then closed).
+        max_connections: open connections on all three ports together, TLS handshakes
+            included; sized down at start to fit under the open-file limit.
+        max_connections_per_client: open connections from one client address.
     """
 
     max_request_bytes: int = 64 * _MiB
@@ -81,6 +93,14 @@ class Limits:
     requests_per_second: float = 50.0
     burst: int = 100
     max_tracked_keys: int = 10_000
+    # --- connections (veil.server.connections) ---
+    header_read_timeout_s: float = 10.0
+    body_read_timeout_s: float = 20.0
+    keep_alive_timeout_s: float = 75.0
+    tls_handshake_timeout_s: float = 10.0
+    max_header_bytes: int = 16 * 1024
+    max_connections: int = 4096
+    max_connections_per_client: int = 256
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -225,18 +245,25 @@ class ConcurrencyLimiter:
     def active(self) -> int:
         return self._active
 
-    @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
+    def acquire(self) -> None:
+        """Take a slot, or raise `RateLimitError` (429); every success needs one `release`."""
         # Single event loop: the check and the increment happen with no await between them.
         if self._active >= self._limit:
             raise limit_error(
                 429, f"server busy: max_concurrent_requests={self._limit} requests in progress"
             )
         self._active += 1
+
+    def release(self) -> None:
+        self._active -= 1
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        self.acquire()
         try:
             yield
         finally:
-            self._active -= 1
+            self.release()
 
 
 def _declared_too_large(content_length: str | None, max_bytes: int) -> bool:

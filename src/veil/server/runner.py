@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import signal
 import socket
 import sys
@@ -40,6 +41,13 @@ from veil.providers.pcs import collateral_fetcher
 from veil.server.app import ServerState, build_apps
 from veil.server.collateral import CollateralKeeper
 from veil.server.config import ServerConfig
+from veil.server.connections import (
+    ConnectionGuard,
+    GuardedServer,
+    connection_caps,
+    install_log_throttle,
+    open_file_limit,
+)
 from veil.server.keys import KEYS_FILENAME, NO_AUTH_BANNER, AuthGate, KeyStore
 from veil.server.models import ModelRegistry, load_model
 from veil.server.ready import ReadyLine
@@ -187,8 +195,8 @@ def prepare_state(
     return state, identity
 
 
-class _Server(uvicorn.Server):
-    """A uvicorn server that leaves signal handling to `serve` (three share one loop)."""
+class _Server(GuardedServer):
+    """A guarded uvicorn server that leaves signal handling to `serve` (three share one loop)."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -243,6 +251,14 @@ async def _run(
         for sock in sockets:
             sock.close()
         raise
+    limits = config.limits
+    # Room for every connection the caps allow plus the server's own files, where the hard
+    # limit lets us; the caps are then sized under whatever limit is in force.
+    caps = connection_caps(limits, open_file_limit(limits.max_connections + 1024))
+    if caps.total < limits.max_connections:
+        _log.warning("max_connections lowered to %d to stay under the open-file limit", caps.total)
+    guard = ConnectionGuard(caps)
+    install_log_throttle(asyncio.get_running_loop())
     servers = []
     for app, port, tls in (
         (unattested, config.unattested_port, False),
@@ -260,13 +276,16 @@ async def _run(
             date_header=True,
             headers=[("server", server_header)],
             timeout_graceful_shutdown=5,
+            http="h11",
+            backlog=caps.backlog,
             # clients keep one verified connection open between requests
-            timeout_keep_alive=75,
+            timeout_keep_alive=max(1, math.ceil(limits.keep_alive_timeout_s)),
+            h11_max_incomplete_event_size=limits.max_header_bytes,
         )
         uv_config.load()
         if tls:
             uv_config.ssl = server_context(identity)
-        servers.append(_Server(uv_config))
+        servers.append(_Server(uv_config, guard=guard, limits=limits))
 
     loop = asyncio.get_running_loop()
 

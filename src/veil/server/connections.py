@@ -1,0 +1,444 @@
+"""Connection hygiene: what one socket may hold, and for how long.
+
+uvicorn reads requests; these pieces sit around it so that connections cost the server little
+and never outlive their purpose (defaults in `veil.server.limits.Limits`):
+
+- `GuardedServer` accepts each connection through a gate: past ``max_connections`` (all ports)
+  or ``max_connections_per_client`` (one address) it is aborted at once, before any TLS
+  handshake, and counted in a throttled log line. The caps are sized under the process's
+  open-file limit at start (`connection_caps`), so ``accept`` never runs out of descriptors.
+  TLS handshakes have a deadline (``tls_handshake_timeout_s``).
+- `_GuardedH11` closes a connection whose request headers are not complete within
+  ``header_read_timeout_s`` of its first byte (or of its opening: an idle socket that never
+  sends a byte is closed too); uvicorn closes idle keep-alive connections
+  (``keep_alive_timeout_s``) and caps header bytes (``max_header_bytes``).
+- `RequestGate` (ASGI) answers 408 when a body being read stalls for ``body_read_timeout_s``,
+  and takes a ``max_concurrent_requests`` slot only once a body is complete: slow senders wait
+  without holding what other tenants need.
+- `LogThrottle` keeps floods from filling the log: a few lines per message per interval, then
+  one line counting the rest; the loop's exception handler logs one line, no traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import ssl
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from veil.errors import ApiError
+from veil.server.limits import ConcurrencyLimiter, Limits, limit_error
+
+__all__ = [
+    "ConnectionCaps",
+    "ConnectionGuard",
+    "GuardedServer",
+    "LogThrottle",
+    "RequestGate",
+    "connection_caps",
+    "install_log_throttle",
+    "open_file_limit",
+]
+
+_log = logging.getLogger("veil.server.connections")
+# Descriptors kept for everything but client sockets: models, the store, the key database,
+# logs, worker threads' files, listening sockets.
+_RESERVED_FDS = 256
+_THROTTLED_LOGGERS = ("asyncio", "uvicorn.error", "veil.server.connections")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+# --- caps ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionCaps:
+    """Open connections allowed, in total (all ports) and per client address, and the listen
+    backlog of each port (also how many connections asyncio accepts in one go)."""
+
+    total: int
+    per_client: int
+    backlog: int
+
+
+def connection_caps(limits: Limits, open_files: int, ports: int = 3) -> ConnectionCaps:
+    """The caps in force under a limit of `open_files` descriptors.
+
+    A quarter of the descriptors (at most 256) stay for the server's own files and threads.
+    asyncio accepts up to a backlog's worth of connections before the gate sees the first one,
+    on each port: the total cap leaves room for those batches, so ``accept`` never fails with
+    EMFILE (which asyncio retries, logging, every second, while accepting nobody).
+    """
+    usable = open_files - min(_RESERVED_FDS, open_files // 4)
+    backlog = max(8, min(1024, usable // (8 * ports)))
+    total = max(1, min(limits.max_connections, usable - ports * backlog))
+    return ConnectionCaps(
+        total=total, per_client=min(limits.max_connections_per_client, total), backlog=backlog
+    )
+
+
+def open_file_limit(wanted: int) -> int:
+    """Raise the soft open-file limit towards `wanted` (never past the hard one); the limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):  # a sandbox may refuse: keep the limit we have
+            pass
+    return int(soft) if soft != resource.RLIM_INFINITY else wanted
+
+
+class ConnectionGuard:
+    """Counts open connections, in total and per client address (one event loop, no lock)."""
+
+    def __init__(self, caps: ConnectionCaps) -> None:
+        self.caps = caps
+        self._total = 0
+        self._by_client: Counter[str] = Counter()
+
+    @property
+    def total(self) -> int:
+        return self._total
+
+    def try_open(self, client: str) -> bool:
+        """Count a new connection from `client`; False (nothing counted) when a cap is reached."""
+        if self._total >= self.caps.total or self._by_client[client] >= self.caps.per_client:
+            return False
+        self._total += 1
+        self._by_client[client] += 1
+        return True
+
+    def close(self, client: str) -> None:
+        self._total -= 1
+        self._by_client[client] -= 1
+        if self._by_client[client] <= 0:
+            del self._by_client[client]
+
+
+# --- logging ---------------------------------------------------------------------------------
+
+
+class LogThrottle(logging.Filter):
+    """At most `burst` records per message template per `interval_s`; the first record after a
+    window in which some were dropped says how many. `now` is injected (monotonic seconds)."""
+
+    def __init__(
+        self, burst: int = 5, interval_s: float = 10.0, now: Callable[[], float] = time.monotonic
+    ) -> None:
+        super().__init__()
+        self._burst = burst
+        self._interval = interval_s
+        self._now = now
+        # template -> (window start, records let through in it, records dropped)
+        self._windows: dict[tuple[str, str], tuple[float, int, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, str(record.msg))
+        t = self._now()
+        start, passed, dropped = self._windows.get(key, (t, 0, 0))
+        if t - start >= self._interval:
+            if dropped:
+                record.msg = (
+                    f"{record.getMessage()} [{dropped} more like this in {t - start:.0f} s]"
+                )
+                record.args = None
+            start, passed, dropped = t, 0, 0
+        if passed >= self._burst:
+            self._windows[key] = (start, passed, dropped + 1)
+            return False
+        if len(self._windows) > 1000:  # templates are few; this only bounds a pathological case
+            self._windows.clear()
+        self._windows[key] = (start, passed + 1, dropped)
+        return True
+
+
+def install_log_throttle(loop: asyncio.AbstractEventLoop) -> None:
+    """Throttle the loggers a connection flood writes to, and log loop errors in one line."""
+    for name in _THROTTLED_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, LogThrottle) for f in logger.filters):
+            logger.addFilter(LogThrottle())
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        # asyncio's default prints a traceback per event: per failed accept, every second.
+        exc = context.get("exception")
+        _log.error(
+            "event loop: %s (%s)",
+            context.get("message", "error"),
+            type(exc).__name__ if exc else "no exception",
+            exc_info=exc if _log.isEnabledFor(logging.DEBUG) else None,
+        )
+
+    loop.set_exception_handler(handle)
+
+
+# --- the server and its protocols ------------------------------------------------------------
+
+
+class _GuardedH11(H11Protocol):
+    """uvicorn's h11 protocol plus a header-read deadline and the guard's release."""
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        server_state: Any,
+        app_state: dict[str, Any],
+        *,
+        header_timeout_s: float,
+        release: Callable[[], None],
+    ) -> None:
+        super().__init__(config=config, server_state=server_state, app_state=app_state)
+        self._header_timeout_s = header_timeout_s
+        self._release: Callable[[], None] | None = release
+        self._header_timer: asyncio.TimerHandle | None = None
+        # Behind TLS, bytes sent with the client's last handshake message may arrive before
+        # connection_made (asyncio's start_tls delivers them first): kept until then.
+        self._early: list[bytes] = []
+
+    def _awaiting_head(self) -> bool:
+        return self.cycle is None or self.cycle.response_complete
+
+    def _arm(self) -> None:
+        self._header_timer = self.loop.call_later(self._header_timeout_s, self._header_timeout)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if self._awaiting_head() and not self.transport.is_closing():
+            _log.info("closing a connection: headers not complete in %g s", self._header_timeout_s)
+            self.transport.close()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+        early, self._early = self._early, []
+        for data in early:
+            self.data_received(data)
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport is None:
+            self._early.append(data)
+            return
+        if self._header_timer is None and self._awaiting_head():
+            self._arm()  # the first byte of the next request on a kept-alive connection
+        super().data_received(data)
+        if not self._awaiting_head():
+            self._disarm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        if self._release is not None:
+            self._release()
+            self._release = None
+        super().connection_lost(exc)
+
+
+class _Gate(asyncio.Protocol):
+    """First protocol of every accepted connection: counts it, refuses it, or hands it on."""
+
+    def __init__(self, server: GuardedServer) -> None:
+        self._server = server
+        self._closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._server.admit(transport, self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+
+class GuardedServer(uvicorn.Server):
+    """A uvicorn server whose connections pass a `ConnectionGuard` (shared by all ports).
+
+    The configured ``ssl`` context is applied here, after the caps (asyncio's own TLS would
+    handshake first, uncounted); handshakes end within ``tls_handshake_timeout_s``.
+    """
+
+    def __init__(self, config: uvicorn.Config, *, guard: ConnectionGuard, limits: Limits) -> None:
+        super().__init__(config)
+        self._guard = guard
+        self._limits = limits
+        self._handshakes: set[asyncio.Task[None]] = set()
+
+    async def startup(self, sockets: list[Any] | None = None) -> None:
+        if not sockets:
+            raise ValueError("GuardedServer serves the sockets it is given")
+        await self.lifespan.startup()
+        loop = asyncio.get_running_loop()
+        self.servers = [
+            await loop.create_server(lambda: _Gate(self), sock=sock, backlog=self.config.backlog)
+            for sock in sockets
+        ]
+        self.started = True
+
+    async def shutdown(self, sockets: list[Any] | None = None) -> None:
+        for task in list(self._handshakes):
+            task.cancel()
+        await super().shutdown(sockets)
+
+    def admit(self, transport: asyncio.Transport, gate: _Gate) -> None:
+        peer = transport.get_extra_info("peername")
+        client = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        if not self._guard.try_open(client):
+            _log.warning(
+                "connection refused: open connections at max_connections=%d or "
+                "max_connections_per_client=%d",
+                self._guard.caps.total,
+                self._guard.caps.per_client,
+            )
+            transport.abort()
+            return
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._guard.close(client)
+
+        protocol = _GuardedH11(
+            self.config,
+            self.server_state,
+            self.lifespan.state,
+            header_timeout_s=self._limits.header_read_timeout_s,
+            release=release,
+        )
+        context = self.config.ssl
+        if context is None:
+            transport.set_protocol(protocol)
+            protocol.connection_made(transport)
+            return
+        transport.pause_reading()  # nothing reaches the gate before TLS takes over
+        task = asyncio.get_running_loop().create_task(
+            self._handshake(transport, protocol, context, gate, release)
+        )
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(
+        self,
+        transport: asyncio.Transport,
+        protocol: _GuardedH11,
+        context: ssl.SSLContext,
+        gate: _Gate,
+        release: Callable[[], None],
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            if gate.closed:
+                raise ConnectionResetError("closed before the handshake")
+            tls = await loop.start_tls(
+                transport,
+                protocol,
+                context,
+                server_side=True,
+                ssl_handshake_timeout=self._limits.tls_handshake_timeout_s,
+            )
+        except (Exception, asyncio.CancelledError) as exc:
+            transport.abort()
+            release()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            _log.info("TLS handshake failed: %s", type(exc).__name__)
+            return
+        if tls is None:  # the transport closed as the handshake ended
+            release()
+            return
+        protocol.connection_made(tls)
+
+
+# --- requests --------------------------------------------------------------------------------
+
+
+class RequestGate:
+    """ASGI middleware: the body read time-out, and concurrency slots taken once a body is in.
+
+    While the application waits for the next piece of a body, more than ``body_read_timeout_s``
+    without one raises a 408 (the response then closes the connection). A ``POST`` takes a slot
+    of `limiter` when its last body piece arrives (429 when none is free), and gives it back
+    when its response is done: a request still sending holds no slot.
+    """
+
+    def __init__(
+        self, app: ASGIApp, *, limiter: ConcurrencyLimiter | None, body_read_timeout_s: float
+    ) -> None:
+        self._app = app
+        self._limiter = limiter
+        self._timeout = body_read_timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        limiter = self._limiter if scope.get("method") == "POST" else None
+        body_done = holding = timed_out = False
+        # The last piece of a body refused a slot: handed out again to whoever drains the body.
+        refused: Message | None = None
+
+        async def gated_receive() -> Message:
+            nonlocal body_done, holding, timed_out, refused
+            if timed_out:  # the rest of the body is not waited for again
+                return {"type": "http.disconnect"}
+            if refused is not None:
+                message, refused = refused, None
+                return message
+            if body_done:
+                return await receive()
+            try:
+                async with asyncio.timeout(self._timeout):
+                    message = await receive()
+            except TimeoutError:
+                timed_out = True
+                raise limit_error(
+                    408, f"request body: nothing received for body_read_timeout_s={self._timeout:g}"
+                ) from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
+                if limiter is not None and message["type"] == "http.request":
+                    try:
+                        limiter.acquire()
+                    except ApiError:
+                        refused = message
+                        raise
+                    holding = True
+            return message
+
+        async def gated_send(message: Message) -> None:
+            if timed_out and message["type"] == "http.response.start":
+                # The rest of the body may still come: the connection cannot carry another
+                # request, so say it closes.
+                message = {**message, "headers": [*message.get("headers", ()), _CLOSE]}
+            await send(message)
+
+        try:
+            await self._app(scope, gated_receive, gated_send)
+        finally:
+            if holding and limiter is not None:
+                limiter.release()
+
+
+_CLOSE = (b"connection", b"close")
