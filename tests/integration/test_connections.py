@@ -120,6 +120,14 @@ def test_tls_handshake_has_a_deadline(quick: VeilServer) -> None:
         assert time.monotonic() - start < 4
 
 
+def test_unfinished_tls_handshake_has_a_deadline(quick: VeilServer) -> None:
+    with _open(quick.attested_port) as sock:
+        sock.sendall(b"\x16\x03\x01\x02\x00")  # the start of a ClientHello, then nothing
+        start = time.monotonic()
+        assert _closed_within(sock, 8) is not None
+        assert time.monotonic() - start < 4
+
+
 def test_idle_keep_alive_connection_is_closed(quick: VeilServer) -> None:
     with _open(quick.unattested_port) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -169,6 +177,20 @@ def test_connections_per_client_and_in_total(capped: VeilServer) -> None:
             answer = _closed_within(room, 5)
             assert answer is not None
             assert answer.startswith(b"HTTP/1.1 200")
+
+
+def test_failed_handshakes_give_their_place_back(capped: VeilServer) -> None:
+    for _ in range(3):  # more failures from one address than its cap: each was released
+        for _ in range(4):
+            with _open(capped.attested_port, "127.0.0.6") as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\n\r\n")  # not TLS
+                assert _closed_within(sock, 5) is not None
+    time.sleep(0.2)
+    with _tls(capped, _open(capped.attested_port, "127.0.0.6")) as tls:
+        tls.sendall(b"GET / HTTP/1.1\r\nHost: veil\r\nConnection: close\r\n\r\n")
+        answer = _closed_within(tls, 5)
+        assert answer is not None
+        assert answer.startswith(b"HTTP/1.1 200")
 
 
 def test_refused_flood_is_logged_in_a_few_lines(capped: VeilServer) -> None:

@@ -7,7 +7,8 @@ and never outlive their purpose (defaults in `veil.server.limits.Limits`):
   or ``max_connections_per_client`` (one address) it is aborted at once, before any TLS
   handshake, and counted in a throttled log line. The caps are sized under the process's
   open-file limit at start (`connection_caps`), so ``accept`` never runs out of descriptors.
-  TLS handshakes have a deadline (``tls_handshake_timeout_s``).
+  TLS state is allocated only once a client sends its first bytes, and the handshake has a
+  deadline (``tls_handshake_timeout_s``).
 - `_GuardedH11` closes a connection whose request headers are not complete within
   ``header_read_timeout_s`` of its first byte (or of its opening: an idle socket that never
   sends a byte is closed too); uvicorn closes idle keep-alive connections
@@ -24,8 +25,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
-import ssl
 import time
+from asyncio import sslproto
 from collections import Counter
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
@@ -204,11 +205,8 @@ class _GuardedH11(H11Protocol):
     ) -> None:
         super().__init__(config=config, server_state=server_state, app_state=app_state)
         self._header_timeout_s = header_timeout_s
-        self._release: Callable[[], None] | None = release
+        self.release = release
         self._header_timer: asyncio.TimerHandle | None = None
-        # Behind TLS, bytes sent with the client's last handshake message may arrive before
-        # connection_made (asyncio's start_tls delivers them first): kept until then.
-        self._early: list[bytes] = []
 
     def _awaiting_head(self) -> bool:
         return self.cycle is None or self.cycle.response_complete
@@ -230,14 +228,8 @@ class _GuardedH11(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm()
-        early, self._early = self._early, []
-        for data in early:
-            self.data_received(data)
 
     def data_received(self, data: bytes) -> None:
-        if self.transport is None:
-            self._early.append(data)
-            return
         if self._header_timer is None and self._awaiting_head():
             self._arm()  # the first byte of the next request on a kept-alive connection
         super().data_received(data)
@@ -246,43 +238,109 @@ class _GuardedH11(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
-        if self._release is not None:
-            self._release()
-            self._release = None
+        self.release()
         super().connection_lost(exc)
 
 
+class _LeanSSLProtocol(sslproto.SSLProtocol):
+    """asyncio's TLS protocol with a 64 KiB read buffer instead of 256 KiB per connection: a
+    full house of connections holds a quarter of the memory (TLS records are 16 KiB)."""
+
+    max_size = 64 * 1024
+
+
 class _Gate(asyncio.Protocol):
-    """First protocol of every accepted connection: counts it, refuses it, or hands it on."""
+    """First protocol of every accepted connection: counts it, refuses it, or hands it on.
+
+    On a TLS port nothing of TLS is allocated until the client's first bytes arrive: a silent
+    socket costs the gate alone, and is closed after ``tls_handshake_timeout_s``; from the
+    first bytes the handshake must end within that time again.
+    """
 
     def __init__(self, server: GuardedServer) -> None:
         self._server = server
-        self._closed = False
+        self._transport: asyncio.Transport | None = None
+        self._protocol: _GuardedH11 | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
-        self._server.admit(transport, self)
+        protocol = self._server.admit(transport)
+        if protocol is None:
+            return
+        if self._server.config.ssl is None:
+            transport.set_protocol(protocol)
+            protocol.connection_made(transport)
+            return
+        self._transport, self._protocol = transport, protocol
+        self._server.waiting.add(self)
+        timeout = self._server.limits.tls_handshake_timeout_s
+        self._timer = asyncio.get_running_loop().call_later(timeout, self.abort)
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()  # connection_lost follows, and releases
+
+    def data_received(self, data: bytes) -> None:
+        transport, protocol, context = self._transport, self._protocol, self._server.config.ssl
+        if transport is None or protocol is None or context is None:
+            return
+        self._stop_waiting()
+        loop = asyncio.get_running_loop()
+        handshake: asyncio.Future[None] = loop.create_future()
+        tls = _LeanSSLProtocol(
+            loop,
+            protocol,
+            context,
+            handshake,
+            server_side=True,
+            # typeshed says int; asyncio takes any number of seconds
+            ssl_handshake_timeout=self._server.limits.tls_handshake_timeout_s,  # type: ignore[arg-type]
+        )
+        release = protocol.release
+
+        def handshake_done(future: asyncio.Future[None]) -> None:
+            # On success the h11 protocol took over (and releases when it closes).
+            if future.cancelled() or future.exception() is not None:
+                _log.info("TLS handshake failed or timed out")
+                transport.abort()
+                release()
+
+        handshake.add_done_callback(handshake_done)
+        transport.set_protocol(tls)
+        tls.connection_made(transport)
+        view = memoryview(data)
+        while view:
+            buffer = tls.get_buffer(len(view))
+            n = min(len(buffer), len(view))
+            buffer[:n] = view[:n]
+            view = view[n:]
+            tls.buffer_updated(n)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._closed = True
+        self._stop_waiting()
+        if self._protocol is not None:
+            self._protocol.release()
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
+    def _stop_waiting(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._server.waiting.discard(self)
 
 
 class GuardedServer(uvicorn.Server):
     """A uvicorn server whose connections pass a `ConnectionGuard` (shared by all ports).
 
     The configured ``ssl`` context is applied here, after the caps (asyncio's own TLS would
-    handshake first, uncounted); handshakes end within ``tls_handshake_timeout_s``.
+    allocate and handshake first, uncounted); handshakes end within ``tls_handshake_timeout_s``.
     """
 
     def __init__(self, config: uvicorn.Config, *, guard: ConnectionGuard, limits: Limits) -> None:
         super().__init__(config)
-        self._guard = guard
-        self._limits = limits
-        self._handshakes: set[asyncio.Task[None]] = set()
+        self.guard = guard
+        self.limits = limits
+        self.waiting: set[_Gate] = set()  # TLS connections that have not sent a byte yet
 
     async def startup(self, sockets: list[Any] | None = None) -> None:
         if not sockets:
@@ -296,79 +354,38 @@ class GuardedServer(uvicorn.Server):
         self.started = True
 
     async def shutdown(self, sockets: list[Any] | None = None) -> None:
-        for task in list(self._handshakes):
-            task.cancel()
+        for gate in list(self.waiting):
+            gate.abort()
         await super().shutdown(sockets)
 
-    def admit(self, transport: asyncio.Transport, gate: _Gate) -> None:
+    def admit(self, transport: asyncio.Transport) -> _GuardedH11 | None:
+        """The protocol that will serve `transport`, or None (and the connection aborted)."""
         peer = transport.get_extra_info("peername")
         client = str(peer[0]) if isinstance(peer, tuple) and peer else ""
-        if not self._guard.try_open(client):
+        if not self.guard.try_open(client):
             _log.warning(
                 "connection refused: open connections at max_connections=%d or "
                 "max_connections_per_client=%d",
-                self._guard.caps.total,
-                self._guard.caps.per_client,
+                self.guard.caps.total,
+                self.guard.caps.per_client,
             )
             transport.abort()
-            return
+            return None
         released = False
 
         def release() -> None:
             nonlocal released
             if not released:
                 released = True
-                self._guard.close(client)
+                self.guard.close(client)
 
-        protocol = _GuardedH11(
+        return _GuardedH11(
             self.config,
             self.server_state,
             self.lifespan.state,
-            header_timeout_s=self._limits.header_read_timeout_s,
+            header_timeout_s=self.limits.header_read_timeout_s,
             release=release,
         )
-        context = self.config.ssl
-        if context is None:
-            transport.set_protocol(protocol)
-            protocol.connection_made(transport)
-            return
-        transport.pause_reading()  # nothing reaches the gate before TLS takes over
-        task = asyncio.get_running_loop().create_task(
-            self._handshake(transport, protocol, context, gate, release)
-        )
-        self._handshakes.add(task)
-        task.add_done_callback(self._handshakes.discard)
-
-    async def _handshake(
-        self,
-        transport: asyncio.Transport,
-        protocol: _GuardedH11,
-        context: ssl.SSLContext,
-        gate: _Gate,
-        release: Callable[[], None],
-    ) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            if gate.closed:
-                raise ConnectionResetError("closed before the handshake")
-            tls = await loop.start_tls(
-                transport,
-                protocol,
-                context,
-                server_side=True,
-                ssl_handshake_timeout=self._limits.tls_handshake_timeout_s,
-            )
-        except (Exception, asyncio.CancelledError) as exc:
-            transport.abort()
-            release()
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            _log.info("TLS handshake failed: %s", type(exc).__name__)
-            return
-        if tls is None:  # the transport closed as the handshake ended
-            release()
-            return
-        protocol.connection_made(tls)
 
 
 # --- requests --------------------------------------------------------------------------------
