@@ -18,6 +18,7 @@ from typing import Any
 
 import cbor2
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
 from starlette.testclient import TestClient
 
 from veil.attestation.policy import Policy, SnpPolicy, TdxPolicy
@@ -242,3 +243,61 @@ def test_snp_foreign_kds_answer_refuses_to_start(
     trust = hazmat(amd_arks={"Genoa": genoa.ark})
     with pytest.raises((ChainError, SignatureError)):
         verify_evidence(state.quote, served, policy=policy, trust=trust, now=clock())
+
+
+def snp_server_with_host_certificates(
+    tmp_path: Path, genoa: AmdPki, kds_url: str, clock: Clock, *, version: int = 3
+) -> ServerState:
+    chip = genoa.chip()
+    der = {"vcek": chip.endorsement_key.der}
+    for name, cert in (("ask", genoa.ask), ("ark", genoa.ark)):
+        der[name] = cert.public_bytes(Encoding.DER)
+    devices = EmulatedDevices(
+        tsm=EmulatedTsm(
+            snp_signer=lambda rd, vmpl: chip.report(
+                rd, measurement=SNP_MEASUREMENT, vmpl=vmpl, version=version
+            ),
+            host_certificates=der,
+        )
+    )
+    config = ServerConfig(
+        tmp_path / "data", platform="sev-snp", kds_url=kds_url, unsealed_store=True
+    )
+    provider = make_provider(config, fs=devices, clock=clock)
+    state, _ = prepare_state(
+        config, store=ModelStore(tmp_path / "models"), provider=provider, clock=clock
+    )
+    return state
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_snp_host_certificates_are_completed_with_the_kds_crl(
+    tmp_path: Path, genoa: AmdPki, clock: Clock, version: int
+) -> None:
+    with KdsService(genoa, clock=clock) as kds:
+        state = snp_server_with_host_certificates(tmp_path, genoa, kds.url, clock, version=version)
+        # Only the chain and CRL were asked for: the key came from the host (a v2 report's
+        # product from the key's productName).
+        assert sorted(kds.requests) == ["/vcek/v1/Genoa/cert_chain", "/vcek/v1/Genoa/crl"]
+    _, served = get(state, "/collateral")
+    assert set(served) == {"vcek", "cert_chain", "crl"}
+    policy = Policy(
+        sev_snp=SnpPolicy(
+            measurement=(SNP_MEASUREMENT,), min_tcb=genoa.chip().tcb, require_crl=True
+        )
+    )
+    trust = hazmat(amd_arks={"Genoa": genoa.ark})
+    verify_evidence(state.quote, served, policy=policy, trust=trust, now=clock())
+    assert get(state, "/healthz")[1]["status"] == "ok"
+
+
+def test_snp_host_certificates_with_kds_down_start_degraded(
+    tmp_path: Path, genoa: AmdPki, clock: Clock
+) -> None:
+    with KdsService(genoa, clock=clock) as kds:
+        kds.down = True
+        state = snp_server_with_host_certificates(tmp_path, genoa, kds.url, clock)
+    _, served = get(state, "/collateral")
+    assert "crl" not in served  # the host's copy: clients that require the CRL refuse it
+    status, health = get(state, "/healthz")
+    assert (status, health["status"]) == (200, "degraded")

@@ -247,7 +247,8 @@ class KdsClient:
             request = vcek_request(parsed, product=product)
             chosen, key = request.product, self.vcek(request)
         else:
-            chosen, key = report_product(parsed, product), endorsement_key
+            named = product or _product_name(endorsement_key)
+            chosen, key = report_product(parsed, named), endorsement_key
         return SnpCollateral(
             endorsement_key=key,
             intermediates_pem=self.cert_chain(chosen, vlek=vlek),
@@ -272,6 +273,27 @@ def snp_collateral_to_map(collateral: SnpCollateral) -> dict[str, Any]:
     if collateral.crl is not None:
         out["crl"] = collateral.crl
     return out
+
+
+_PRODUCT_NAME_OID = x509.ObjectIdentifier("1.3.6.1.4.1.3704.1.2")
+
+
+def _product_name(der: bytes) -> str | None:
+    """The product in a VCEK/VLEK's productName extension ("Milan-B0" → "Milan"), if readable.
+
+    Only a hint for choosing KDS paths; the verifier reads and checks it again."""
+    try:
+        value = x509.load_der_x509_certificate(der).extensions.get_extension_for_oid(
+            _PRODUCT_NAME_OID
+        )
+        raw = value.value.public_bytes()
+    except (ValueError, x509.ExtensionNotFound):
+        return None
+    # An IA5String: tag 0x16, a short length, the text.
+    if len(raw) < 2 or raw[0] != 0x16 or raw[1] != len(raw) - 2:
+        return None
+    name = raw[2:].decode("ascii", "replace").split("-", 1)[0]
+    return name if name in PRODUCTS else None
 
 
 def _product(product: str) -> str:

@@ -140,19 +140,27 @@ def pcs_collateral_for_quote(
 
 
 def kds_collateral_fetcher(
-    base_url: str = AMD_KDS_URL, *, get: HttpGet | None = None, product: str | None = None
+    base_url: str = AMD_KDS_URL,
+    *,
+    get: HttpGet | None = None,
+    product: str | None = None,
+    endorsement_key: bytes | None = None,
 ) -> CollateralFetcher:
-    """Build a fetcher that turns an SEV-SNP report into ``{"vcek", "cert_chain", "crl"}``.
+    """Build a fetcher that turns an SEV-SNP report into ``{"vcek"|"vlek", "cert_chain", "crl"}``.
 
     Args:
         base_url: AMD KDS (the default) or a mirror of it.
         get: the HTTP getter; defaults to `httpx_getter`.
         product: for version 2 reports, which carry no CPUID ("Milan", "Genoa", "Turin").
+        endorsement_key: the VCEK or VLEK (DER) the host supplied; then only the chain and
+            the CRL are fetched.
     """
     kds = KdsClient(base_url, get=get if get is not None else httpx_getter())
 
     def fetch(report: bytes) -> Mapping[str, Any]:
-        return snp_collateral_to_map(kds.collateral(report, product=product))
+        return snp_collateral_to_map(
+            kds.collateral(report, product=product, endorsement_key=endorsement_key)
+        )
 
     return fetch
 

@@ -74,8 +74,9 @@ class RefreshSettings:
     Attributes:
         interval: refresh at least this often, even when far from expiry (Intel updates TCB
             info when advisories are published, not only at ``nextUpdate``).
-        margin: refresh once less than this is left before the earliest expiry; inside it the
-            health is ``degraded`` (a refresh is overdue).
+        margin: refresh once less than this is left before the earliest expiry (at most half
+            of what the copy had left when fetched); inside it the health is ``degraded`` (a
+            refresh is overdue).
         retry: after a failed refresh, wait this long before the next try.
     """
 
@@ -373,7 +374,7 @@ class CollateralKeeper:
             return CollateralStatus("failing", None, None, None, error)
         if now >= copy.expires:
             state = "failing"
-        elif error is not None or now >= copy.expires - self._settings.margin:
+        elif error is not None or now >= copy.expires - self._margin(copy):
             state = "degraded"
         else:
             state = "ok"
@@ -431,8 +432,14 @@ class CollateralKeeper:
 
     # --- internals ---
 
+    def _margin(self, copy: _Copy) -> timedelta:
+        # Items that live less than twice the margin (AMD's CRLs: days) get half their life.
+        if copy.fetched_at is None:
+            return self._settings.margin
+        return min(self._settings.margin, (copy.expires - copy.fetched_at) / 2)
+
     def _due_at(self, copy: _Copy) -> datetime:
-        by_expiry = copy.expires - self._settings.margin
+        by_expiry = copy.expires - self._margin(copy)
         if copy.fetched_at is None:
             return by_expiry
         return min(by_expiry, copy.fetched_at + self._settings.interval)

@@ -28,16 +28,19 @@ import math
 import signal
 import socket
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
+from typing import Any
 
 import uvicorn
 
 from veil import __version__
+from veil.attestation.claims import Platform
+from veil.attestation.verifier import detect_platform
 from veil.errors import BadRequestError, EvidenceUnavailableError
 from veil.providers import EvidenceProvider, SimulatedSgxProvider, detect_provider
 from veil.providers.devicefs import DeviceFilesystem
-from veil.providers.pcs import collateral_fetcher
+from veil.providers.pcs import collateral_fetcher, kds_collateral_fetcher
 from veil.server.app import ServerState, build_apps
 from veil.server.collateral import CollateralKeeper
 from veil.server.config import ServerConfig
@@ -100,6 +103,14 @@ def _collateral_keeper(config: ServerConfig, clock: Callable[[], datetime]) -> C
     )
 
 
+def _host_supplied_snp_key(quote: bytes, collateral: Mapping[str, Any]) -> bytes | None:
+    """The VCEK/VLEK of an SEV-SNP report whose collateral came without AMD's CRL."""
+    if detect_platform(quote) is not Platform.SEV_SNP or "crl" in collateral:
+        return None
+    key = collateral.get("vcek", collateral.get("vlek"))
+    return bytes(key) if isinstance(key, bytes | bytearray) else None
+
+
 def make_provider(
     config: ServerConfig,
     *,
@@ -158,7 +169,21 @@ def prepare_state(
     identity = generate_identity()
     # 2. Evidence binding SHA-256(certificate DER); its collateral is kept fresh from now on.
     evidence = provider.evidence(binding_report_data(identity.certificate_der))
+    host_key = _host_supplied_snp_key(evidence.quote, evidence.collateral)
+    if host_key is not None:
+        # The host handed over the VCEK/VLEK but AMD's CRL comes only from KDS: fetch the chain
+        # and CRL now and with every refresh. A KDS failure leaves the host's copy served
+        # (clients that require the CRL refuse it) and /healthz degraded.
+        keeper = CollateralKeeper(
+            config.data_dir,
+            None,
+            clock=clock,
+            settings=config.collateral_refresh,
+            source=kds_collateral_fetcher(config.kds_url, endorsement_key=host_key),
+        )
     keeper.adopt(evidence.quote, evidence.collateral)
+    if host_key is not None:
+        keeper.refresh()
     # 3. Models kept from earlier runs (sealed unless asked otherwise: fail closed).
     store = store or open_store(config, provider.sealing_key)
     registry = ModelRegistry()
