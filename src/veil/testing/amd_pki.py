@@ -225,7 +225,18 @@ class AmdPki:
             .serial_number(_serial(self.seed, f"{label}-{self.product}"))
             .not_valid_before(self._not_before)
             .not_valid_after(self._root_until)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.CRLDistributionPoints(
+                    [
+                        x509.DistributionPoint(
+                            [x509.UniformResourceIdentifier(self._crl_url)], None, None, None
+                        )
+                    ]
+                ),
+                critical=False,
+            )
             .add_extension(
                 x509.KeyUsage(
                     digital_signature=False,
@@ -241,7 +252,16 @@ class AmdPki:
                 critical=True,
             )
         )
+        if label != "ark":
+            builder = builder.add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.ark_key.public_key()),
+                critical=False,
+            )
         return builder.sign(self.ark_key, hashes.SHA384(), rsa_padding=PSS)
+
+    @property
+    def _crl_url(self) -> str:
+        return f"https://kdsintf.amd.com/vcek/v1/{self.product}/crl"
 
     def chain_pem(self, *, vlek: bool = False) -> str:
         """ASK (or ASVK) then ARK, PEM: the KDS ``cert_chain`` answer."""
@@ -274,13 +294,11 @@ class AmdPki:
         turin = self.product == "Turin"
         if turin != (tcb.fmc is not None):
             raise ValueError(f"tcb: fmc must be set exactly on Turin, got {tcb} for {self.product}")
-        exts = [
-            _ext("3.1", _der_int(tcb.bootloader)),
-            _ext("3.2", _der_int(tcb.tee)),
-            _ext("3.3", _der_int(tcb.snp)),
-        ]
+        # The order of AMD's own VCEKs: blSPL, teeSPL, the reserved SPLs, snpSPL, ucodeSPL.
+        exts = [_ext("3.1", _der_int(tcb.bootloader)), _ext("3.2", _der_int(tcb.tee))]
         if not turin:
             exts += [_ext(f"3.{i}", _der_int(0)) for i in range(4, 8)]
+        exts.append(_ext("3.3", _der_int(tcb.snp)))
         exts.append(_ext("3.8", _der_int(tcb.microcode)))
         if tcb.fmc is not None:
             exts.append(_ext("3.9", _der_int(tcb.fmc)))
@@ -293,7 +311,7 @@ class AmdPki:
             raise ValueError(f"hwid: got {len(hwid)} bytes, expected {size} for {self.product}")
         label = f"vcek-{hwid.hex()}-{tcb_raw(tcb):016x}"
         key = derive_p384_key(self.seed, label)
-        exts = [_ext("1", _der_int(1)), _ext("2", _der_ia5(f"{self.product}-B0"))]
+        exts = [_ext("1", _der_int(0)), _ext("2", _der_ia5(f"{self.product}-B0"))]
         exts += self._spl_extensions(tcb)
         exts.append(_ext("4", bytes(hwid)))
         cert = self._leaf("SEV-VCEK", self.ask, self.ask_key, key, label, exts)
@@ -303,7 +321,7 @@ class AmdPki:
         """A VLEK for cloud provider `csp_id` at `tcb` (issued by the ASVK, no hwID)."""
         label = f"vlek-{csp_id}-{tcb_raw(tcb):016x}"
         key = derive_p384_key(self.seed, label)
-        exts = [_ext("1", _der_int(1)), _ext("2", _der_ia5(self.product))]
+        exts = [_ext("1", _der_int(0)), _ext("2", _der_ia5(self.product))]
         exts += self._spl_extensions(tcb)
         exts.append(_ext("5", _der_ia5(csp_id)))
         cert = self._leaf("SEV-VLEK", self.asvk, self.asvk_key, key, label, exts)

@@ -4,11 +4,14 @@ mismatch, debug, VMPL, chip ID) fails as it should."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.utils import CryptographyDeprecationWarning
 
 from veil.attestation.abi.snp import SnpTcb, parse_snp_report
 from veil.attestation.policy import Policy, SnpPolicy
@@ -29,6 +32,7 @@ from veil.testing.intel_pki import IntelPki
 NOW = datetime(2026, 3, 1, 12, tzinfo=UTC)
 MEASUREMENT = bytes([0x4D]) * 48
 REPORT_DATA = bytes(range(64))
+_VECTORS = Path(__file__).parents[2] / "testdata/attestation-vectors/sev-snp/virtee-milan-vcek"
 _INTEL_ROOT = IntelPki(now=NOW, seed=b"amd tests").root
 
 
@@ -87,6 +91,24 @@ def test_vcek_extensions_follow_the_kds_spec(pki: AmdPki) -> None:
         for c in (cert, pki.ask, pki.ark)
     ]
     assert names == ["SEV-VCEK", f"SEV-{pki.product}", f"ARK-{pki.product}"]
+
+
+def test_vcek_extensions_are_laid_out_as_amds() -> None:
+    # AMD's own Milan VCEK (provenance: tests/testdata/attestation-vectors/README.md); its
+    # serial number 0 makes cryptography warn on parsing.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+        real = x509.load_der_x509_certificate((_VECTORS / "vcek_milan.der").read_bytes())
+    ours = AmdPki("Milan", now=NOW, seed=b"test_amd_pki").chip().endorsement_key.certificate
+
+    def layout(cert: x509.Certificate) -> list[tuple[str, int]]:
+        # OID and DER tag of each extension value (INTEGER 02, IA5String 16, raw hwID bytes).
+        values = [(e.oid.dotted_string, e.value) for e in cert.extensions]
+        return [(oid, v.value[0]) for oid, v in values if isinstance(v, x509.UnrecognizedExtension)]
+
+    assert [oid for oid, _ in layout(ours)] == [oid for oid, _ in layout(real)]
+    assert [tag for _, tag in layout(ours)][:-1] == [tag for _, tag in layout(real)][:-1]
+    assert ours.subject == real.subject
 
 
 def test_tcb_layout_round_trips(pki: AmdPki) -> None:
