@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import warnings
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
@@ -25,8 +26,9 @@ from veil.attestation.trust import TrustStore
 from veil.attestation.verifier import hazmat_verify_without_policy
 from veil.attestation.verify.snp import SnpCollateral
 from veil.cli import main
-from veil.errors import HazmatWarning
+from veil.errors import ChainError, ExpiredError, HazmatWarning, SignatureError
 from veil.testing.amd_pki import AmdPki
+from veil.testing.services import KdsService
 
 AT = "2025-07-01T00:00:00Z"
 NOW = datetime(2026, 3, 1, tzinfo=UTC)
@@ -273,3 +275,64 @@ def test_missing_evidence_file_is_a_usage_error(
     argv = ["collateral", "fetch", str(tmp_path / "nope"), "--out", str(tmp_path / "b")]
     assert main(argv) == 2
     assert capsys.readouterr().err.startswith("veil collateral fetch: [Errno 2]")
+
+
+# --- SEV-SNP through the KDS stand-in's faults ---
+
+
+def _snp_fetch(genoa: AmdPki, url: str, tmp_path: Path, *extra: str) -> tuple[int, Path]:
+    report = tmp_path / "report.bin"
+    report.write_bytes(genoa.chip().report(bytes(64), measurement=bytes(48)))
+    out = tmp_path / "bundle"
+    argv = ["collateral", "fetch", str(report), "--out", str(out), "--kds-url", url, *extra]
+    return main(argv), out
+
+
+def _verify_bundle(genoa: AmdPki, tmp_path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HazmatWarning)
+        trust = TrustStore.hazmat_test_roots(amd_arks={"Genoa": genoa.ark})
+        hazmat_verify_without_policy(
+            (tmp_path / "report.bin").read_bytes(),
+            load_collateral_directory(tmp_path / "bundle"),
+            trust=trust,
+            now=NOW,
+        )
+
+
+def test_slow_kds_times_out(
+    genoa: AmdPki, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with KdsService(genoa, clock=lambda: NOW) as kds:
+        kds.faults.delay = 2.0
+        status, _ = _snp_fetch(genoa, kds.url, tmp_path, "--timeout", "0.2")
+    assert status == 2
+    assert "AMD KDS VCEK: ReadTimeout" in capsys.readouterr().err
+
+
+def test_kds_404_is_an_io_error(
+    genoa: AmdPki, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with KdsService(genoa, clock=lambda: NOW) as kds:
+        kds.faults.not_found = True
+        status, _ = _snp_fetch(genoa, kds.url, tmp_path)
+    assert status == 2
+    assert "AMD KDS VCEK: HTTP status 404" in capsys.readouterr().err
+
+
+def test_stale_kds_crl_is_written_but_does_not_verify(genoa: AmdPki, tmp_path: Path) -> None:
+    with KdsService(genoa, clock=lambda: NOW) as kds:
+        kds.faults.stale = timedelta(days=8)  # AMD's CRL lives 7 days in the stand-in
+        status, _ = _snp_fetch(genoa, kds.url, tmp_path)
+    assert status == 0  # fetching judges nothing; verification does
+    with pytest.raises(ExpiredError, match="CRL"):
+        _verify_bundle(genoa, tmp_path)
+
+
+def test_foreign_kds_answers_do_not_verify(genoa: AmdPki, tmp_path: Path) -> None:
+    with KdsService(genoa, clock=lambda: NOW) as kds:
+        kds.faults.foreign = True
+        status, _ = _snp_fetch(genoa, kds.url, tmp_path)
+    assert status == 0
+    with pytest.raises((ChainError, SignatureError)):
+        _verify_bundle(genoa, tmp_path)

@@ -303,3 +303,29 @@ def test_background_task_refreshes(tmp_path: Path, clock: Clock) -> None:
 
     asyncio.run(run())
     assert state.collateral.encoded() != before
+
+
+def test_unwritable_cache_costs_only_the_restart_fallback(
+    tmp_path: Path,
+    clock: Clock,
+    platform: SimulatedSgxProvider,
+    quote: bytes,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / CACHE_DIRNAME).write_text("a file where the cache directory goes")
+    service = Service(platform)
+    with caplog.at_level("WARNING", logger="veil.server.collateral"):
+        served = keeper(tmp_path, service, clock).fetcher(quote)
+    client_accepts(quote, served, clock())
+    assert "collateral cache not written: FileExistsError" in caplog.text
+
+
+def test_collateral_that_cannot_be_dated_is_reported_failing(
+    tmp_path: Path, clock: Clock, quote: bytes
+) -> None:
+    k = CollateralKeeper(tmp_path, None, clock=clock)
+    k.adopt(quote, {"version": 3})
+    assert k.status().state == "failing"
+    assert k.next_refresh() is None  # nothing to refresh from
+    assert cbor2.loads(k.encoded()) == {"version": 3}
