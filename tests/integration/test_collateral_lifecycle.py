@@ -9,18 +9,25 @@ server's clock can jump 31 days. What a client does with the served collateral i
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import socket
+import threading
+import time
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import cbor2
 import pytest
+import uvicorn
 from cryptography.hazmat.primitives.serialization import Encoding
 from starlette.testclient import TestClient
 
+import veil
 from veil.attestation.policy import Policy, SnpPolicy, TdxPolicy
 from veil.attestation.trust import TrustStore
 from veil.attestation.verifier import verify_evidence
@@ -39,6 +46,7 @@ from veil.testing.amd_pki import AmdPki
 from veil.testing.devices import EmulatedDevices, EmulatedTsm
 from veil.testing.intel_pki import IntelPki
 from veil.testing.services import KdsService, PccsService
+from veil.tls import TlsIdentity, server_context
 
 pytestmark = pytest.mark.slow
 
@@ -82,14 +90,53 @@ def pccs(intel: IntelPki, clock: Clock) -> Iterator[PccsService]:
 
 
 def tdx_server(tmp_path: Path, intel: IntelPki, pccs_url: str, clock: Clock) -> ServerState:
+    return tdx_server_and_identity(tmp_path, intel, pccs_url, clock)[0]
+
+
+def tdx_server_and_identity(
+    tmp_path: Path, intel: IntelPki, pccs_url: str, clock: Clock
+) -> tuple[ServerState, TlsIdentity]:
     tdx = intel.tdx_platform()
     devices = EmulatedDevices(tsm=EmulatedTsm(quote_signer=lambda rd: tdx.quote(rd, mr_td=MR_TD)))
     config = ServerConfig(tmp_path / "data", platform="tdx", pccs_url=pccs_url, unsealed_store=True)
     provider = make_provider(config, fs=devices, clock=clock)
-    state, _ = prepare_state(
+    return prepare_state(
         config, store=ModelStore(tmp_path / "models"), provider=provider, clock=clock
     )
-    return state
+
+
+@contextmanager
+def listening(state: ServerState, identity: TlsIdentity) -> Iterator[dict[str, int]]:
+    """The three apps on loopback ports, served from a thread (the runner's `serve` owns the
+    main thread's signals); yields the ports `veil.connect` takes."""
+    apps = build_apps(state)
+    sockets = [socket.create_server(("127.0.0.1", 0)) for _ in apps]
+    servers = []
+    for app, tls in zip(apps, (False, True, True), strict=True):
+        config = uvicorn.Config(app, log_level="warning", lifespan="off")
+        config.load()
+        if tls:
+            config.ssl = server_context(identity)
+        servers.append(uvicorn.Server(config))
+
+    async def run() -> None:
+        await asyncio.gather(
+            *(s.serve(sockets=[sock]) for s, sock in zip(servers, sockets, strict=True))
+        )
+
+    thread = threading.Thread(target=asyncio.run, args=(run(),), daemon=True)
+    thread.start()
+    try:
+        while not all(s.started for s in servers):
+            time.sleep(0.01)
+        names = ("unattested_port", "attested_port", "management_port")
+        yield {n: sock.getsockname()[1] for n, sock in zip(names, sockets, strict=True)}
+    finally:
+        for s in servers:
+            s.should_exit = True
+        thread.join(timeout=10)
+        for sock in sockets:
+            sock.close()
 
 
 def get(state: ServerState, path: str) -> tuple[int, Any]:
@@ -118,6 +165,24 @@ def test_tdx_server_31_days_on_is_still_accepted(
     tdx_client_accepts(state, intel, clock())
     status, health = get(state, "/healthz")
     assert (status, health["status"], health["simulated"]) == (200, "ok", False)
+
+
+def test_veil_connect_31_days_on(
+    tmp_path: Path, intel: IntelPki, pccs: PccsService, clock: Clock
+) -> None:
+    state, identity = tdx_server_and_identity(tmp_path, intel, pccs.url, clock)
+    policy = Policy(tdx=TdxPolicy(mr_td=(MR_TD,)))
+    trust = hazmat(intel_root=intel.root)
+    with listening(state, identity) as ports:
+        with veil.connect("127.0.0.1", policy=policy, trust=trust, now=clock(), **ports):
+            pass
+        clock.now += timedelta(days=31)
+        # Before the refresh: the copy fetched at start has expired for a client at that time.
+        with pytest.raises(ExpiredError):
+            veil.connect("127.0.0.1", policy=policy, trust=trust, now=clock(), **ports)
+        assert state.collateral.refresh_if_due()  # what the background task does
+        with veil.connect("127.0.0.1", policy=policy, trust=trust, now=clock(), **ports) as c:
+            assert c.verified.tcb_status == "UpToDate"
 
 
 def test_tdx_pccs_gone_is_degraded_before_clients_refuse(
