@@ -459,3 +459,21 @@ def test_snp_single_pem_bundle(
         policy,
     )
     assert (status, out["verdict"]) == (0, "accepted")
+
+
+def test_crl_with_flipped_version_gives_json_not_a_traceback(
+    vectors: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # The review's case: cryptography raised x509.InvalidVersion, outside veil's hierarchy, and
+    # `verify-evidence --json` printed a traceback instead of a verdict.
+    d = vectors / "sgx/dcap-qvl-sgx-v3"
+    doc = json.loads((d / "sgx_quote_collateral.json").read_text())
+    crl = bytearray.fromhex(doc["pck_crl"])
+    at = crl.index(b"\x02\x01\x01")  # TBSCertList version v2
+    crl[at + 2] = 0x07
+    doc["pck_crl"] = crl.hex()
+    damaged = tmp_path / "collateral.json"
+    damaged.write_text(json.dumps(doc))
+    status, out, _ = run(capsys, d / "sgx_quote", "--collateral", damaged, "--at", SGX_AT)
+    assert (status, out["verdict"], out["error_type"]) == (1, "rejected", "MalformedEvidenceError")
+    assert "PCK CRL" in out["error"]

@@ -58,14 +58,16 @@ TCB_STATUSES = KNOWN_TCB_STATUSES - {REVOKED}
 SNP_MEETS_MINIMUM = "MeetsMinimum"
 SNP_TCB_STATUSES = frozenset({SNP_MEETS_MINIMUM, "BelowMinimum", "NoMinimum"})
 
-# Default minimum SEV-SNP TCB per product, from AMD's security bulletins.
-# As of 2025-02-03, AMD-SB-3019 (CVE-2024-56161, microcode signature verification; fixed
-# microcode and SEV firmware for EPYC 7003 "Milan"): Milan TCB_VERSION 0xDB18000000000004 =
-# bootloader 4, TEE 0, SNP 0x18 (24), microcode 0xDB (219), the level Microsoft CCF also took
-# as its Milan minimum (microsoft/CCF pull request 7749). Genoa and Turin are NOT in the table:
-# their bulletin values were not confirmed when it was written, so evidence from them is
-# "NoMinimum" and refused until a policy names a minimum (fail closed, never a guess).
-# Review this table with every AMD bulletin that raises an SPL (SB-3011, SB-3005, ... later).
+# Default minimum SEV-SNP TCB per product, from AMD's security bulletins. Table reviewed
+# 2026-12-02; newest bulletin reflected: AMD-SB-3019 (published 2025-02-03; CVE-2024-56161,
+# microcode signature verification; fixed firmware released 2024-12-17), whose Milan fix level
+# is TCB_VERSION 0xDB18000000000004 = bootloader 4, TEE 0, SNP 0x18 (24), microcode 0xDB (219).
+# That value was taken from public deployments that track the bulletin (Microsoft CCF's Milan
+# minimum, microsoft/CCF pull request 7749; Azure Milan hosts report it since early 2025), not
+# re-read from AMD's bulletin text here. Genoa and Turin are NOT in the table: their bulletin
+# values could not be confirmed, so their evidence is "NoMinimum" and refused until a policy
+# names a minimum (fail closed, never a guess). Review with every AMD bulletin that raises an
+# SPL (SB-3011, SB-3005 and later).
 AMD_MINIMUM_TCB_AS_OF = "2025-02-03 (AMD-SB-3019)"
 AMD_MINIMUM_TCB: Mapping[str, SnpTcb] = MappingProxyType(
     {"Milan": SnpTcb(bootloader=4, tee=0, snp=24, microcode=219)}
