@@ -139,6 +139,24 @@ def test_duplicate_extension_in_vcek_is_typed(vectors: Path) -> None:
         )
 
 
+def test_unknown_signature_hash_in_vcek_is_typed(vectors: Path) -> None:
+    d = vectors / SNP
+    report = parse_snp_report(bytes.fromhex((d / "report_milan.hex").read_text()))
+    vcek = bytearray((d / "vcek_milan.der").read_bytes())
+    # The outer signatureAlgorithm's RSASSA-PSS hashAlgorithm (SHA-384, 2.16.840.1.101.3.4.2.2)
+    # becomes an unknown OID: cryptography raises UnsupportedAlgorithm when it is read.
+    sha384 = bytes.fromhex("0609608648016503040202")
+    hits = [i for i in range(len(vcek)) if bytes(vcek[i : i + len(sha384)]) == sha384]
+    vcek[hits[-2] + len(sha384) - 1] = 0x7F
+    with pytest.raises(MalformedEvidenceError, match="not recognized"):
+        verify_snp_report(
+            report,
+            SnpCollateral(bytes(vcek)),
+            trust=TrustStore.production(),
+            now=datetime(2025, 1, 1, tzinfo=UTC),
+        )
+
+
 # --- the grace period excuses stale collateral, never an expired certificate ---
 
 
