@@ -236,3 +236,78 @@ def test_bad_arguments_are_refused() -> None:
         pki.vcek(bytes(8), pki.chip().tcb)
     with pytest.raises(ValueError, match="fmc"):
         pki.vcek(bytes(64), SnpTcb(bootloader=1, tee=1, snp=1, microcode=1, fmc=1))
+
+
+def test_vmpl_other_than_zero_is_refused_by_the_default_policy(pki: AmdPki) -> None:
+    chip = pki.chip()
+    report = chip.report(REPORT_DATA, measurement=MEASUREMENT, vmpl=2)
+    assert parse_snp_report(report).vmpl == 2
+    with pytest.raises(PolicyError, match="vmpl: got 2"):
+        verify_evidence(
+            report, chip.collateral(NOW), policy=_policy(pki), trust=_trust(pki), now=NOW
+        )
+
+
+def test_committed_tcb_below_reported_is_refused(pki: AmdPki) -> None:
+    chip = pki.chip()
+    older = replace(chip.tcb, snp=chip.tcb.snp - 1)
+    report = chip.report(REPORT_DATA, measurement=MEASUREMENT, committed_tcb=older)
+    assert parse_snp_report(report).committed_tcb == tcb_raw(older)
+    with pytest.raises(TcbError, match="committed"):
+        verify_evidence(
+            report, chip.collateral(NOW), policy=_policy(pki), trust=_trust(pki), now=NOW
+        )
+
+
+def test_report_fields_are_where_the_abi_puts_them(pki: AmdPki) -> None:
+    chip = pki.chip()
+    newer = replace(chip.tcb, microcode=chip.tcb.microcode + 1)
+    report = chip.report(
+        REPORT_DATA,
+        measurement=MEASUREMENT,
+        version=5,
+        guest_svn=7,
+        host_data=b"\x11" * 32,
+        family_id=b"\x22" * 16,
+        image_id=b"\x33" * 16,
+        current_tcb=newer,
+        launch_tcb=newer,
+        mask_chip_id=True,
+        mit_vectors=(5, 6),
+        platform_info=0x1,
+    )
+    parsed = parse_snp_report(report)
+    assert (parsed.version, parsed.guest_svn, parsed.platform_info) == (5, 7, 0x1)
+    assert (parsed.host_data, parsed.family_id, parsed.image_id) == (
+        b"\x11" * 32,
+        b"\x22" * 16,
+        b"\x33" * 16,
+    )
+    assert parsed.current_tcb == parsed.launch_tcb == tcb_raw(newer)
+    assert parsed.reported_tcb == parsed.committed_tcb == tcb_raw(chip.tcb)
+    assert parsed.mask_chip_key
+    assert not any(parsed.chip_id)
+    assert (parsed.launch_mit_vector, parsed.current_mit_vector) == (5, 6)
+    claims = verify_evidence(
+        report, chip.collateral(NOW), policy=_policy(pki), trust=_trust(pki), now=NOW
+    )
+    assert claims.report_data == REPORT_DATA
+
+
+def test_collateral_without_crl(pki: AmdPki) -> None:
+    collateral = pki.chip().collateral(NOW, with_crl=False)
+    assert collateral.crl is None
+    assert "BEGIN CERTIFICATE" in (collateral.intermediates_pem or "")
+
+
+def test_report_arguments_are_checked() -> None:
+    pki = AmdPki("Milan", now=NOW, seed=b"test_amd_pki")
+    chip = pki.chip()
+    with pytest.raises(ValueError, match="report_data"):
+        chip.report(bytes(65), measurement=MEASUREMENT)
+    with pytest.raises(ValueError, match="measurement"):
+        chip.report(REPORT_DATA, measurement=bytes(32))
+    with pytest.raises(ValueError, match="chip_id"):
+        pki.chip(chip_id=bytes(8))
+    with pytest.raises(ValueError, match="naive"):
+        AmdPki("Milan", now=datetime(2026, 1, 1), seed=b"test_amd_pki")

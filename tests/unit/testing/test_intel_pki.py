@@ -247,3 +247,42 @@ def test_same_seed_same_pki() -> None:
 def test_naive_clock_is_refused() -> None:
     with pytest.raises(ValueError, match="naive"):
         IntelPki(now=datetime(2026, 1, 1))
+
+
+def test_bad_sizes_are_refused(pki: IntelPki) -> None:
+    sgx = pki.sgx_platform(label="sizes")
+    tdx = pki.tdx_platform(label="sizes-td")
+    with pytest.raises(ValueError, match="report_data"):
+        sgx.quote(bytes(65), mr_enclave=MR_ENCLAVE)
+    with pytest.raises(ValueError, match="SGX report body"):
+        sgx.quote(REPORT_DATA, mr_enclave=bytes(31))
+    with pytest.raises(ValueError, match="SGX report body"):
+        sgx.qe.sgx_quote(bytes(100))
+    with pytest.raises(ValueError, match="TD report body"):
+        sgx.qe.tdx_quote(bytes(100))
+    with pytest.raises(ValueError, match="TD report body"):
+        tdx.quote(REPORT_DATA, mr_td=bytes(32))
+    with pytest.raises(ValueError, match="rtmrs"):
+        tdx.quote(REPORT_DATA, mr_td=MR_TD, rtmrs=(bytes(48),))
+    with pytest.raises(ValueError, match="tee_tcb_svn"):
+        pki.tdx_platform(tee_tcb_svn=bytes(15), label="short")
+    with pytest.raises(ValueError, match="mr_signer_seam"):
+        pki.tdx_platform(mr_signer_seam=bytes(32), label="short-seam")
+
+
+def test_platforms_and_chains(pki: IntelPki) -> None:
+    sgx = pki.sgx_platform(label="listed")
+    assert pki.platforms()["listed"] == sgx.pck
+    collateral = sgx.collateral(NOW, with_pck_chain=False)
+    assert collateral.pck_certificate_chain is None
+    assert collateral.pck_crl_issuer_chain == pki.pck_crl_issuer_chain("platform")
+    chain = x509.load_pem_x509_certificates(sgx.pck.chain_pem.encode())
+    assert [c.serial_number for c in chain] == [
+        sgx.pck.leaf.serial_number,
+        pki.ca("platform").serial_number,
+        pki.root.serial_number,
+    ]
+    # A TDX TCB info body without a module of its own gets Intel's all-zero module signer.
+    info = pki.tcb_info(NOW, tee="TDX", fmspc=bytes(6), pce_id=bytes(2), tcb_levels=[])
+    assert info["tdxModule"]["mrsigner"] == "00" * 48
+    assert info["tdxModuleIdentities"] == []

@@ -348,3 +348,27 @@ def test_kds_reports_a_revoked_vcek(intel: IntelPki, clock: Clock) -> None:
             trust=TrustStore(intel_root=intel.root, amd_arks={"Genoa": pki.ark}),
             now=NOW,
         )
+
+
+def test_service_edges(http: httpx.Client, intel: IntelPki, sgx: SgxPlatform, clock: Clock) -> None:
+    service = PccsService(intel, [sgx], clock=clock)
+    with pytest.raises(RuntimeError, match="not started"):
+        _ = service.url
+    assert service.down
+    with service:
+        base = service.url
+        assert (
+            http.get(f"{base}/sgx/certification/v4/pckcrl?ca=platform&encoding=x").status_code
+            == 400
+        )
+        # No TDX platform registered: no TD_QE identity to serve.
+        assert http.get(f"{base}/tdx/certification/v4/qe/identity").status_code == 404
+        service.platforms.append(object())  # type: ignore[arg-type]
+        broken = http.get(f"{base}/tdx/certification/v4/qe/identity")
+        assert broken.status_code == 500  # a bug in a stand-in answers, it does not hang
+        assert service.total_requests == 3
+    assert service.down
+
+
+def test_kds_refuses_a_hwid_that_is_not_hex(http: httpx.Client, kds: KdsService) -> None:
+    assert http.get(f"{kds.url}/vcek/v1/Milan/xyz?blSPL=1").status_code == 400
