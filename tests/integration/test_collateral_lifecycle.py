@@ -239,15 +239,29 @@ def genoa() -> AmdPki:
     return AmdPki("Genoa", now=START - timedelta(days=1), seed=SEED)
 
 
-def snp_server(tmp_path: Path, genoa: AmdPki, kds_url: str, clock: Clock) -> ServerState:
+def snp_server(
+    tmp_path: Path,
+    genoa: AmdPki,
+    kds_url: str,
+    clock: Clock,
+    *,
+    version: int = 3,
+    product: str | None = None,
+) -> ServerState:
     chip = genoa.chip()
     devices = EmulatedDevices(
         tsm=EmulatedTsm(
-            snp_signer=lambda rd, vmpl: chip.report(rd, measurement=SNP_MEASUREMENT, vmpl=vmpl)
+            snp_signer=lambda rd, vmpl: chip.report(
+                rd, measurement=SNP_MEASUREMENT, vmpl=vmpl, version=version
+            )
         )
     )
     config = ServerConfig(
-        tmp_path / "data", platform="sev-snp", kds_url=kds_url, unsealed_store=True
+        tmp_path / "data",
+        platform="sev-snp",
+        kds_url=kds_url,
+        unsealed_store=True,
+        snp_product=product,
     )
     provider = make_provider(config, fs=devices, clock=clock)
     state, _ = prepare_state(
@@ -366,3 +380,13 @@ def test_snp_host_certificates_with_kds_down_start_degraded(
     assert "crl" not in served  # the host's copy: clients that require the CRL refuse it
     status, health = get(state, "/healthz")
     assert (status, health["status"]) == (200, "degraded")
+
+
+def test_snp_v2_report_fetches_with_the_configured_product(
+    tmp_path: Path, genoa: AmdPki, clock: Clock
+) -> None:
+    with KdsService(genoa, clock=clock) as kds:
+        with pytest.raises(EvidenceUnavailableError, match="give the product"):
+            snp_server(tmp_path / "a", genoa, kds.url, clock, version=2)
+        state = snp_server(tmp_path / "b", genoa, kds.url, clock, version=2, product="Genoa")
+    assert "vcek" in get(state, "/collateral")[1]

@@ -65,6 +65,12 @@ def register(subparsers: Any) -> None:
         help="where SEV-SNP collateral (VCEK, ASK/ARK chain, CRL) is fetched: AMD KDS "
         "(default) or a mirror",
     )
+    parser.add_argument(
+        "--snp-product",
+        choices=("Milan", "Genoa", "Turin"),
+        help="SEV-SNP product, needed only to fetch a VCEK for a version 2 report (later "
+        "reports name their CPU)",
+    )
     batching = parser.add_argument_group("batching")
     default = BatchingConfig()
     batching.add_argument(
@@ -152,6 +158,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         log_level=args.log_level,
         pccs_url=args.pccs_url,
         kds_url=args.kds_url,
+        snp_product=args.snp_product,
         no_auth=args.no_auth,
         unsealed_store=args.unsealed_store,
         limits=_limits(args),

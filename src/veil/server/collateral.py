@@ -305,7 +305,7 @@ class CollateralKeeper:
         except (VeilError, OSError) as exc:
             if cached is None:
                 raise EvidenceUnavailableError(
-                    f"collateral: the service failed ({exc}) and no cached copy valid at "
+                    f"collateral not fetched ({exc}) and no cached copy valid at "
                     f"{_iso(now)} is in {self._dir.name}/ under the data directory"
                 ) from exc
             self._failed(exc, now)

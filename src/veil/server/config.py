@@ -32,6 +32,7 @@ class ServerConfig:
         pccs_url: Intel PCS or a PCCS, where SGX and TDX collateral for the quote is fetched.
         kds_url: AMD KDS or a mirror, where an SEV-SNP guest whose host supplies no
             certificate table gets its VCEK (and every SNP guest its ASK/ARK chain and CRL).
+        snp_product: the SEV-SNP product for version 2 reports, which do not name their CPU.
         collateral_refresh: when the served collateral is refreshed (schedule, margin before
             expiry, retry delay after a failure); see `veil.server.collateral`.
     """
@@ -46,6 +47,7 @@ class ServerConfig:
     log_level: str = "warning"
     pccs_url: str = INTEL_PCS_URL
     kds_url: str = AMD_KDS_URL
+    snp_product: str | None = None
     # --- hardening: authentication, sealed storage, resource limits ---
     # no_auth: ``--no-auth``: no API keys asked for (local development; a banner says so).
     # unsealed_store: ``--unsealed-store``: keep models in plain files when the platform has no

@@ -97,7 +97,9 @@ def _utc_now() -> datetime:
 
 
 def _collateral_keeper(config: ServerConfig, clock: Callable[[], datetime]) -> CollateralKeeper:
-    services = collateral_fetcher(pccs_url=config.pccs_url, kds_url=config.kds_url)
+    services = collateral_fetcher(
+        pccs_url=config.pccs_url, kds_url=config.kds_url, product=config.snp_product
+    )
     return CollateralKeeper(
         config.data_dir, services, clock=clock, settings=config.collateral_refresh
     )
@@ -179,7 +181,9 @@ def prepare_state(
             None,
             clock=clock,
             settings=config.collateral_refresh,
-            source=kds_collateral_fetcher(config.kds_url, endorsement_key=host_key),
+            source=kds_collateral_fetcher(
+                config.kds_url, product=config.snp_product, endorsement_key=host_key
+            ),
         )
     keeper.adopt(evidence.quote, evidence.collateral)
     if host_key is not None:
