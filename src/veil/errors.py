@@ -17,6 +17,7 @@
     ├── TensorError (also ValueError)    an input cannot be encoded as a tensor (dtype, shape, size)
     ├── TransportError                   the network failed: refused, reset, timed out
     ├── ExportError                      a model did not export to ONNX, or ONNX Runtime disagrees with PyTorch
+    ├── SealedStateError                 the server's sealed state is tampered with, rolled back or incomplete
     └── ApiError                         the server answered with an error status
         ├── BadRequestError              400 / 413 / 422: malformed request, limits, wrong inputs
         ├── AuthenticationError          401: missing or unknown API key
@@ -50,6 +51,7 @@ __all__ = [
     "PolicyError",
     "RateLimitError",
     "RevokedError",
+    "SealedStateError",
     "SignatureError",
     "SimulationModeWarning",
     "TcbError",
@@ -119,6 +121,10 @@ class TransportError(VeilError):
 
 class ExportError(VeilError):
     """A model did not export to ONNX, or ONNX Runtime's outputs differ from PyTorch's."""
+
+
+class SealedStateError(VeilError):
+    """The server's state at rest (manifest, model blobs, key records) is inconsistent: refused."""
 
 
 class ApiError(VeilError):

@@ -7,14 +7,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from veil.errors import AuthenticationError
-from veil.server.keys import KEYS_FILENAME, KeyStore, principal_from_api_key
+from veil.server.keys import KeyStore, principal_from_api_key
+from veil.server.state import SealedState
 
 FUZZ = settings.get_profile("veil-fuzz")
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[KeyStore, str]:
-    s = KeyStore(tmp_path_factory.mktemp("keys") / KEYS_FILENAME)
+    s = KeyStore(SealedState(tmp_path_factory.mktemp("keys"), bytes(32)))
     _, secret = s.create("user")
     return s, secret
 

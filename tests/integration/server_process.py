@@ -21,8 +21,10 @@ import httpx
 import pytest
 
 import veil
-from veil.server.keys import KEYS_FILENAME, KeyStore, Role
+from veil.providers import detect_provider
+from veil.server.keys import KeyStore, Role
 from veil.server.ready import ReadyLine
+from veil.server.state import open_state
 from veil.tls import SERVER_NAME, pinned_client_context
 
 START_TIMEOUT_S = 60
@@ -157,7 +159,8 @@ class RawClient:
 
 def create_key(data_dir: Path, role: Role, name: str | None = None) -> tuple[str, str]:
     """A new API key in a server's data directory: (key id, secret). Running servers see it."""
-    return KeyStore(data_dir / KEYS_FILENAME).create(role, name=name)
+    provider = detect_provider("simulated", data_dir=data_dir)
+    return KeyStore(open_state(data_dir, provider.sealing_key)).create(role, name=name)
 
 
 def veil_cli(*args: str) -> subprocess.CompletedProcess[str]:

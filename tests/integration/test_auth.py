@@ -215,7 +215,9 @@ def test_listing_shows_own_models_admin_all(server: VeilServer, keys: Keys) -> N
 def test_revoked_key_is_refused(server: VeilServer, keys: Keys) -> None:
     dave = create_key(server.data_dir, "owner", "dave")
     upload(server, dave, "dave-model", visibility="public")
-    result = veil_cli("keys", "revoke", dave[0], "--data-dir", str(server.data_dir))
+    result = veil_cli(
+        "keys", "revoke", dave[0], "--data-dir", str(server.data_dir), "--platform", "simulated"
+    )
     assert result.returncode == 0, result.stderr
     with as_(server, dave) as client:
         with pytest.raises(veil.AuthenticationError) as info:
@@ -297,7 +299,16 @@ def test_first_admin_key_created_while_serving(server_factory: ServerFactory) ->
     assert "auth=off until a key exists" in (running.log_dir / "stdout.log").read_text()
     with running.connect() as client:
         client.upload_model(identity_model("float32"), model_id="early")
-    result = veil_cli("keys", "create", "--role", "admin", "--data-dir", str(running.data_dir))
+    result = veil_cli(
+        "keys",
+        "create",
+        "--role",
+        "admin",
+        "--data-dir",
+        str(running.data_dir),
+        "--platform",
+        "simulated",
+    )
     assert result.returncode == 0, result.stderr
     secret = re.search(r"key:\s+(veil_\S+)", result.stdout)
     assert secret is not None

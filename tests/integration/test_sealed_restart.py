@@ -1,11 +1,14 @@
 """Sealed storage against a real server: restarts restore ids, hashes, owners and visibility;
-nothing on disk shows a model in clear; a tampered file is set aside; SIGKILL during uploads
-loses nothing acknowledged."""
+nothing on disk shows a model in clear; a tampered, replayed or missing file stops the start
+(and a deleted model put back is never served); SIGKILL during uploads loses nothing
+acknowledged."""
 
 from __future__ import annotations
 
 import hashlib
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from server_process import ServerFactory, create_key
+from server_process import ServerFactory, create_key, veil_cli
 
 import veil
 from veil.errors import ApiError, TransportError
@@ -85,7 +88,35 @@ def test_restart_restores_sealed_models_with_owners(
         assert np.array_equal(client.predict("model-bob", x).output[0].as_numpy(), x + w_b)
 
 
-def test_tampered_file_is_quarantined(server_factory: ServerFactory, tmp_path: Path) -> None:
+def refused_start(data: Path) -> str:
+    """Start `veil serve` on `data`, expecting it to refuse (exit 2); returns its stderr."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "veil.cli",
+            "serve",
+            "--platform",
+            "simulated",
+            "--data-dir",
+            str(data),
+            *("--unattested-port", "0", "--attested-port", "0", "--management-port", "0"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "serving on" not in result.stdout
+    return result.stderr
+
+
+def sealed_files(data: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in (data / "sealed").glob("*.sealed")}
+
+
+def test_tampered_blob_refuses_start(server_factory: ServerFactory, tmp_path: Path) -> None:
     data = tmp_path / "data"
     first = server_factory(data_dir=data)
     with first.connect() as client:
@@ -96,11 +127,97 @@ def test_tampered_file_is_quarantined(server_factory: ServerFactory, tmp_path: P
     blob = bytearray(victim.read_bytes())
     blob[len(blob) // 2] ^= 1
     victim.write_bytes(bytes(blob))
-    third = server_factory(data_dir=data)
-    with third.connect() as client:
+    err = refused_start(data)
+    assert "model 'tampered': its blob (version 1) does not unseal" in err
+    assert not (data / "sealed" / "quarantine").exists()
+
+
+def test_deleted_model_put_back_does_not_come_back(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    # Issue 10: an old .sealed file copied back while the server was down restored the model.
+    data = tmp_path / "data"
+    first = server_factory(data_dir=data)
+    with first.connect() as client:
+        client.upload_model(add_model(64, 1)[0], model_id="deleted")
+        client.upload_model(add_model(64, 2)[0], model_id="kept")
+    saved = sealed_files(data)
+    with first.connect() as client:
+        client.delete_model("deleted")
+    assert first.stop() == 0
+    for path, content in saved.items():
+        path.write_bytes(content)
+    second = server_factory(data_dir=data)
+    with second.connect() as client:
         assert [m.model_id for m in client.list_models()] == ["kept"]
-    assert "failed to unseal" in third.stderr()
-    assert len(list((data / "sealed" / "quarantine").iterdir())) == 1
+    assert "the manifest does not name it" in second.stderr()
+
+
+def test_narrowed_model_rolled_back_refuses_start(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    # A public model deleted and uploaded again restricted; the old files (the manifest
+    # included) copied back while the server is down would make it public again.
+    data = tmp_path / "data"
+    admin, alice = create_key(data, "admin"), create_key(data, "owner")
+    first = server_factory(data_dir=data)
+    with first.connect(api_key=alice[1]) as client:
+        client.upload_model(add_model(64, 1)[0], model_id="m", visibility="public")
+    saved = {**sealed_files(data), data / "state.sealed": (data / "state.sealed").read_bytes()}
+    with first.connect(api_key=alice[1]) as client:
+        client.delete_model("m")
+        client.upload_model(add_model(64, 1)[0], model_id="m", visibility="restricted")
+    assert first.stop() == 0
+    for path in sealed_files(data):
+        path.unlink()
+    for path, content in saved.items():
+        path.write_bytes(content)
+    err = refused_start(data)
+    assert "an older manifest was put back (rollback)" in err
+    del admin
+
+
+def test_revoked_key_restored_by_an_old_state_refuses_start(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    dave = create_key(data, "owner", "dave")
+    saved = (data / "state.sealed").read_bytes()
+    result = veil_cli("keys", "revoke", dave[0], "--data-dir", str(data), "--platform", "simulated")
+    assert result.returncode == 0, result.stderr
+    (data / "state.sealed").write_bytes(saved)
+    assert "rollback" in refused_start(data)
+    # and `veil keys` refuses it too
+    listing = veil_cli("keys", "list", "--data-dir", str(data), "--platform", "simulated")
+    assert listing.returncode == 2
+    assert "rollback" in listing.stderr
+
+
+def test_edited_key_records_refuse_start(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    create_key(data, "owner")
+    state = data / "state.sealed"
+    content = bytearray(state.read_bytes())
+    content[-20] ^= 1  # inside the last chunk: the key records
+    state.write_bytes(bytes(content))
+    assert "state.sealed: does not unseal" in refused_start(data)
+
+
+def test_vanished_state_does_not_turn_auth_off(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    # Issue 10: deleting keys.sqlite3 and restarting on loopback turned auth off while a
+    # restricted model remained.
+    data = tmp_path / "data"
+    alice = create_key(data, "owner")
+    first = server_factory(data_dir=data)
+    with first.connect(api_key=alice[1]) as client:
+        client.upload_model(add_model(64, 1)[0], model_id="private")
+    assert first.stop() == 0
+    (data / "state.sealed").unlink()
+    assert "state.sealed: missing, but state.version says version 2" in refused_start(data)
+    (data / "state.version").unlink()  # both gone: the blobs still say models existed
+    assert "model blob(s) but no state" in refused_start(data)
 
 
 def test_sigkill_during_uploads_loses_nothing_acknowledged(

@@ -1,4 +1,13 @@
-"""``veil keys``: create, list and revoke the server's API keys (offline, on its data directory)."""
+"""``veil keys``: create, list and revoke the server's API keys, on its data directory.
+
+The key records are part of the server's sealed state, so this command needs the server's
+sealing key: it opens the same platform as ``veil serve`` (``--platform``, same default) on the
+same data directory. Simulated: the key file in the data directory. SGX: the sealing key exists
+only inside the enclave, so the command runs inside the same enclave (same measurement) as the
+server. TDX / SEV-SNP without a sealing key: only beside a server started with
+``--unsealed-store``, and given that flag too. A running server sees each change from its next
+request on.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +17,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
-from veil.errors import ApiError
-from veil.server.keys import KEYS_FILENAME, ROLES, KeyStore, Role
+from veil.errors import ApiError, VeilError
+from veil.providers import detect_provider
+from veil.server.keys import ROLES, KeyStore, Role
+from veil.server.state import open_state
 
 __all__ = ["register"]
 
@@ -25,21 +36,42 @@ def register(subparsers: Any) -> None:
     create = sub.add_parser("create", help="create a key and print it once")
     create.add_argument("--role", required=True, choices=ROLES)
     create.add_argument("--name", default=None, help="a label to recognise the key by")
-    create.set_defaults(handler=_create)
 
     lst = sub.add_parser("list", help="list keys (ids, roles, names; never secrets)")
-    lst.set_defaults(handler=_list)
 
     revoke = sub.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("key_id")
-    revoke.set_defaults(handler=_revoke)
 
     for p in (create, lst, revoke):
         p.add_argument("--data-dir", required=True, type=Path, help="the server's data directory")
+        p.add_argument(
+            "--platform",
+            choices=("auto", "simulated", "sgx", "tdx", "sev-snp"),
+            default="auto",
+            help="the server's platform, whose sealing key protects the keys (default: the one "
+            "present; never simulated)",
+        )
+        p.add_argument(
+            "--unsealed-store",
+            action="store_true",
+            help="the server runs with --unsealed-store on a platform with no sealing key",
+        )
+    parser.set_defaults(handler=_guarded)
 
 
 def _store(args: argparse.Namespace) -> KeyStore:
-    return KeyStore(Path(args.data_dir) / KEYS_FILENAME)
+    data_dir = Path(args.data_dir)
+    provider = detect_provider(args.platform, data_dir=data_dir)
+    return KeyStore(open_state(data_dir, provider.sealing_key, unsealed=args.unsealed_store))
+
+
+def _guarded(args: argparse.Namespace) -> int:
+    handler = {"create": _create, "list": _list, "revoke": _revoke}[args.keys_command]
+    try:
+        return handler(args)
+    except (VeilError, OSError) as exc:
+        print(f"veil keys {args.keys_command}: {exc}", file=sys.stderr)
+        return 2
 
 
 def _create(args: argparse.Namespace) -> int:

@@ -1,8 +1,8 @@
 """API keys, roles and the authorization rules the server applies.
 
 Keys are 32 random bytes. The server stores only SHA-256 of the secret (a slow password hash buys
-nothing for a 256-bit random value) in an embedded SQLite database, ``keys.sqlite3`` in the data
-directory, and compares digests in constant time. A key is shown once, when it is created::
+nothing for a 256-bit random value), as a record in its sealed state (`veil.server.state`), and
+compares digests in constant time. A key is shown once, when it is created::
 
     veil_<key id: 16 hex>_<secret: 64 hex>
 
@@ -24,26 +24,21 @@ carries neither.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import ipaddress
-import os
 import re
 import secrets
-import sqlite3
-import threading
 import time
-from collections.abc import Callable, Collection, Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal, get_args
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, replace
+from typing import Literal
 
 from veil.errors import api_error_for_status
+from veil.server.state import ROLES, KeyRecord, Manifest, Role, SealedState
 
 __all__ = [
     "API_KEY_HEADER",
-    "KEYS_FILENAME",
     "NO_AUTH_BANNER",
     "PUBLIC",
     "RESTRICTED",
@@ -64,10 +59,6 @@ __all__ = [
     "principal_from_authorization",
 ]
 
-KEYS_FILENAME = "keys.sqlite3"
-
-Role = Literal["admin", "owner", "user"]
-ROLES: tuple[Role, ...] = get_args(Role)
 _RANK: dict[str, int] = {"user": 0, "owner": 1, "admin": 2}
 
 Visibility = Literal["public", "restricted"]
@@ -86,17 +77,6 @@ NO_AUTH_BANNER = (
     "WARNING: authentication is DISABLED (--no-auth). Anyone who can reach this server may "
     "upload, delete and query models. Use this for local development only."
 )
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS keys (
-    key_id      TEXT PRIMARY KEY,
-    role        TEXT NOT NULL CHECK (role IN ('admin', 'owner', 'user')),
-    name        TEXT,
-    secret_hash BLOB NOT NULL,
-    created_at  REAL NOT NULL,
-    revoked_at  REAL
-)
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,63 +200,33 @@ def _hash(secret: bytes) -> bytes:
     return hashlib.sha256(secret).digest()
 
 
-class KeyStore:
-    """API keys in an SQLite database (`path`, normally ``<data dir>/keys.sqlite3``).
+def _info(r: KeyRecord) -> KeyInfo:
+    return KeyInfo(r.key_id, r.role, r.name, r.created_at, r.revoked_at)
 
-    Safe to use from several threads and processes. Writes open their own short connection;
-    `authenticate`, on every request, uses one connection per thread, kept open: each of its
-    reads is a transaction of its own, so a key revoked by another process is refused from
-    the next request on (nothing is cached but the open file).
+
+class KeyStore:
+    """API keys as records in the server's sealed state (`veil.server.state.SealedState`).
+
+    The records are part of the sealed manifest, so an edited, added or removed record (or a
+    manifest put back from before a revocation, beside a newer witness) makes the state refuse
+    to load rather than change who may do what. Several processes may share one state (the
+    server, and ``veil keys`` beside it with the same sealing key): each change is a commit
+    under the state's lock, and `authenticate` sees the last commit from the next request on.
 
     Example::
 
-        store = KeyStore(data_dir / KEYS_FILENAME)
+        store = KeyStore(state)
         key_id, secret = store.create("owner", name="alice")   # show `secret` once
         info = store.authenticate(secret)                       # KeyInfo, or None
     """
 
-    def __init__(self, path: Path | str, *, now: Callable[[], float] = time.time) -> None:
-        self._path = Path(path)
+    def __init__(self, state: SealedState, *, now: Callable[[], float] = time.time) -> None:
+        self._state = state
         self._now = now
-        self._lock = threading.Lock()
-        self._readers = threading.local()
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        if not self._path.exists():
-            # Create it private before SQLite does (hashes only, but no reason to share them).
-            with contextlib.suppress(FileExistsError):
-                os.close(os.open(self._path, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600))
-        with self._connect(write=True) as db:
-            db.execute(_SCHEMA)
 
     @property
-    def path(self) -> Path:
-        return self._path
-
-    @contextlib.contextmanager
-    def _connect(self, *, write: bool = False) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            db = sqlite3.connect(self._path, timeout=10.0, isolation_level=None)
-            try:
-                db.execute("PRAGMA synchronous=FULL")
-                db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-                try:
-                    yield db
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
-                db.execute("COMMIT")
-            finally:
-                db.close()
-
-    def _reader(self) -> sqlite3.Connection:
-        # Autocommit (isolation_level=None): every SELECT sees what was committed before it.
-        db: sqlite3.Connection | None = getattr(self._readers, "db", None)
-        if db is None:
-            db = sqlite3.connect(
-                self._path, timeout=10.0, isolation_level=None, check_same_thread=True
-            )
-            self._readers.db = db
-        return db
+    def state(self) -> SealedState:
+        return self._state
 
     def create(self, role: Role, name: str | None = None) -> tuple[str, str]:
         """Create a key; return ``(key_id, secret_string)``. The secret is not stored anywhere."""
@@ -285,52 +235,55 @@ class KeyStore:
         if name is not None and (len(name) > _MAX_NAME or not name.isprintable()):
             raise ValueError(f"name: expected at most {_MAX_NAME} printable characters")
         secret = secrets.token_bytes(_SECRET_BYTES)
-        with self._connect(write=True) as db:
-            while True:
+        made: list[str] = []
+
+        def add(current: Manifest, version: int) -> Manifest:
+            key_id = secrets.token_hex(_ID_BYTES)
+            while key_id in current.keys:  # 2^-64 id collision: draw again
                 key_id = secrets.token_hex(_ID_BYTES)
-                try:
-                    db.execute(
-                        "INSERT INTO keys (key_id, role, name, secret_hash, created_at)"
-                        " VALUES (?, ?, ?, ?, ?)",
-                        (key_id, role, name, _hash(secret.hex().encode()), self._now()),
-                    )
-                except sqlite3.IntegrityError:  # 2^-64 id collision: draw again
-                    continue
-                break
-        return key_id, f"{_PREFIX}_{key_id}_{secret.hex()}"
+            made.append(key_id)
+            record = KeyRecord(key_id, role, name, _hash(secret.hex().encode()), self._now())
+            return current.replace(keys={**current.keys, key_id: record})
+
+        self._state.update(add)
+        return made[-1], f"{_PREFIX}_{made[-1]}_{secret.hex()}"
 
     def list(self) -> list[KeyInfo]:
         """Every key, revoked ones included, oldest first."""
-        with self._connect() as db:
-            rows = db.execute(
-                "SELECT key_id, role, name, created_at, revoked_at FROM keys"
-                " ORDER BY created_at, key_id"
-            ).fetchall()
-        return [KeyInfo(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+        records = sorted(
+            self._state.current().keys.values(), key=lambda r: (r.created_at, r.key_id)
+        )
+        return [_info(r) for r in records]
 
     def get(self, key_id: str) -> KeyInfo | None:
         """The key `key_id`, or None."""
-        with self._connect() as db:
-            r = db.execute(
-                "SELECT key_id, role, name, created_at, revoked_at FROM keys WHERE key_id = ?",
-                (key_id,),
-            ).fetchone()
-        return None if r is None else KeyInfo(r[0], r[1], r[2], r[3], r[4])
+        r = self._state.current().keys.get(key_id)
+        return None if r is None else _info(r)
 
     def revoke(self, key_id: str) -> None:
         """Revoke `key_id` (idempotent). Raises `NotFoundError` (404) for an unknown id."""
-        with self._connect(write=True) as db:
-            cur = db.execute(
-                "UPDATE keys SET revoked_at = COALESCE(revoked_at, ?) WHERE key_id = ?",
-                (self._now(), key_id),
-            )
-            if cur.rowcount == 0:
+        current = self._state.current().keys.get(key_id)
+        if current is None:
+            raise api_error_for_status(404, f"key id: got {key_id!r}, no such key")
+        if current.revoked_at is not None:
+            return
+
+        def revoke(m: Manifest, version: int) -> Manifest:
+            r = m.keys.get(key_id)
+            if r is None:  # cannot happen: records are never removed
                 raise api_error_for_status(404, f"key id: got {key_id!r}, no such key")
+            revoked = r if r.revoked_at is not None else replace(r, revoked_at=self._now())
+            return m.replace(keys={**m.keys, key_id: revoked})
+
+        self._state.update(revoke)
 
     def any_keys(self) -> bool:
         """True when at least one key (valid or revoked) was ever created."""
-        with self._connect() as db:
-            return db.execute("SELECT 1 FROM keys LIMIT 1").fetchone() is not None
+        return bool(self._state.current().keys)
+
+    def auth_on(self) -> bool:
+        """True when the state demands keys: any key ever created, or a restricted model."""
+        return self._state.current().auth_on
 
     def authenticate(self, secret_string: str) -> KeyInfo | None:
         """The key whose secret is `secret_string`, or None (malformed, unknown or revoked)."""
@@ -338,20 +291,12 @@ class KeyStore:
         if m is None:
             return None
         key_id, secret_hex = m.group(1), m.group(2)
-        r = (
-            self._reader()
-            .execute(
-                "SELECT key_id, role, name, created_at, revoked_at, secret_hash"
-                " FROM keys WHERE key_id = ?",
-                (key_id,),
-            )
-            .fetchone()
-        )
-        stored = _DUMMY_HASH if r is None else bytes(r[5])
+        r = self._state.current().keys.get(key_id)
+        stored = _DUMMY_HASH if r is None else r.secret_hash
         ok = hmac.compare_digest(_hash(secret_hex.encode()), stored)
-        if r is None or not ok or r[4] is not None:
+        if r is None or not ok or r.revoked_at is not None:
             return None
-        return KeyInfo(r[0], r[1], r[2], r[3], r[4])
+        return _info(r)
 
 
 API_KEY_HEADER = "X-Veil-Api-Key"
@@ -383,22 +328,22 @@ def principal_from_authorization(authorization: str | None, store: KeyStore) -> 
 
 _FIRST_KEY_HINT = (
     "no API keys exist yet: the server's administrator creates the first one with "
-    "'veil keys create --role admin --data-dir <the server's data directory>'"
+    "'veil keys create --role admin --data-dir <the server's data directory> "
+    "--platform <its platform>'"
 )
 
 
 class AuthGate:
     """Whether a request needs an API key (`auth_required`), and whose key it is.
 
-    The decision is re-made per request, so keys created while the server runs (``veil keys
-    create`` on its data directory) take effect at once: on loopback, the first key created
-    turns authentication on. While no key exists, a cheap signature of the database file (inode,
-    size, modification time and SQLite's file change counter, which every write transaction
-    bumps) decides whether to look again; once a key exists, it always does (keys are revoked,
-    never removed).
+    The decision is re-made per request from the sealed state, so keys created while the server
+    runs (``veil keys create`` on its data directory) take effect at once: on loopback, the
+    first key created turns authentication on. Once the state holds a key record (records are
+    revoked, never removed) or a restricted model, authentication stays on: no file vanishing
+    turns it off (a missing manifest is a `SealedStateError`, not "no keys").
 
     Args:
-        store: the server's key database.
+        store: the server's keys.
         host: the address the server binds (beyond loopback: authentication always on).
         no_auth: ``--no-auth``: never ask (local development; print `NO_AUTH_BANNER`).
     """
@@ -407,9 +352,6 @@ class AuthGate:
         self._store = store
         self._no_auth = no_auth
         self._always = auth_required(host, no_auth)
-        self._keys_seen = False
-        self._signature: tuple[int, int, int, bytes] | None = None
-        self._lock = threading.Lock()
 
     @property
     def store(self) -> KeyStore:
@@ -421,43 +363,22 @@ class AuthGate:
             return "auth=OFF (--no-auth)"
         if self._always:
             return "auth=on"
-        return "auth=on" if self._keys_exist() else "auth=off until a key exists (loopback)"
-
-    def _file_signature(self) -> tuple[int, int, int, bytes] | None:
-        try:
-            with open(self._store.path, "rb") as f:
-                st = os.fstat(f.fileno())
-                f.seek(24)  # SQLite header: file change counter, 4 bytes
-                counter = f.read(4)
-        except FileNotFoundError:
-            return None
-        return (st.st_ino, st.st_size, st.st_mtime_ns, counter)
-
-    def _keys_exist(self) -> bool:
-        if self._keys_seen:
-            return True
-        with self._lock:
-            # Signature first, query second: a write between them changes the next signature.
-            signature = self._file_signature()
-            if signature is None or signature != self._signature:
-                self._keys_seen = signature is not None and self._store.any_keys()
-                self._signature = signature
-            return self._keys_seen
+        return "auth=on" if self._store.auth_on() else "auth=off until a key exists (loopback)"
 
     def enabled(self) -> bool:
         """Whether this request must carry a valid API key."""
         if self._no_auth:
             return False
-        return self._always or self._keys_exist()
+        return self._always or self._store.auth_on()
 
     def authenticate(self, api_key: str | None) -> Principal:
-        """The principal of a request (blocking: SQLite); auth off: `Principal.unauthenticated`.
+        """The principal of a request; auth off: `Principal.unauthenticated`.
 
         Raises `AuthenticationError` (401) for a missing, malformed, unknown or revoked key; when
         no key exists at all, the message says how the first admin key is made.
         """
         if not self.enabled():
             return Principal.unauthenticated()
-        if not self._keys_exist():
+        if not self._store.any_keys():
             raise api_error_for_status(401, _FIRST_KEY_HINT)
         return principal_from_api_key(api_key, self._store)

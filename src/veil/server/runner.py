@@ -7,16 +7,20 @@ Order at start (each step inside the TEE):
 4. the unattested, attested and management servers; when all three listen, one ready line.
 SIGINT and SIGTERM stop all three cleanly.
 
-Storage fails closed: models are kept sealed (`SealedModelStore`, under ``<data dir>/sealed``)
-with the platform's sealing key. A platform that offers none (configfs-tsm: TDX, SEV-SNP) makes
-the server refuse to start, unless ``--unsealed-store`` says to keep plain files under
-``<data dir>/models`` (readable by whoever reads the disk; the server warns at every start).
+Storage fails closed: the state (`veil.server.state`: a sealed, versioned manifest of the
+models and the API key records) and the model blobs (`SealedModelStore`, under
+``<data dir>/sealed``) are sealed with the platform's sealing key, and checked whole at start: a
+tampered, missing or rolled-back file stops the start with a message naming it. A platform
+that offers no sealing key (configfs-tsm: TDX, SEV-SNP) makes the server refuse to start, unless
+``--unsealed-store`` says to keep plain files under ``<data dir>/models`` (readable and writable
+by whoever reads the disk; the server warns at every start).
 
-Authentication: API keys live in ``<data dir>/keys.sqlite3`` (`veil.server.keys`). The server
-asks for one on every request when it binds beyond loopback, or as soon as any key exists;
-``--no-auth`` turns this off and prints `NO_AUTH_BANNER`. The first admin key of a server that
-asks for keys is made with ``veil keys create --role admin --data-dir DIR``, before the server
-starts or while it runs: it reads the key database on each request.
+Authentication: API key records live in the sealed state (`veil.server.keys`). The server asks
+for a key on every request when it binds beyond loopback, or as soon as the state holds a key
+record or a restricted model; ``--no-auth`` turns this off and prints `NO_AUTH_BANNER`. The first
+admin key of a server that asks for keys is made with ``veil keys create --role admin
+--platform P --data-dir DIR`` (the same platform, so the same sealing key), before the server
+starts or while it runs: the server sees each commit from the next request on.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import uvicorn
 from veil import __version__
 from veil.attestation.claims import Platform
 from veil.attestation.verifier import detect_platform
-from veil.errors import BadRequestError, EvidenceUnavailableError
+from veil.errors import BadRequestError, SealedStateError
 from veil.providers import EvidenceProvider, SimulatedSgxProvider, detect_provider
 from veil.providers.devicefs import DeviceFilesystem
 from veil.providers.pcs import collateral_fetcher, kds_collateral_fetcher
@@ -51,10 +55,11 @@ from veil.server.connections import (
     install_log_throttle,
     open_file_limit,
 )
-from veil.server.keys import KEYS_FILENAME, NO_AUTH_BANNER, AuthGate, KeyStore
+from veil.server.keys import NO_AUTH_BANNER, AuthGate, KeyStore
 from veil.server.models import ModelRegistry, load_model
 from veil.server.ready import ReadyLine
 from veil.server.sealing import SealedModelStore
+from veil.server.state import SealedState, open_state
 from veil.server.store import ModelStore, ModelStoreProtocol, StoredModel
 from veil.tls import TlsIdentity, binding_report_data, generate_identity, server_context
 
@@ -68,28 +73,16 @@ UNSEALED_STORE_WARNING = (
 )
 
 
-def open_store(config: ServerConfig, sealing_key: Callable[[], bytes]) -> ModelStoreProtocol:
-    """The model store: sealed with `sealing_key()`, or plain only with ``unsealed_store``.
-
-    Raises:
-        EvidenceUnavailableError: the platform has no sealing key and plain storage was not
-            asked for.
-    """
+def open_store(config: ServerConfig, state: SealedState) -> ModelStoreProtocol:
+    """The model store: blobs sealed and named by `state`'s manifest, or plain files only with
+    ``unsealed_store``."""
     if config.unsealed_store:
         print(UNSEALED_STORE_WARNING, file=sys.stderr, flush=True)
         return ModelStore(config.data_dir / "models")
-    try:
-        key = sealing_key()
-    except EvidenceUnavailableError as exc:
-        raise EvidenceUnavailableError(
-            f"no sealing key on this platform ({exc}); refusing to keep models unencrypted. "
-            "Start with --unsealed-store to store them as plain files (anyone reading the "
-            "disk reads them)"
-        ) from None
     plain = config.data_dir / "models"
     if plain.is_dir() and any(plain.glob("*.json")):
         _log.warning("plain models in %s are not served: the server now keeps models sealed", plain)
-    return SealedModelStore(config.data_dir / "sealed", key)
+    return SealedModelStore(config.data_dir / "sealed", state)
 
 
 def _utc_now() -> datetime:
@@ -188,11 +181,21 @@ def prepare_state(
     keeper.adopt(evidence.quote, evidence.collateral)
     if host_key is not None:
         keeper.refresh()
-    # 3. Models kept from earlier runs (sealed unless asked otherwise: fail closed).
-    store = store or open_store(config, provider.sealing_key)
+    # 3. The sealed state (keys, and the manifest of the models), checked whole before anything
+    #    is served: a tampered or rolled-back file stops the start (fail closed).
+    sealed = open_state(config.data_dir, provider.sealing_key, unsealed=config.unsealed_store)
+    store = store or open_store(config, sealed)
     registry = ModelRegistry()
     access: dict[str, StoredModel] = {}
-    for meta, blob in store.load_all():
+    stored = list(store.load_all())
+    manifest = sealed.open()  # done by the sealed store already; the plain store needs it
+    if not manifest.auth_on and any(m.owner or m.visibility != "public" for m, _ in stored):
+        # Only the plain store can get here: its files say keys were used, the state has none.
+        raise SealedStateError(
+            "stored models have owners or are restricted, but the state holds no API key: "
+            "refusing to start with authentication off"
+        )
+    for meta, blob in stored:
         try:
             registry.add(
                 load_model(
@@ -216,9 +219,7 @@ def prepare_state(
         registry=registry,
         store=store,
         config=config,
-        auth=AuthGate(
-            KeyStore(config.data_dir / KEYS_FILENAME), host=config.host, no_auth=config.no_auth
-        ),
+        auth=AuthGate(KeyStore(sealed), host=config.host, no_auth=config.no_auth),
         access=access,
     )
     return state, identity

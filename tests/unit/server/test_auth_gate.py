@@ -6,16 +6,23 @@ from pathlib import Path
 
 import pytest
 
-from veil.errors import AuthenticationError, EvidenceUnavailableError
+from veil.errors import AuthenticationError, EvidenceUnavailableError, SealedStateError
 from veil.server.config import ServerConfig
-from veil.server.keys import KEYS_FILENAME, AuthGate, KeyStore, Principal
+from veil.server.keys import AuthGate, KeyStore, Principal
 from veil.server.runner import UNSEALED_STORE_WARNING, open_store, prepare_state
 from veil.server.sealing import SealedModelStore
+from veil.server.state import MANIFEST_FILENAME, SealedState, open_state
 from veil.server.store import ModelStore
+
+KEY = bytes(range(32))
+
+
+def keys(tmp_path: Path) -> KeyStore:
+    return KeyStore(SealedState(tmp_path, KEY))
 
 
 def gate(tmp_path: Path, host: str, *, no_auth: bool = False) -> AuthGate:
-    return AuthGate(KeyStore(tmp_path / KEYS_FILENAME), host=host, no_auth=no_auth)
+    return AuthGate(keys(tmp_path), host=host, no_auth=no_auth)
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "", "10.1.2.3", "veil.example", "[::]"])
@@ -35,8 +42,8 @@ def test_loopback_without_keys_is_off_until_one_exists(tmp_path: Path, host: str
     assert not g.enabled()
     assert g.authenticate(None) == Principal.unauthenticated()
     assert g.describe().startswith("auth=off")
-    # a key created by another process (here: another KeyStore on the same file) counts at once
-    key_id, secret = KeyStore(tmp_path / KEYS_FILENAME).create("user")
+    # a key created by another process (here: another state on the same directory) counts at once
+    key_id, secret = keys(tmp_path).create("user")
     assert g.enabled()
     with pytest.raises(AuthenticationError):
         g.authenticate(None)
@@ -44,16 +51,16 @@ def test_loopback_without_keys_is_off_until_one_exists(tmp_path: Path, host: str
 
 
 def test_first_key_seen_even_within_one_timestamp_tick(tmp_path: Path) -> None:
-    # The change counter in SQLite's header moves on every write, whatever the clock.
+    # The manifest's random header changes on every write, whatever the clock.
     g = gate(tmp_path, "127.0.0.1")
     for _ in range(5):
         assert not g.enabled()
-    KeyStore(tmp_path / KEYS_FILENAME).create("owner")
+    keys(tmp_path).create("owner")
     assert g.enabled()
 
 
 def test_revoked_only_keys_keep_auth_on(tmp_path: Path) -> None:
-    store = KeyStore(tmp_path / KEYS_FILENAME)
+    store = keys(tmp_path)
     key_id, secret = store.create("admin")
     store.revoke(key_id)
     g = AuthGate(store, host="127.0.0.1", no_auth=False)
@@ -64,7 +71,7 @@ def test_revoked_only_keys_keep_auth_on(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "127.0.0.1"])
 def test_no_auth_turns_it_off_even_with_keys(tmp_path: Path, host: str) -> None:
-    KeyStore(tmp_path / KEYS_FILENAME).create("admin")
+    keys(tmp_path).create("admin")
     g = gate(tmp_path, host, no_auth=True)
     assert not g.enabled()
     assert g.describe() == "auth=OFF (--no-auth)"
@@ -78,26 +85,36 @@ def test_server_config_beyond_loopback_asks_for_keys(tmp_path: Path) -> None:
     assert not state.auth.enabled()
 
 
+def test_vanished_manifest_never_turns_auth_off(tmp_path: Path) -> None:
+    g = gate(tmp_path, "127.0.0.1")
+    keys(tmp_path).create("admin")
+    assert g.enabled()
+    (tmp_path / MANIFEST_FILENAME).unlink()
+    with pytest.raises(SealedStateError, match="missing"):
+        g.enabled()
+
+
 def _no_key() -> bytes:
     raise EvidenceUnavailableError("configfs-tsm offers no sealing key")
 
 
 def test_no_sealing_key_refuses_to_start(tmp_path: Path) -> None:
     with pytest.raises(EvidenceUnavailableError, match="--unsealed-store") as info:
-        open_store(ServerConfig(tmp_path), _no_key)
+        open_state(tmp_path, _no_key)
     assert "configfs-tsm offers no sealing key" in str(info.value)
     assert not (tmp_path / "models").exists()
+    assert not (tmp_path / MANIFEST_FILENAME).exists()
 
 
 def test_unsealed_store_is_plain_and_warns(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    store = open_store(ServerConfig(tmp_path, unsealed_store=True), _no_key)
+    store = open_store(ServerConfig(tmp_path, unsealed_store=True), SealedState(tmp_path, KEY))
     assert isinstance(store, ModelStore)
     assert UNSEALED_STORE_WARNING in capsys.readouterr().err
 
 
 def test_sealing_key_gives_a_sealed_store(tmp_path: Path) -> None:
-    store = open_store(ServerConfig(tmp_path), lambda: bytes(range(32)))
+    store = open_store(ServerConfig(tmp_path), SealedState(tmp_path, KEY))
     assert isinstance(store, SealedModelStore)
     assert store.directory == tmp_path / "sealed"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -10,9 +9,9 @@ import pytest
 from veil.cli import main
 from veil.client.connection import API_KEY_HEADER as CLIENT_HEADER
 from veil.errors import AuthenticationError, NotFoundError
+from veil.providers import detect_provider
 from veil.server.keys import (
     API_KEY_HEADER,
-    KEYS_FILENAME,
     KeyStore,
     Principal,
     auth_required,
@@ -24,12 +23,19 @@ from veil.server.keys import (
     principal_from_api_key,
     principal_from_authorization,
 )
+from veil.server.state import SealedState, open_state
+
+KEY = bytes(range(32))
+
+
+def open_keys(d: Path, **kw: object) -> KeyStore:
+    return KeyStore(SealedState(d, KEY), **kw)  # type: ignore[arg-type]
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> KeyStore:
     clock = iter(range(1000, 2000))
-    return KeyStore(tmp_path / KEYS_FILENAME, now=lambda: float(next(clock)))
+    return open_keys(tmp_path, now=lambda: float(next(clock)))
 
 
 def test_create_and_authenticate(store: KeyStore) -> None:
@@ -42,18 +48,17 @@ def test_create_and_authenticate(store: KeyStore) -> None:
 
 
 def test_secret_is_not_stored(store: KeyStore) -> None:
-    _, secret = store.create("user")
-    raw = store.path.read_bytes()
+    key_id, secret = store.create("user")
+    raw = store.state.manifest_path.read_bytes()
     secret_part = secret.rsplit("_", 1)[1]
     assert secret_part.encode() not in raw
     assert bytes.fromhex(secret_part) not in raw
-    with sqlite3.connect(store.path) as db:
-        (stored,) = db.execute("SELECT secret_hash FROM keys").fetchone()
-    assert len(stored) == 32
+    assert len(store.state.current().keys[key_id].secret_hash) == 32
 
 
 def test_store_file_is_private(store: KeyStore) -> None:
-    assert store.path.stat().st_mode & 0o077 == 0
+    store.create("user")
+    assert store.state.manifest_path.stat().st_mode & 0o077 == 0
 
 
 @pytest.mark.parametrize(
@@ -100,11 +105,10 @@ def test_list_never_holds_secrets(store: KeyStore) -> None:
 
 
 def test_any_keys_and_persistence(tmp_path: Path) -> None:
-    path = tmp_path / "d" / KEYS_FILENAME
-    s1 = KeyStore(path)
+    s1 = open_keys(tmp_path / "d")
     assert not s1.any_keys()
     _, secret = s1.create("user")
-    s2 = KeyStore(path)
+    s2 = open_keys(tmp_path / "d")
     assert s2.any_keys()
     assert s2.authenticate(secret) is not None
 
@@ -179,27 +183,34 @@ def test_principal_from_authorization(store: KeyStore) -> None:
         assert secret not in str(info.value)
 
 
+def _sim_keys(d: Path) -> KeyStore:
+    provider = detect_provider("simulated", data_dir=d)
+    return KeyStore(open_state(d, provider.sealing_key))
+
+
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     d = str(tmp_path)
-    assert main(["keys", "create", "--role", "owner", "--name", "bob", "--data-dir", d]) == 0
+    sim = ["--platform", "simulated"]
+    create = ["keys", "create", "--role", "owner", "--name", "bob", "--data-dir", d]
+    assert main([*create, *sim]) == 0
     out, err = capsys.readouterr()
     assert "shown only once" in err
     secret = next(line.split()[-1] for line in out.splitlines() if line.startswith("key:"))
     key_id = next(line.split()[-1] for line in out.splitlines() if line.startswith("key id:"))
-    store = KeyStore(tmp_path / KEYS_FILENAME)
+    store = _sim_keys(tmp_path)
     assert store.authenticate(secret) is not None
 
-    assert main(["keys", "list", "--data-dir", d]) == 0
+    assert main(["keys", "list", "--data-dir", d, *sim]) == 0
     out, _ = capsys.readouterr()
     assert key_id in out
     assert "bob" in out
     assert secret.rsplit("_", 1)[1] not in out
 
-    assert main(["keys", "revoke", key_id, "--data-dir", d]) == 0
+    assert main(["keys", "revoke", key_id, "--data-dir", d, *sim]) == 0
     assert store.authenticate(secret) is None
-    assert main(["keys", "revoke", "f" * 16, "--data-dir", d]) == 1
+    assert main(["keys", "revoke", "f" * 16, "--data-dir", d, *sim]) == 1
     with pytest.raises(SystemExit):
-        main(["keys", "create", "--role", "root", "--data-dir", d])
+        main(["keys", "create", "--role", "root", "--data-dir", d, *sim])
 
 
 def test_principal_from_api_key(store: KeyStore) -> None:
@@ -217,8 +228,30 @@ def test_principal_from_api_key(store: KeyStore) -> None:
 
 def test_cli_empty_list_and_bad_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     d = str(tmp_path)
-    assert main(["keys", "list", "--data-dir", d]) == 0
+    sim = ["--platform", "simulated"]
+    assert main(["keys", "list", "--data-dir", d, *sim]) == 0
     assert "no keys" in capsys.readouterr().out
-    assert main(["keys", "create", "--role", "user", "--name", "a\tb", "--data-dir", d]) == 2
+    assert main(["keys", "create", "--role", "user", "--name", "a\tb", "--data-dir", d, *sim]) == 2
     assert "name" in capsys.readouterr().err
-    assert not KeyStore(tmp_path / KEYS_FILENAME).any_keys()
+    assert not _sim_keys(tmp_path).any_keys()
+
+
+def test_cli_refuses_a_tampered_state(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    d = str(tmp_path)
+    sim = ["--platform", "simulated"]
+    assert main(["keys", "create", "--role", "admin", "--data-dir", d, *sim]) == 0
+    capsys.readouterr()
+    manifest = _sim_keys(tmp_path).state.manifest_path
+    data = bytearray(manifest.read_bytes())
+    data[30] ^= 1
+    manifest.write_bytes(bytes(data))
+    assert main(["keys", "list", "--data-dir", d, *sim]) == 2
+    assert "state.sealed: does not unseal" in capsys.readouterr().err
+
+
+def test_cli_without_the_servers_platform_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "auto" never means simulated; on a machine with no TEE the command names the choice.
+    assert main(["keys", "list", "--data-dir", str(tmp_path), "--platform", "tdx"]) == 2
+    assert "veil keys list:" in capsys.readouterr().err

@@ -1,30 +1,31 @@
-"""`KeyStore.authenticate` keeps a connection per thread, yet a revocation counts at once."""
+"""`KeyStore.authenticate` answers from memory, yet a change by another process counts at once."""
 
 from __future__ import annotations
 
 import threading
 from pathlib import Path
 
-from veil.server.keys import KEYS_FILENAME, KeyStore
+from veil.server.keys import KeyStore
+from veil.server.state import SealedState
+
+KEY = bytes(range(32))
 
 
 def test_revocation_by_another_process_is_seen_on_the_next_call(tmp_path: Path) -> None:
-    server = KeyStore(tmp_path / KEYS_FILENAME)
+    server = KeyStore(SealedState(tmp_path, KEY))
     key_id, secret = server.create("user")
     info = server.authenticate(secret)
     assert info is not None
     assert info.key_id == key_id
-    # `veil keys revoke` runs in another process: another KeyStore on the same file.
-    KeyStore(tmp_path / KEYS_FILENAME).revoke(key_id)
+    # `veil keys revoke` runs in another process: another state on the same directory.
+    KeyStore(SealedState(tmp_path, KEY)).revoke(key_id)
     assert server.authenticate(secret) is None
 
 
-def test_key_created_elsewhere_is_seen_and_threads_have_their_own_connection(
-    tmp_path: Path,
-) -> None:
-    server = KeyStore(tmp_path / KEYS_FILENAME)
-    assert server.authenticate("veil_" + "0" * 16 + "_" + "0" * 64) is None  # opens the reader
-    _, secret = KeyStore(tmp_path / KEYS_FILENAME).create("owner")
+def test_key_created_elsewhere_is_seen_from_every_thread(tmp_path: Path) -> None:
+    server = KeyStore(SealedState(tmp_path, KEY))
+    assert server.authenticate("veil_" + "0" * 16 + "_" + "0" * 64) is None
+    _, secret = KeyStore(SealedState(tmp_path, KEY)).create("owner")
     results: list[bool] = []
 
     def check() -> None:
@@ -37,3 +38,14 @@ def test_key_created_elsewhere_is_seen_and_threads_have_their_own_connection(
         t.join(10)
     assert results == [True] * 4
     assert server.authenticate(secret) is not None
+
+
+def test_many_commits_within_one_clock_tick_are_all_seen(tmp_path: Path) -> None:
+    # The cache is keyed on the file's random header, not only its time stamp and inode.
+    server = KeyStore(SealedState(tmp_path, KEY))
+    other = KeyStore(SealedState(tmp_path, KEY))
+    for _ in range(20):
+        key_id, secret = other.create("user")
+        assert server.authenticate(secret) is not None
+        other.revoke(key_id)
+        assert server.authenticate(secret) is None
