@@ -242,7 +242,8 @@ class SealedState:
         self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._manifest_key = derive_key(key, b"state manifest")
         self._blob_key = derive_key(key, b"state blobs")
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # writers in this process (then the flock: other processes)
+        self._cache_lock = threading.Lock()
         self._cached: Manifest | None = None
         self._signature: tuple[int, int, int, bytes] | None = None
         self._seen = 0
@@ -273,7 +274,8 @@ class SealedState:
 
     def current(self) -> Manifest:
         """The committed manifest, verified. Raises `SealedStateError` when it is not intact,
-        older than one seen before, or out of step with its witness.
+        older than one seen before, or (first read in this process) out of step with its
+        witness.
 
         Cheap while nothing changed (an open, a stat and a 24-byte read): called per request.
         """
@@ -281,10 +283,31 @@ class SealedState:
         cached = self._cached
         if cached is not None and signature == self._signature:
             return cached
-        # Under the writers' lock: between a writer's manifest and witness renames the two
-        # would disagree.
-        with self._exclusive():
-            return self._load()
+        if cached is None:
+            with self._exclusive():  # the first read checks the witness: no commit in between
+                return self._load()
+        # Later reads skip the writers' lock, so that a request never waits for a model blob
+        # being written; the versions seen in this process stand in for the witness. A commit
+        # landing during the read can make it look older: it is read again once.
+        found = 0
+        for _ in range(2):
+            signature = self._signature_now()
+            manifest = self._read_manifest()
+            if manifest is None:
+                raise SealedStateError(
+                    f"{MANIFEST_FILENAME}: missing while running (version {self._seen} was "
+                    "seen): refusing to go on with no models and no keys"
+                )
+            with self._cache_lock:
+                if manifest.version >= self._seen:
+                    self._seen = manifest.version
+                    self._cached, self._signature = manifest, signature
+                    return manifest
+            found = manifest.version
+        raise SealedStateError(
+            f"{MANIFEST_FILENAME}: version {found}, expected at least {self._seen} "
+            "(seen before while running): rollback"
+        )
 
     def _load(self) -> Manifest:
         signature = self._signature_now()
@@ -312,13 +335,14 @@ class SealedState:
                 f"{MANIFEST_FILENAME}: version {manifest.version}, expected {witness} or "
                 f"{witness + 1} after {_WITNESS_FILENAME}"
             )
-        if manifest.version < self._seen:
-            raise SealedStateError(
-                f"{MANIFEST_FILENAME}: version {manifest.version}, expected at least "
-                f"{self._seen} (seen before while running): rollback"
-            )
-        self._seen = manifest.version
-        self._cached, self._signature = manifest, signature
+        with self._cache_lock:
+            if manifest.version < self._seen:
+                raise SealedStateError(
+                    f"{MANIFEST_FILENAME}: version {manifest.version}, expected at least "
+                    f"{self._seen} (seen before while running): rollback"
+                )
+            self._seen = manifest.version
+            self._cached, self._signature = manifest, signature
         return manifest
 
     def _read_manifest(self) -> Manifest | None:
@@ -407,8 +431,10 @@ class SealedState:
                 raise ValueError(f"manifest of {len(encoded)} bytes exceeds {_MAX_MANIFEST}")
             write_sealed(self.manifest_path, self._manifest_key, _MANIFEST_CONTEXT, (encoded,))
             self._write_witness(version)
-            self._seen = version
-            self._cached, self._signature = new, self._signature_now()
+            signature = self._signature_now()
+            with self._cache_lock:
+                self._seen = max(self._seen, version)
+                self._cached, self._signature = new, signature
             return new
 
 
