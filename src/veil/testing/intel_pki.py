@@ -13,7 +13,7 @@ What it mirrors, so that veil's production verifier runs unchanged against its o
 - Intel "SGX ECDSA Quote Library API" appendix A (quote v3) and the "TDX DCAP Quote Generation
   Library and Quote Verification Library" spec (quote v4): header, body, attestation-key
   signature, QE report signed by the PCK key whose report data binds the attestation key, and
-  certification data type 5 (the PEM PCK chain).
+  certification data type 5 (the PEM PCK chain); TDX quote v5 with a TD 1.5 body on request.
 
 Every validity window derives from an injected `now`. Keys derive from a seed and certificates are
 signed deterministically (RFC 6979), so two PKIs built from one seed and one `now` issue
@@ -244,8 +244,11 @@ def td_report_body(
     mr_config_id: bytes = bytes(48),
     mr_owner: bytes = bytes(48),
     mr_owner_config: bytes = bytes(48),
+    tee_tcb_svn2: bytes | None = None,
+    mr_servicetd: bytes | None = None,
 ) -> bytes:
-    """The 584-byte TD 1.0 report body (TDX DCAP quote spec, "TD Quote Body")."""
+    """A TD report body (TDX DCAP quote spec, "TD Quote Body"): 584 bytes (TD 1.0), or 648
+    (TD 1.5) when `tee_tcb_svn2` and `mr_servicetd` are given."""
     if len(rtmrs) != 4:
         raise ValueError(f"rtmrs: got {len(rtmrs)}, expected 4")
     body = b"".join(
@@ -266,6 +269,12 @@ def td_report_body(
     )
     if len(body) != 584:
         raise ValueError(f"TD report body: got {len(body)} bytes, expected 584")
+    if (tee_tcb_svn2 is None) != (mr_servicetd is None):
+        raise ValueError("TD 1.5 body: give both tee_tcb_svn2 and mr_servicetd, or neither")
+    if tee_tcb_svn2 is not None and mr_servicetd is not None:
+        body += tee_tcb_svn2 + mr_servicetd
+        if len(body) != 648:
+            raise ValueError(f"TD 1.5 report body: got {len(body)} bytes, expected 648")
     return body
 
 
@@ -339,18 +348,29 @@ class QuotingEnclave:
         )
         return header + body + struct.pack("<I", len(signature_data)) + signature_data
 
-    def tdx_quote(self, body: bytes) -> bytes:
-        """A TDX ECDSA quote v4 around a 584-byte TD report body (certification data type 6)."""
-        if len(body) != 584:
-            raise ValueError(f"TD report body: got {len(body)} bytes, expected 584")
+    def tdx_quote(self, body: bytes, *, version: int = 4) -> bytes:
+        """A TDX ECDSA quote around a TD report body (certification data type 6).
+
+        Version 4 takes a 584-byte TD 1.0 body; version 5 a TD 1.0 or a 648-byte TD 1.5 body,
+        announced by the v5 body descriptor (type 2 or 3, then the size).
+        """
+        sizes = {584: 2, 648: 3} if version == 5 else {584: 2} if version == 4 else {}
+        if not sizes:
+            raise ValueError(f"TDX quote version: got {version}, expected 4 or 5")
+        if len(body) not in sizes:
+            raise ValueError(
+                f"TD report body: got {len(body)} bytes, expected {' or '.join(map(str, sizes))}"
+            )
         header = b"".join(
             (
-                struct.pack("<HHI", 4, _ATT_KEY_TYPE_ECDSA_P256, _TEE_TYPE_TDX),
-                bytes(4),  # reserved in v4
+                struct.pack("<HHI", version, _ATT_KEY_TYPE_ECDSA_P256, _TEE_TYPE_TDX),
+                bytes(4),  # reserved in v4 and v5
                 INTEL_QE_VENDOR_ID,
                 self.qe_id + bytes(4),
             )
         )
+        if version == 5:
+            header += struct.pack("<HI", sizes[len(body)], len(body))
         inner = self._qe_certification()
         signature_data = (
             sign_raw(self.attestation_key, header + body)
@@ -977,8 +997,10 @@ class TdxPlatform(DcapPlatform):
         mr_owner: bytes = bytes(48),
         mr_owner_config: bytes = bytes(48),
         mr_seam: bytes = bytes(48),
+        td15: bool = False,
     ) -> bytes:
-        """A TD 1.0 report body on this platform (TDATTRIBUTES bit 0 is TUD.DEBUG)."""
+        """A TD report body on this platform (TDATTRIBUTES bit 0 is TUD.DEBUG); TD 1.5 with
+        `td15`, its TEE_TCB_SVN2 equal to TEE_TCB_SVN and no service TD."""
         return td_report_body(
             report_data=_pad64(report_data),
             mr_td=mr_td,
@@ -990,6 +1012,8 @@ class TdxPlatform(DcapPlatform):
             mr_config_id=mr_config_id,
             mr_owner=mr_owner,
             mr_owner_config=mr_owner_config,
+            tee_tcb_svn2=self.tee_tcb_svn if td15 else None,
+            mr_servicetd=bytes(48) if td15 else None,
         )
 
     def quote(
@@ -1002,19 +1026,21 @@ class TdxPlatform(DcapPlatform):
         mr_config_id: bytes = bytes(48),
         mr_owner: bytes = bytes(48),
         mr_owner_config: bytes = bytes(48),
+        version: int = 4,
     ) -> bytes:
-        """A TDX quote v4 over a TD report (`report_data` zero-padded to 64 bytes)."""
-        return self.qe.tdx_quote(
-            self.report_body(
-                report_data,
-                mr_td=mr_td,
-                rtmrs=rtmrs,
-                debug=debug,
-                mr_config_id=mr_config_id,
-                mr_owner=mr_owner,
-                mr_owner_config=mr_owner_config,
-            )
+        """A TDX quote over a TD report (`report_data` zero-padded to 64 bytes): version 4 with
+        a TD 1.0 body, or version 5 with a TD 1.5 body."""
+        body = self.report_body(
+            report_data,
+            mr_td=mr_td,
+            rtmrs=rtmrs,
+            debug=debug,
+            mr_config_id=mr_config_id,
+            mr_owner=mr_owner,
+            mr_owner_config=mr_owner_config,
+            td15=version == 5,
         )
+        return self.qe.tdx_quote(body, version=version)
 
     def tcb_levels(self, issued: datetime) -> list[dict[str, Any]]:
         """Newest first; this platform's TEE_TCB_SVN matches the `tcb_status` level."""

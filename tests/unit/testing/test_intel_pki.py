@@ -23,7 +23,7 @@ from veil.errors import (
     SignatureError,
     TcbError,
 )
-from veil.testing.intel_pki import COLLATERAL_LIFETIME, IntelPki
+from veil.testing.intel_pki import COLLATERAL_LIFETIME, IntelPki, td_report_body
 
 NOW = datetime(2026, 3, 1, 12, tzinfo=UTC)
 MR_ENCLAVE = bytes([0x5E]) * 32
@@ -72,6 +72,25 @@ def test_tdx_quote_verifies(pki: IntelPki) -> None:
     assert claims.platform.value == "tdx"
     assert claims.report_data == REPORT_DATA
     assert parse_quote(quote).version == 4
+
+
+def test_tdx_quote_v5_with_a_td15_body_verifies(pki: IntelPki) -> None:
+    tdx = pki.tdx_platform(label="td15")
+    quote = tdx.quote(REPORT_DATA, mr_td=MR_TD, version=5)
+    parsed = parse_quote(quote)
+    assert parsed.version == 5
+    assert parsed.body_type == 3
+    claims = verify_evidence(
+        quote, tdx.collateral(NOW), policy=_tdx_policy(), trust=_trust(pki), now=NOW
+    )
+    assert claims.report_data == REPORT_DATA
+    v5_td10 = tdx.qe.tdx_quote(tdx.report_body(REPORT_DATA, mr_td=MR_TD), version=5)
+    assert parse_quote(v5_td10).body_type == 2
+    verify_evidence(v5_td10, tdx.collateral(NOW), policy=_tdx_policy(), trust=_trust(pki), now=NOW)
+    with pytest.raises(ValueError, match="version"):
+        tdx.qe.tdx_quote(tdx.report_body(REPORT_DATA, mr_td=MR_TD), version=3)
+    with pytest.raises(ValueError, match="TD report body"):
+        tdx.qe.tdx_quote(tdx.report_body(REPORT_DATA, mr_td=MR_TD, td15=True), version=4)
 
 
 def test_tdx_module_major_zero_verifies(pki: IntelPki) -> None:
@@ -264,6 +283,18 @@ def test_bad_sizes_are_refused(pki: IntelPki) -> None:
         tdx.quote(REPORT_DATA, mr_td=bytes(32))
     with pytest.raises(ValueError, match="rtmrs"):
         tdx.quote(REPORT_DATA, mr_td=MR_TD, rtmrs=(bytes(48),))
+    with pytest.raises(ValueError, match="both"):
+        td_report_body(
+            report_data=REPORT_DATA, mr_td=MR_TD, tee_tcb_svn=bytes(16), tee_tcb_svn2=bytes(16)
+        )
+    with pytest.raises(ValueError, match="648"):
+        td_report_body(
+            report_data=REPORT_DATA,
+            mr_td=MR_TD,
+            tee_tcb_svn=bytes(16),
+            tee_tcb_svn2=bytes(16),
+            mr_servicetd=bytes(8),
+        )
     with pytest.raises(ValueError, match="tee_tcb_svn"):
         pki.tdx_platform(tee_tcb_svn=bytes(15), label="short")
     with pytest.raises(ValueError, match="mr_signer_seam"):
