@@ -75,7 +75,8 @@ class Faults:
         delay: seconds to wait before answering each request.
         not_found: answer 404 to every request.
         missing: paths (without query) answered 404, e.g. only the TCB info.
-        stale: issue items this long before the service clock (0 = fresh).
+        stale: issue items this long before the service clock (0 = fresh; negative: items
+            from the future, as a service whose clock runs ahead would issue them).
         foreign: sign items with another PKI of the same shape (an untrusted root).
     """
 

@@ -207,6 +207,22 @@ def test_pccs_stale_items_are_expired(pccs: PccsService, intel: IntelPki, sgx: S
         )
 
 
+def test_pccs_items_from_the_future_are_not_valid_yet(
+    pccs: PccsService, intel: IntelPki, sgx: SgxPlatform
+) -> None:
+    pccs.faults.stale = -timedelta(days=2)
+    quote = sgx.quote(REPORT_DATA, mr_enclave=MR_ENCLAVE)
+    collateral = pcs_collateral_fetcher(pccs.url, get=httpx_getter())(quote)
+    with pytest.raises(ExpiredError):
+        verify_evidence(
+            quote,
+            collateral,
+            policy=Policy(sgx=SgxPolicy(mr_enclave=(MR_ENCLAVE,))),
+            trust=_intel_trust(intel),
+            now=NOW,
+        )
+
+
 def test_pccs_foreign_items_are_refused(
     pccs: PccsService, intel: IntelPki, sgx: SgxPlatform
 ) -> None:
