@@ -8,7 +8,8 @@
 
 Errors are turned into statuses in one place, `error_response`. Bodies are counted while they
 are read, whatever Content-Length says. An upload is decoded while it arrives (the body is never
-held whole, `veil.wire.UploadStreamDecoder`); model checks and loading run in worker threads.
+held whole, `veil.wire.UploadStreamDecoder`); every body goes through the one strict CBOR
+decoder (`veil.wire.cbor`) in a worker thread, as do model checks and loading.
 Predictions go through their model's batcher (`veil.server.models.LoadedModel.predict`): merged
 with concurrent ones where the model allows, run in the one ONNX Runtime thread, and stopped
 with a 504 past ``request_timeout_s``.
@@ -32,6 +33,7 @@ keys, and ``public`` when it runs without authentication.
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
 import time
@@ -44,7 +46,7 @@ import cbor2
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -208,6 +210,10 @@ def _endpoint(handler: Handler) -> Handler:
     async def wrapped(request: Request) -> Response:
         try:
             return await handler(request)
+        except ClientDisconnect:
+            # The client left mid-body: nobody reads an answer, and it is not a server fault.
+            _log.info("client disconnected before its request body was read")
+            return Response(status_code=400)
         except Exception as exc:
             await _drain(request)
             return error_response(exc)
@@ -233,6 +239,11 @@ async def _read_body(request: Request, limit: int, limit_name: str) -> bytearray
     if total > limit:
         raise limit_error(413, f"request body exceeds {limit_name}={limit}")
     return body
+
+
+def _content_length(request: Request) -> int | None:
+    value = request.headers.get("content-length", "")
+    return int(value) if value.isdigit() and len(value) < 20 else None
 
 
 def _slices(blob: bytes, size: int = _STORE_CHUNK) -> Iterator[bytes]:
@@ -335,9 +346,12 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
 
     async def read_upload(request: Request) -> wire.UploadRequest:
         """Decode the upload while it arrives: the body is never held whole, only the model
-        (`veil.wire.UploadStreamDecoder`; odd layouts fall back to buffering the body)."""
+        (`veil.wire.UploadStreamDecoder`: memory grows with what arrives, not with what the
+        body declares)."""
         decoder = wire.UploadStreamDecoder(
-            max_model_bytes=limits.max_model_bytes, on_model_size=check_model_size
+            max_model_bytes=limits.max_model_bytes,
+            on_model_size=check_model_size,
+            size=_content_length(request),
         )
         limit = limits.max_upload_bytes
         total = 0
@@ -358,8 +372,24 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         if total > limit:
             raise limit_error(413, f"request body exceeds max_upload_bytes={limit}")
         if pending:
-            decoder.feed(b"".join(pending))
+            await run_in_threadpool(decoder.feed, b"".join(pending))
         return await run_in_threadpool(decoder.finish)
+
+    async def store_model(meta: StoredModel, blob: bytes) -> None:
+        try:
+            await run_in_threadpool(state.store.put_stream, meta, _slices(blob))
+        except OSError as exc:
+            # One line, no traceback: the path and the model stay out of the log.
+            _log.error(
+                "storing model %s failed: %s",
+                meta.model_id,
+                errno.errorcode.get(exc.errno or 0, "?"),
+            )
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise api_error_for_status(
+                    507, "insufficient storage: the model was not stored"
+                ) from None
+            raise api_error_for_status(500, "storing the model failed") from None
 
     async def upload(request: Request) -> Response:
         principal = await authenticate(request)
@@ -408,7 +438,7 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
                     visibility=visibility,
                     allowed_keys=allowed,
                 )
-                await run_in_threadpool(state.store.put_stream, meta, _slices(blob))
+                await store_model(meta, blob)
             finally:
                 storage["pending"] -= len(blob)
             storage["used"] += model.size
@@ -422,7 +452,8 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
     async def run(request: Request) -> Response:
         principal = await authenticate(request)
         body = await _read_body(request, limits.max_request_bytes, "max_request_bytes")
-        message = wire.decode_run_request(body)
+        # Off the event loop: a body of the largest allowed size must not stall other requests.
+        message = await run_in_threadpool(wire.decode_run_request, body)
         del body
         limits.check_inputs(len(message.inputs))
         for tensor in message.inputs:
@@ -445,6 +476,12 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
             model = registry.get(message.model_id, message.model_hash)
             if not visible(principal, meta_of(model.model_id)):
                 raise not_found(message.model_id, message.model_hash)
+            if message.model_hash and model.model_hash.hex() != message.model_hash.lower():
+                # Both given: both must match, so a client can pin what it runs.
+                raise api_error_for_status(
+                    404,
+                    f"model {message.model_id!r} does not have hash {message.model_hash[:80]!r}",
+                )
         _note(request, model_id=model.model_id)
         outputs = await model.predict(message.inputs, limits.request_timeout_s)
         return Response(wire.encode_run_reply(outputs), media_type=_CBOR)
@@ -452,7 +489,7 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
     async def delete(request: Request) -> Response:
         principal = await authenticate(request)
         body = await _read_body(request, limits.max_request_bytes, "max_request_bytes")
-        message = wire.decode_delete_request(body)
+        message = await run_in_threadpool(wire.decode_delete_request, body)
         model_id = message.model_id
         registry.get(model_id)
         meta = meta_of(model_id)

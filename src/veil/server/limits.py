@@ -131,9 +131,8 @@ class Limits:
         if stored_bytes + new_bytes > self.max_total_stored_bytes:
             raise limit_error(
                 413,
-                f"storing {new_bytes} more bytes exceeds "
-                f"max_total_stored_bytes={self.max_total_stored_bytes} "
-                f"({stored_bytes} already stored)",
+                # Other tenants' usage is theirs: the message names only this model.
+                f"storing this model of {new_bytes} bytes exceeds the server's storage limit",
             )
 
     def check_inputs(self, count: int) -> None:

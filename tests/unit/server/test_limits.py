@@ -47,7 +47,7 @@ def test_limits_reject_nonsense() -> None:
         (lambda lim: lim.check_request_bytes(11), 413, "request body exceeds max_request_bytes=10"),
         (lambda lim: lim.check_upload_bytes(11), 413, "upload body exceeds max_upload_bytes=10"),
         (lambda lim: lim.check_model_bytes(11), 413, "exceeds max_model_bytes=10"),
-        (lambda lim: lim.check_storage(5, 6), 413, "max_total_stored_bytes=10 (5 already stored)"),
+        (lambda lim: lim.check_storage(5, 6), 413, "model of 6 bytes exceeds the server's storage"),
         (lambda lim: lim.check_inputs(11), 422, "11 input tensors exceed max_inputs=10"),
         (
             lambda lim: lim.check_tensor([3, 4], 1, "x"),
