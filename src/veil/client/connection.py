@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import ssl
 import warnings
 from collections.abc import Iterator, Mapping
@@ -27,7 +26,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import cbor2
 import httpx
 
 from veil import __version__, wire
@@ -43,6 +41,7 @@ from veil.client.collateral import (
     wants_server_collateral,
 )
 from veil.client.responses import ModelInfo, PredictResponse, Tensor, UploadResponse
+from veil.client.transport import deadline, deadline_transport, read_capped
 from veil.errors import (
     ApiError,
     AttestationError,
@@ -56,14 +55,14 @@ from veil.errors import (
 from veil.tensors import encode_inputs
 from veil.tls import SERVER_NAME, certificate_digest, pinned_client_context
 
-__all__ = ["API_KEY_HEADER", "Connection", "connect"]
+__all__ = ["API_KEY_HEADER", "MAX_EVIDENCE_RESPONSE_BYTES", "Connection", "connect"]
 
 API_KEY_HEADER = "X-Veil-Api-Key"
 _SNI = {"sni_hostname": SERVER_NAME}
 _UPLOAD_CHUNK = 1 << 20
-# httpx writes headers and body separately; with Nagle the body waits for the server's delayed
-# ACK (40 ms per request on Linux).
-_SOCKET_OPTIONS = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+# Certificate, evidence and collateral each fit in a few dozen KiB; this leaves room for long
+# certificate chains and CRLs, not for a plain-HTTP peer to fill the client's memory.
+MAX_EVIDENCE_RESPONSE_BYTES = 512 << 10
 _CLIENT_INFO = {"user_agent": "veil_python", "user_agent_version": __version__}
 
 
@@ -102,8 +101,13 @@ class Connection:
             for tests against emulated TEEs: `TrustStore.hazmat_test_roots(...)`. A simulated
             server is never accepted this way (that takes ``simulation=True``).
         unattested_port, attested_port, management_port: the server's three ports.
-        timeout: seconds allowed for connecting and for each request.
-        upload_timeout: seconds allowed for an upload.
+        timeout: seconds allowed for each call, all of it (connecting, sending, every byte of
+            the answer): a peer that drips its answer cannot stretch it.
+        upload_timeout: seconds allowed for an upload, all of it.
+        max_response_bytes: the largest answer accepted from the attested ports (predictions);
+            a larger one is refused with `TransportError` as soon as it passes the limit.
+            Evidence answers from the plain-HTTP port are limited to
+            ``MAX_EVIDENCE_RESPONSE_BYTES``.
         now: the time to verify the evidence at (default: now).
         collateral: where the collateral comes from: ``"server"`` (default, BlindAI's way),
             `veil.CollateralServices` (the client fetches it from Intel PCS/PCCS or AMD KDS),
@@ -127,6 +131,7 @@ class Connection:
         management_port: int = 9925,
         timeout: float = 30.0,
         upload_timeout: float = 600.0,
+        max_response_bytes: int = 256 << 20,
         now: datetime | None = None,
         trust: TrustStore | None = None,
         collateral: CollateralChoice = SERVER,
@@ -157,12 +162,16 @@ class Connection:
                 )
             policy = _simulated_policy()
         self._timeout = httpx.Timeout(timeout)
+        self._total = timeout
+        self._upload_total = upload_timeout
+        self._max_response_bytes = max_response_bytes
         self._upload_timeout = httpx.Timeout(timeout, read=upload_timeout, write=upload_timeout)
         host = _host(addr)
         self._unattested_url = f"http://{host}:{unattested_port}"
         self._attested_url = f"https://{host}:{attested_port}"
         self._management_url = f"https://{host}:{management_port}"
-        headers = {"user-agent": f"veil-python/{__version__}"}
+        # Compressed answers could expand past any size limit before they are counted.
+        headers = {"user-agent": f"veil-python/{__version__}", "accept-encoding": "identity"}
         # Step 1 runs over plain HTTP to a server not yet verified: no API key there.
         certificate, quote, served, server = self._fetch_evidence(
             headers, with_collateral=wants_server_collateral(collateral)
@@ -199,7 +208,7 @@ class Connection:
         except ssl.SSLError:
             raise BindingError("the bound server certificate is not a usable certificate") from None
         self._client = httpx.Client(
-            transport=httpx.HTTPTransport(verify=context, socket_options=_SOCKET_OPTIONS),
+            transport=deadline_transport(context),
             headers=headers,
             timeout=self._timeout,
         )
@@ -214,28 +223,27 @@ class Connection:
     ) -> tuple[bytes, bytes, Any, str]:
         """Step 1: certificate, quote, collateral (an empty map without) and the Server header."""
         with httpx.Client(
-            transport=httpx.HTTPTransport(socket_options=_SOCKET_OPTIONS),
+            transport=deadline_transport(),
             headers=dict(headers),
             timeout=self._timeout,
         ) as plain:
 
-            def get(path: str) -> httpx.Response:
+            def get(path: str) -> tuple[bytes, str]:
+                """(body, Server header); each fetch within `timeout` and the size limit."""
+                url = f"{self._unattested_url}{path}"
                 try:
-                    response = plain.get(f"{self._unattested_url}{path}")
+                    with deadline(self._total), plain.stream("GET", url) as response:
+                        if response.status_code >= 400:
+                            raise EvidenceUnavailableError(f"{url}: status {response.status_code}")
+                        body = read_capped(response, MAX_EVIDENCE_RESPONSE_BYTES, url)
+                        return body, response.headers.get("server", "")
                 except httpx.HTTPError as exc:
-                    raise TransportError(
-                        f"{self._unattested_url}{path}: {type(exc).__name__}: {exc}"
-                    ) from None
-                if response.status_code >= 400:
-                    raise EvidenceUnavailableError(
-                        f"{self._unattested_url}{path}: status {response.status_code}"
-                    )
-                return response
+                    raise TransportError(f"{url}: {type(exc).__name__}: {exc}") from None
 
-            def decode(response: httpx.Response, kind: type, what: str) -> Any:
+            def decode(response: tuple[bytes, str], kind: type, what: str) -> Any:
                 try:
-                    value = cbor2.loads(response.content)
-                except Exception:
+                    value = wire.decode_reply(response[0], what)
+                except ApiError:
                     raise EvidenceUnavailableError(f"{what}: malformed CBOR") from None
                 if not isinstance(value, kind):
                     raise EvidenceUnavailableError(
@@ -244,7 +252,7 @@ class Connection:
                 return value
 
             first = get("/")
-            server = first.headers.get("server", "")
+            server = first[1]
             certificate = decode(first, bytes, "certificate")
             quote = decode(get("/quote"), bytes, "quote")
             collateral = decode(get("/collateral"), dict, "collateral") if with_collateral else {}
@@ -258,15 +266,23 @@ class Connection:
         timeout: httpx.Timeout | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> bytes:
+        total = self._upload_total if timeout is not None else self._total
         try:
-            response = self._client.request(
-                method,
-                url,
-                content=body,
-                timeout=timeout or self._timeout,
-                headers=headers,
-                extensions=_SNI,
-            )
+            with (
+                deadline(total),
+                self._client.stream(
+                    method,
+                    url,
+                    content=body,
+                    timeout=timeout or self._timeout,
+                    headers=headers,
+                    extensions=_SNI,
+                ) as response,
+            ):
+                status = response.status_code
+                # Errors are short CBOR texts: no reason to read a long one.
+                limit = self._max_response_bytes if status < 400 else 64 << 10
+                content = read_capped(response, limit, url)
         except httpx.ConnectError as exc:
             if (
                 isinstance(exc.__context__, ssl.SSLCertVerificationError)
@@ -278,9 +294,9 @@ class Connection:
             raise TransportError(f"{url}: {type(exc).__name__}: {exc}") from None
         except httpx.HTTPError as exc:
             raise TransportError(f"{url}: {type(exc).__name__}: {exc}") from None
-        if response.status_code >= 400:
-            raise api_error_for_status(response.status_code, wire.decode_error(response.content))
-        return response.content
+        if status >= 400:
+            raise api_error_for_status(status, wire.decode_error(content))
+        return content
 
     # ---- models -----------------------------------------------------------------------------
 
@@ -429,8 +445,8 @@ class Connection:
     def list_models(self) -> list[ModelInfo]:
         """The models this key manages (veil extension): its own uploads; an admin's: all."""
         reply = self._request("GET", f"{self._management_url}/models")
+        items = wire.decode_reply(reply, "model list")
         try:
-            items = cbor2.loads(reply)
             return [
                 ModelInfo(
                     model_id=item["model_id"],
@@ -444,7 +460,7 @@ class Connection:
                 )
                 for item in items
             ]
-        except (KeyError, TypeError, ValueError, cbor2.CBORDecodeError):
+        except (KeyError, TypeError, ValueError):
             raise ApiError(200, "model list: malformed reply") from None
 
     # ---- lifetime -----------------------------------------------------------------------------
