@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from veil.errors import BadRequestError, TensorError, VeilError
 
 wire = pytest.importorskip("veil.wire")
+cbor = pytest.importorskip("veil.wire.cbor")
 tensors = pytest.importorskip("veil.tensors")
 
 FUZZ = settings.get_profile("veil-fuzz")
@@ -161,11 +162,54 @@ def test_mutated_valid_requests(name: str, data: st.DataObject) -> None:
     _decode(getattr(wire, name), data.draw(mutated(_valid_bodies())))
 
 
-def test_fast_upload_path_matches_cbor2() -> None:
-    # The uint8-array fast path must decode exactly what cbor2 decodes (seeds for the mutations).
+def test_uint8_array_matches_cbor2() -> None:
+    # The numpy uint8-array decoding must give exactly what cbor2 decodes (seeds for the mutations).
     for body in _valid_bodies()[2:4]:
         request = wire.decode_upload_request(body)
         assert request.model == bytes(cbor2.loads(body)["model"])
+
+
+def _outcome(call: Any) -> Any:
+    try:
+        return ("ok", call())
+    except BadRequestError as exc:
+        return ("error", exc.status)
+
+
+@settings(parent=FUZZ)
+@given(
+    body=st.binary(max_size=256) | mutated(_valid_bodies()),
+    cuts=st.lists(st.integers(0, 4000), max_size=8),
+)
+def test_strict_decoder_in_pieces(body: bytes, cuts: list[int]) -> None:
+    # Any bytes, cut anywhere: a value or a 400, and the same one as for the whole body.
+    keys = frozenset({"model", "bytes_data"})
+
+    def pieces() -> Any:
+        decoder = cbor.StrictDecoder("x", byte_array_keys=keys)
+        start = 0
+        for cut in sorted(c % (len(body) + 1) for c in cuts):
+            decoder.feed(body[start:cut])
+            start = max(start, cut)
+        decoder.feed(body[start:])
+        return decoder.finish()
+
+    whole = _outcome(lambda: cbor.decode(body, "x", byte_array_keys=keys))
+    assert whole[0] == "ok" or whole == ("error", 400)
+    # (messages may differ: the whole body's length lets a lying size be named sooner)
+    assert _outcome(pieces)[:2] == whole[:2] if whole[0] == "error" else _outcome(pieces) == whole
+
+
+@settings(parent=FUZZ)
+@given(body=st.binary(max_size=256) | mutated(_valid_bodies()), step=st.integers(1, 64))
+def test_upload_stream_matches_whole_body(body: bytes, step: int) -> None:
+    def streamed() -> Any:
+        decoder = wire.UploadStreamDecoder(max_model_bytes=1 << 20)
+        for start in range(0, len(body), step):
+            decoder.feed(body[start : start + step])
+        return decoder.finish()
+
+    assert _outcome(streamed) == _outcome(lambda: wire.decode_upload_request(body))
 
 
 @settings(parent=FUZZ)
