@@ -211,6 +211,15 @@ def test_tcb_info_signed_under_a_pck_ca_refused(vectors: Path) -> None:
         verify_dcap_quote(quote, damaged, trust=TrustStore.production(), now=SGX_AT)
 
 
+def test_tcb_signer_under_a_test_root_is_named_tcb_signing() -> None:
+    fake = FakeDcap()
+    collateral = dataclasses.replace(
+        fake.collateral(), tcb_info_issuer_chain=pem(fake.certs["ca"], fake.certs["root"])
+    )
+    with pytest.raises(ChainError, match=r"TCB info signer: got 'CN=Test SGX PCK Processor CA"):
+        verify_dcap_quote(parse_quote(fake.quote()), collateral, trust=fake.trust, now=NOW)
+
+
 def test_tcb_signer_must_sit_directly_under_the_root() -> None:
     fake = FakeDcap()
     deep = _cert(
