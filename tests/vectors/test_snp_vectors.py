@@ -220,7 +220,7 @@ def test_vlek_valid_at_window_edges(vlek: Vector, production: TrustStore, now: d
 
 @pytest.mark.parametrize("now", [VLEK_NOT_AFTER + ONE_S, VLEK_NOT_BEFORE - ONE_S])
 def test_vlek_outside_window_expired(vlek: Vector, production: TrustStore, now: datetime) -> None:
-    with pytest.raises(ExpiredError, match=r"VLEK \(SEV-VLEK\): valid 2024-12-10T22:14:21"):
+    with pytest.raises(ExpiredError, match=r"VLEK \(SEV-VLEK\): (expired|not valid yet) at"):
         verify(vlek, production, now=now)
 
 

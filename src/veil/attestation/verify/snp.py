@@ -38,14 +38,16 @@ from cryptography.x509.oid import NameOID
 from veil.attestation.abi.snp import SigningKey, SnpReport, SnpTcb
 from veil.attestation.trust import TrustStore
 from veil.attestation.verify.x509util import (
+    Window,
+    cert_window,
     check_signature_bit_string,
+    check_window,
     load_crl,
     malformed_x509_as_typed,
 )
 from veil.errors import (
     ChainError,
     CollateralError,
-    ExpiredError,
     MalformedEvidenceError,
     RevokedError,
     SignatureError,
@@ -336,12 +338,7 @@ def _check_signed_by(cert: x509.Certificate, issuer: x509.Certificate, what: str
 
 
 def _check_validity(cert: x509.Certificate, what: str, now: datetime) -> None:
-    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-    if not start <= now <= end:
-        raise ExpiredError(
-            f"{what} ({_common_name(cert.subject)}): valid {start.isoformat()} … "
-            f"{end.isoformat()}, verification time {now.isoformat()}"
-        )
+    check_window(cert_window(cert), now, f"{what} ({_common_name(cert.subject)})")
 
 
 def verify_endorsement_chain(
@@ -431,14 +428,7 @@ def check_amd_crl(
         this_update, next_update = crl.last_update_utc, crl.next_update_utc
         if next_update is None:
             raise CollateralError("AMD CRL: nextUpdate missing")
-        if now < this_update:
-            raise ExpiredError(
-                f"AMD CRL: not valid yet at {now.isoformat()}, thisUpdate {this_update.isoformat()}"
-            )
-        if now - grace > next_update:
-            raise ExpiredError(
-                f"AMD CRL: expired at {now.isoformat()}, nextUpdate {next_update.isoformat()}"
-            )
+        check_window(Window(this_update, next_update), now, "AMD CRL", grace=grace)
         for cert, what in certs:
             if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
                 raise RevokedError(
