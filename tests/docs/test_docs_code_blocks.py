@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from veil.commands.demo import LocalServer
 from veil.errors import SimulationModeWarning
 from veil.providers.measurement import simulated_measurement
+from veil.testing.local_server import LocalServer
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 _FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)

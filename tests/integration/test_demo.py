@@ -18,8 +18,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import veil  # noqa: E402
-from veil.commands.demo import LocalServer, run_demo  # noqa: E402
+from veil.commands.demo import run_demo  # noqa: E402
 from veil.export import DEMO_TOKEN_IDS, build_demo_distilbert  # noqa: E402
+from veil.testing.local_server import LocalServer  # noqa: E402
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
 

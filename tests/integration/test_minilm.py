@@ -15,13 +15,13 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import veil  # noqa: E402
-from veil.commands.demo import LocalServer  # noqa: E402
 from veil.export import (  # noqa: E402
     export_transformers_model,
     load_tokenizer,
     minilm_model_dir,
     sentence_embedding_module,
 )
+from veil.testing.local_server import LocalServer  # noqa: E402
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
 

@@ -15,7 +15,9 @@ time (or, for the simulated platform, by veil's public simulated root):
 - `veil.testing.devices`: the Linux configfs-tsm tree (TDX, SEV-SNP) and Gramine's
   ``/dev/attestation`` (SGX), answered as the kernel and Gramine do, with those signers behind;
 - `veil.testing.emulated`: ``python -m veil.testing.emulated serve ...`` runs the production
-  ``veil serve`` on those devices.
+  ``veil serve`` on those devices (`veil.testing.state` describes the emulated machine);
+- `veil.testing.local_server`: ``veil serve --platform simulated`` in a subprocess, for
+  ``veil demo``, the documentation's examples and tests.
 
 A client accepts this evidence only through ``TrustStore.hazmat_test_roots(...)``, which warns:
 never do it outside tests. The server and the client import nothing from here, except that veil's
