@@ -16,7 +16,7 @@ BODY = b"x" * 1000
 
 
 class _Handler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:
         if self.path == "/missing":
             self.send_error(404)
             return
