@@ -269,3 +269,23 @@ def test_unsealed_store_is_plain_and_says_so(server_factory: ServerFactory) -> N
     with running.connect() as client:
         client.upload_model(blob, model_id="plain")
     assert [p.read_bytes() for p in (running.data_dir / "models").glob("*.onnx")] == [blob]
+
+
+def test_state_replayed_under_a_running_server_stops_serving(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    alice = create_key(data, "owner")
+    saved = (data / "state.sealed").read_bytes()
+    running = server_factory(data_dir=data)
+    result = veil_cli(
+        "keys", "revoke", alice[0], "--data-dir", str(data), "--platform", "simulated"
+    )
+    assert result.returncode == 0, result.stderr
+    with running.connect(api_key=alice[1]) as client, pytest.raises(veil.AuthenticationError):
+        client.list_models()
+    (data / "state.sealed").write_bytes(saved)  # alice's key valid again, if it were believed
+    with running.connect(api_key=alice[1]) as client, pytest.raises(veil.ApiError) as info:
+        client.list_models()
+    assert info.value.status == 503
+    assert "expected at least 2 (seen before while running): rollback" in running.stderr()

@@ -51,7 +51,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from veil import wire
-from veil.errors import ApiError, BadRequestError, TensorError, api_error_for_status
+from veil.errors import (
+    ApiError,
+    BadRequestError,
+    SealedStateError,
+    TensorError,
+    api_error_for_status,
+)
 from veil.server.collateral import CollateralKeeper
 from veil.server.config import ServerConfig
 from veil.server.connections import RequestGate
@@ -120,6 +126,11 @@ def error_response(exc: BaseException) -> Response:
         status, message = exc.status, exc.message
     elif isinstance(exc, TensorError):
         status, message = 422, str(exc)
+    elif isinstance(exc, SealedStateError):
+        # The state on disk changed under the running server (a replay, a vanished manifest):
+        # refuse every request until an operator looks. The message names files and versions.
+        _log.error("sealed state: %s", exc)
+        status, message = 503, "the server's stored state is inconsistent; see its log"
     else:
         # Unexpected: log the type only (a message could quote model or tensor content).
         _log.error("internal error: %s", type(exc).__name__)
