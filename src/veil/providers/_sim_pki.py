@@ -14,7 +14,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from veil.testing.intel_pki import CertifiedKey, IntelPki, QeIdentitySpec, SgxPlatform
+from veil.testing.dcap_quote import QeIdentitySpec
+from veil.testing.intel_pki import CertifiedKey, IntelPki, SgxPlatform
 
 __all__ = ["simulated_platform"]
 

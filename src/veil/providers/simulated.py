@@ -37,7 +37,7 @@ from veil.errors import EvidenceUnavailableError, SimulationModeWarning
 from veil.providers import _sim_pki
 from veil.providers.base import Evidence, pad_report_data
 from veil.providers.measurement import simulated_measurement, simulated_mr_signer
-from veil.testing.intel_pki import QeIdentitySpec
+from veil.testing.dcap_quote import QeIdentitySpec
 
 __all__ = ["SimulatedSgxProvider", "now_utc"]
 

@@ -7,7 +7,7 @@ time (or, for the simulated platform, by veil's public simulated root):
 
 - `veil.testing.intel_pki`: an Intel-shaped DCAP PKI (Root CA, PCK Platform/Processor CA, PCK
   leaves with the SGX extensions, TCB Signing, CRLs), TCB info v3 and QE identity v2, and SGX v3 /
-  TDX v4 quotes;
+  TDX v4 and v5 quotes, laid out by `veil.testing.dcap_quote`;
 - `veil.testing.amd_pki`: an AMD-shaped PKI (ARK, ASK, ASVK, VCEK, VLEK, the KDS CRL) and an
   SEV-SNP attestation report signer;
 - `veil.testing.services`: loopback HTTP stand-ins for Intel PCS/PCCS v4 and AMD KDS, with fault

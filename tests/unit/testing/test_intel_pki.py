@@ -23,7 +23,8 @@ from veil.errors import (
     SignatureError,
     TcbError,
 )
-from veil.testing.intel_pki import COLLATERAL_LIFETIME, IntelPki, td_report_body
+from veil.testing.dcap_quote import td_report_body
+from veil.testing.intel_pki import COLLATERAL_LIFETIME, IntelPki
 
 NOW = datetime(2026, 3, 1, 12, tzinfo=UTC)
 MR_ENCLAVE = bytes([0x5E]) * 32
