@@ -99,7 +99,7 @@ class SealedModelStore:
         ``meta.size`` and ``meta.model_hash``, nothing is stored.
         """
         model_id = meta.model_id
-        written: list[Path] = []
+        written: list[int] = []
         replaced: list[int] = []
 
         def change(current: Manifest, version: int) -> Manifest:
@@ -111,7 +111,7 @@ class SealedModelStore:
                     digest.update(c)
                     yield c
 
-            written.append(path)
+            written.append(version)
             size = write_sealed(
                 path,
                 self._key,
@@ -129,9 +129,12 @@ class SealedModelStore:
         try:
             self._state.update(change)
         except BaseException:
-            for path in written:
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+            # Remove the new blob unless the manifest names it (the commit's rename happened
+            # before the failure, e.g. in the directory fsync): then the blob is the model.
+            for version in written:
+                if not self._state.names_blob(model_id, version):
+                    with contextlib.suppress(FileNotFoundError):
+                        self._path(model_id, version).unlink()
             raise
         for version in replaced:
             self._remove(self._path(model_id, version))

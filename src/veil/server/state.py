@@ -387,6 +387,19 @@ class SealedState:
             finally:
                 os.close(fd)  # releases the flock
 
+    def names_blob(self, model_id: str, blob_version: int) -> bool:
+        """Whether the manifest on disk names this blob; True when that cannot be read (after a
+        failed commit, a caller keeps a blob in doubt: an unnamed blob is removed at the next
+        start, a named one that is missing stops it)."""
+        try:
+            manifest = self._read_manifest()
+        except (SealedStateError, OSError):
+            return True
+        if manifest is None:
+            return False
+        entry = manifest.models.get(model_id)
+        return entry is not None and entry.blob_version == blob_version
+
     def is_new(self) -> bool:
         """Neither manifest nor witness exists: no state was ever opened here (or all of it is
         gone: the caller checks whether what it stores beside the state agrees)."""
@@ -430,7 +443,12 @@ class SealedState:
             if len(encoded) > _MAX_MANIFEST:
                 raise ValueError(f"manifest of {len(encoded)} bytes exceeds {_MAX_MANIFEST}")
             write_sealed(self.manifest_path, self._manifest_key, _MANIFEST_CONTEXT, (encoded,))
-            self._write_witness(version)
+            try:
+                self._write_witness(version)
+            except OSError as exc:
+                # The manifest is committed; a witness one version behind is accepted (and
+                # caught up) at the next start or commit, so this commit still counts.
+                _log.error("%s not written (%s): caught up later", _WITNESS_FILENAME, exc)
             signature = self._signature_now()
             with self._cache_lock:
                 self._seen = max(self._seen, version)

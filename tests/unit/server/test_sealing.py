@@ -176,6 +176,47 @@ def test_failed_stream_leaves_the_old_model(tmp_path: Path) -> None:
     assert loaded(open_store(tmp_path)) == {"m": b"old"}
 
 
+def test_failure_after_the_commit_keeps_the_blob(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The manifest's rename happened, then its directory fsync failed: the new blob is the
+    # model now, and deleting it would leave the manifest naming a missing blob.
+    import veil.server.state as state_module
+
+    real = state_module.write_sealed
+
+    def fsync_fails(path: Path, *args: object, **kw: object) -> int:
+        written = real(path, *args, **kw)  # type: ignore[arg-type]
+        if path.name == "state.sealed":
+            raise OSError(5, "Input/output error")
+        return written
+
+    store = open_store(tmp_path)
+    store.put(meta("m", b"old"), b"old")
+    monkeypatch.setattr(state_module, "write_sealed", fsync_fails)
+    with pytest.raises(OSError, match="Input/output error"):
+        store.put(meta("m", b"new"), b"new")
+    monkeypatch.undo()
+    assert loaded(open_store(tmp_path)) == {"m": b"new"}
+    assert len(blobs(tmp_path)) == 1
+
+
+def test_witness_write_failure_still_commits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = open_store(tmp_path)
+    store.put(meta("a", b"a"), b"a")
+
+    def fails(self: SealedState, version: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(SealedState, "_write_witness", fails)
+    store.put(meta("b", b"b"), b"b")  # committed: the caller is told so
+    monkeypatch.undo()
+    assert "state.version not written" in caplog.text
+    assert loaded(open_store(tmp_path)) == {"a": b"a", "b": b"b"}  # one behind: caught up
+
+
 def test_interrupted_writes_removed_at_start(tmp_path: Path) -> None:
     store = open_store(tmp_path)
     store.put(meta("m", b"x"), b"x")
