@@ -53,6 +53,9 @@ _log = logging.getLogger("veil.server.connections")
 # Descriptors kept for everything but client sockets: models, the store, the key database,
 # logs, worker threads' files, listening sockets.
 _RESERVED_FDS = 256
+# asyncio accepts up to a backlog of connections in one callback and only then runs anything
+# else: a small batch keeps a connection burst from stalling requests in progress.
+_MAX_BACKLOG = 256
 _THROTTLED_LOGGERS = ("asyncio", "uvicorn.error", "veil.server.connections")
 
 Scope = MutableMapping[str, Any]
@@ -84,7 +87,7 @@ def connection_caps(limits: Limits, open_files: int, ports: int = 3) -> Connecti
     EMFILE (which asyncio retries, logging, every second, while accepting nobody).
     """
     usable = open_files - min(_RESERVED_FDS, open_files // 4)
-    backlog = max(8, min(1024, usable // (8 * ports)))
+    backlog = max(8, min(_MAX_BACKLOG, usable // (8 * ports)))
     total = max(1, min(limits.max_connections, usable - ports * backlog))
     return ConnectionCaps(
         total=total, per_client=min(limits.max_connections_per_client, total), backlog=backlog
