@@ -32,6 +32,7 @@ QUICK = {
     "--tls-handshake-timeout-s": "1",
     "--keep-alive-timeout-s": "1",
     "--max-concurrent-requests": "1",
+    "--max-header-bytes": "4096",
 }
 
 
@@ -111,6 +112,19 @@ def test_headers_dripped_are_cut_off(quick: VeilServer) -> None:
                 break
         assert closed
         assert time.monotonic() - start < 4
+
+
+def test_oversized_headers_are_refused(quick: VeilServer) -> None:
+    with _open(quick.unattested_port) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 6000)
+        answer = _closed_within(sock, 5)
+        assert answer is not None
+        assert answer.startswith(b"HTTP/1.1 400")
+    with _open(quick.unattested_port) as sock:  # under the limit: served
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 3000 + b"\r\n\r\n")
+        answer = _closed_within(sock, 5)
+        assert answer is not None
+        assert answer.startswith(b"HTTP/1.1 200")
 
 
 def test_tls_handshake_has_a_deadline(quick: VeilServer) -> None:
