@@ -56,8 +56,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 import veil
 from veil.errors import SimulationModeWarning
-from veil.server.keys import API_KEY_HEADER, KEYS_FILENAME, KeyStore
+from veil.providers import detect_provider
+from veil.server.keys import API_KEY_HEADER, KeyStore
 from veil.server.ready import ReadyLine
+from veil.server.state import open_state
 from veil.tls import SERVER_NAME, pinned_client_context
 
 warnings.simplefilter("ignore", SimulationModeWarning)
@@ -79,7 +81,8 @@ class Server:
     def __init__(self, root: Path) -> None:
         self.data_dir = root / "data"
         self.log = root / "server.log"
-        store = KeyStore(self.data_dir / KEYS_FILENAME)
+        provider = detect_provider("simulated", data_dir=self.data_dir)
+        store = KeyStore(open_state(self.data_dir, provider.sealing_key))
         self.owner = store.create("owner", name="owner")[1]
         self.user = store.create("user", name="victim")[1]
         self.attacker = store.create("user", name="attacker")[1]
