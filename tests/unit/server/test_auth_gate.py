@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from veil.server.keys import AuthGate, KeyStore, Principal
 from veil.server.runner import UNSEALED_STORE_WARNING, open_store, prepare_state
 from veil.server.sealing import SealedModelStore
 from veil.server.state import MANIFEST_FILENAME, SealedState, open_state
-from veil.server.store import ModelStore
+from veil.server.store import ModelStore, StoredModel
 
 KEY = bytes(range(32))
 
@@ -118,3 +119,14 @@ def test_sealing_key_gives_a_sealed_store(tmp_path: Path) -> None:
     store = open_store(ServerConfig(tmp_path), SealedState(tmp_path, KEY))
     assert isinstance(store, SealedModelStore)
     assert store.directory == tmp_path / "sealed"
+
+
+def test_unsealed_store_with_owned_models_and_no_keys_refuses_to_start(tmp_path: Path) -> None:
+    # --unsealed-store: the plain files say keys were in use; a state without keys (removed, or
+    # never there) must not turn authentication off for them.
+    blob = b"not parsed before the check"
+    meta = StoredModel("private", hashlib.sha256(blob).digest(), "", len(blob), owner="k" * 16)
+    ModelStore(tmp_path / "models").put(meta, blob)
+    config = ServerConfig(tmp_path, platform="simulated", unsealed_store=True)
+    with pytest.raises(SealedStateError, match="state holds no API key"):
+        prepare_state(config)
