@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import cbor2
+import httpx
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -222,6 +224,9 @@ def test_snp_host_certificate_table(tmp_path: Path, pkis: Pkis) -> None:
     try:
         with host.connect() as client:
             assert client.verified.measurements["measurement"] == MEASUREMENT["sev-snp"]
+        port = host.server.unattested_port
+        served = cbor2.loads(httpx.get(f"http://127.0.0.1:{port}/collateral").content)
+        assert sorted(served) == ["cert_chain", "crl", "vcek"]
     finally:
         host.server.stop()
 
@@ -242,3 +247,24 @@ def test_snp_guest_with_kds_down_and_no_cache_does_not_start(tmp_path: Path, pki
     assert result.returncode == 2, result.stderr[-2000:]
     assert "no cached copy" in result.stderr
     assert "serving on" not in result.stdout
+
+
+def test_snp_host_certificate_table_with_a_vlek(tmp_path: Path, pkis: Pkis) -> None:
+    # A cloud host signs with a VLEK (issued by the ASVK) and hands it over in the table.
+    chip = pkis.amd.chip(tcb=SNP_TCB, vlek_csp_id="veil-test-csp")
+    table = {
+        "vlek": chip.endorsement_key.der,
+        "ask": pkis.amd.asvk.public_bytes(Encoding.DER),
+        "ark": pkis.amd.ark.public_bytes(Encoding.DER),
+    }
+    host = start_bed(
+        tmp_path, "sev-snp", pkis, host_certificates=table, vlek_csp_id="veil-test-csp"
+    )
+    try:
+        with host.connect() as client:
+            assert client.verified.measurements["measurement"] == MEASUREMENT["sev-snp"]
+        port = host.server.unattested_port
+        served = cbor2.loads(httpx.get(f"http://127.0.0.1:{port}/collateral").content)
+        assert sorted(served) == ["cert_chain", "crl", "vlek"]
+    finally:
+        host.server.stop()

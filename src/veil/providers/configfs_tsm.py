@@ -249,9 +249,10 @@ class ConfigfsTsmProvider:
     def _collateral(self, outblob: bytes, auxblob: bytes) -> Mapping[str, Any]:
         if self.platform is Platform.SEV_SNP:
             certs = parse_snp_cert_table(auxblob)
-            key = certs.get("vcek") or certs.get("vlek")
-            if key is not None:
-                collateral: dict[str, Any] = {"vcek": key}
+            # Named after its kind, as a KDS-fetched key is (`snp_collateral_to_map`).
+            kind = next((name for name in ("vcek", "vlek") if name in certs), None)
+            if kind is not None:
+                collateral: dict[str, Any] = {kind: certs[kind]}
                 chain = [certs[name] for name in ("ask", "ark") if name in certs]
                 if chain:
                     collateral["cert_chain"] = _pem_chain(chain)

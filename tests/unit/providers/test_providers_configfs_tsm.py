@@ -159,7 +159,7 @@ def test_snp_auxblob_gives_vcek_and_chain(root: Path, vectors: Path) -> None:
 def test_snp_vlek_in_mixed_endian_table(root: Path) -> None:
     kernel = FakeKernel("sev_guest", snp_report, auxblob=cert_table([(VLEK, b"vlek")], le=True))
     prov = ConfigfsTsmProvider(Platform.SEV_SNP, fs_root=root, fs=kernel)
-    assert dict(prov.evidence(b"").collateral) == {"vcek": b"vlek"}
+    assert dict(prov.evidence(b"").collateral) == {"vlek": b"vlek"}
 
 
 def test_snp_without_certs_uses_fetcher_or_fails(root: Path) -> None:
