@@ -15,6 +15,7 @@ import pytest
 from onnx_models import identity_model
 from server_process import RawClient, VeilServer, start_server
 
+import veil
 from veil import wire
 from veil.tensors import DatumType, WireTensor
 from veil.tls import SERVER_NAME, pinned_client_context
@@ -128,3 +129,18 @@ def test_client_disconnect_is_not_an_error(big: VeilServer, raw: RawClient) -> N
     assert "Traceback" not in log
     # and the server still serves
     assert raw.get("unattested", "/healthz").status_code == 200
+
+
+def test_prediction_over_max_response_bytes_is_refused(big: VeilServer) -> None:
+    blob = identity_model("float32", (64, 64)).SerializeToString()
+    x = np.ones((64, 64), np.float32)  # a 16 KiB answer
+    with big.connect() as client:
+        client.upload_model(blob, model_id="wide")
+    with big.connect(max_response_bytes=64 << 10) as client:
+        assert client.predict("wide", x).output[0].as_numpy().shape == (64, 64)
+    with big.connect(max_response_bytes=4 << 10) as client:
+        with pytest.raises(veil.TransportError, match="more than 4096"):
+            client.predict("wide", x)
+        # the connection stays usable for answers within the limit
+        with pytest.raises(veil.NotFoundError):
+            client.predict("no-such-model", x)
