@@ -119,6 +119,15 @@ def test_item_limit() -> None:
     _refused(b"\x9f" + b"\x80" * 5 + b"\xa0" * 5 + b"\xff", "more than 10 items", limits)
 
 
+def test_text_limit() -> None:
+    limits = DecodeLimits(max_text_bytes=4)
+    assert decode(cbor2.dumps("abcd"), "x", limits=limits) == "abcd"
+    _refused(cbor2.dumps("abcde"), "a text string of 5 bytes, more than 4", limits)
+    _refused(b"\x7f\x63abc\x62de\xff", "a text string of more than 4 bytes", limits)
+    # byte strings are bounded by the body only (tensors are long)
+    assert decode(cbor2.dumps(b"abcdefgh"), "x", limits=limits) == b"abcdefgh"
+
+
 def test_byte_array_keys() -> None:
     body = cbor2.dumps({"b": list(b"\x00\x17\x18\xff"), "c": [1, 2]})
     got = decode(body, "x", byte_array_keys=frozenset({"b"}))

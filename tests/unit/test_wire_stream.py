@@ -161,10 +161,10 @@ def test_model_over_the_decoder_limit_is_400() -> None:
 
 
 def test_long_fields_before_and_after_the_model_stream() -> None:
-    body = cbor2.dumps({"model_name": "n" * (2 << 20), "model": b"abc", "x": "y" * (2 << 20)})
-    request = stream(body, list(range(0, len(body), 65_536)))
+    body = cbor2.dumps({"model_name": "n" * 60_000, "model": b"abc", "x": "y" * 60_000})
+    request = stream(body, list(range(0, len(body), 1000)))
     assert request.model == b"abc"
-    assert request.model_name == "n" * (2 << 20)
+    assert request.model_name == "n" * 60_000
 
 
 def test_model_given_twice() -> None:

@@ -53,10 +53,13 @@ class DecodeLimits:
         max_items: decoded items of every kind, containers included; the bytes of a byte array
             (see `StrictDecoder`) are not items. Each costs Python 30 to 100 bytes, so the default
             bounds a body's objects to a few MiB however it is built.
+        max_text_bytes: one text string. The protocol's texts are ids, names, hex hashes and
+            client details; a long one would only cost its bytes again as a Python str.
     """
 
     max_depth: int = 16
     max_items: int = 1 << 16
+    max_text_bytes: int = 1 << 16
 
 
 def _bad(what: str, message: str) -> BadRequestError:
@@ -201,6 +204,10 @@ class StrictDecoder:
             return -1 - arg
         if major in (2, 3):
             self._count(1)
+            if major == 3 and arg is not None and arg > self._limits.max_text_bytes:
+                raise self._error(
+                    f"a text string of {arg} bytes, more than {self._limits.max_text_bytes}"
+                )
             if major == 2 and key in self._byte_array_keys and self._on_size is not None:
                 self._on_size(key, -1 if arg is None else arg)
             raw = yield from self._string(major, arg)
@@ -250,6 +257,8 @@ class StrictDecoder:
             chunk_major, _, chunk_size = yield from self._head()
             if chunk_major != major or chunk_size is None:
                 raise self._error("a string chunk of another type or of indefinite length")
+            if major == 3 and len(out) + chunk_size > self._limits.max_text_bytes:
+                raise self._error(f"a text string of more than {self._limits.max_text_bytes} bytes")
             out += yield from self._chunk(chunk_size)
         return bytes(out)
 

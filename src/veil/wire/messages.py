@@ -58,6 +58,8 @@ _MODEL_KEYS = frozenset({"model"})
 _TENSOR_KEYS = frozenset({"bytes_data"})
 # Replies of BlindAI's own server carry byte fields as integer arrays.
 _REPLY_KEYS = frozenset({"bytes_data", "hash"})
+# Collateral carries PEM chains, CRLs and TCB JSON as text; the client caps each answer anyway.
+_REPLY_LIMITS = DecodeLimits(max_text_bytes=4 << 20)
 
 
 @dataclass(frozen=True, slots=True)
@@ -450,7 +452,7 @@ def decode_reply(body: bytes, what: str, status: int = 200) -> Any:
         ApiError: (with the reply's status) malformed or refused CBOR.
     """
     try:
-        return decode(body, what, byte_array_keys=_REPLY_KEYS)
+        return decode(body, what, limits=_REPLY_LIMITS, byte_array_keys=_REPLY_KEYS)
     except BadRequestError as exc:
         raise ApiError(status, exc.message) from None
 
