@@ -137,7 +137,7 @@ def test_near_valid_run_requests(message: dict[str, Any]) -> None:
 def test_near_valid_upload_requests(message: dict[str, Any], as_list: bool, first: bool) -> None:
     model = message.get("model")
     if as_list and isinstance(model, bytes):
-        message["model"] = list(model)  # BlindAI's form: the fast path's uint8 array decoder
+        message["model"] = list(model)  # BlindAI's form: the numpy uint8-array decoding
     if first and "model" in message:
         message = {"model": message.pop("model"), **message}
     _decode(wire.decode_upload_request, cbor2.dumps(message))

@@ -88,7 +88,7 @@ def test_veil_bytes_stream(model: bytes, cuts: list[int], visibility: str | None
 
 @pytest.mark.parametrize("blindai", [False, True])
 def test_large_model_in_one_piece_streams(blindai: bool) -> None:
-    # Pieces larger than the 1 MiB kept for fallback must not make the decoder fall back.
+    # One piece holding the whole body decodes like many small ones.
     model = bytes(range(256)) * 12_000  # 3 MiB
     body = blindai_upload(model) if blindai else veil_upload(model)
     request = stream(body, [])
