@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from datetime import UTC, datetime
 
 import cbor2
 import httpx
@@ -14,10 +15,14 @@ from server_process import SNI, RawClient, ServerFactory, VeilServer
 
 import veil
 from veil.attestation.policy import Policy, SgxPolicy
+from veil.attestation.trust import TrustStore
+from veil.errors import HazmatWarning
 from veil.providers.measurement import simulated_measurement
+from veil.testing.intel_pki import IntelPki
 from veil.tls import pinned_client_context
 
 pytestmark = pytest.mark.slow
+NOW_UTC = datetime.now(UTC)
 
 
 def simulated_policy() -> Policy:
@@ -60,6 +65,14 @@ def test_simulated_server_refused_without_simulation(server: VeilServer) -> None
     with pytest.raises(veil.AttestationError, match="simulated") as info:
         veil.connect("127.0.0.1", policy=simulated_policy(), **server.ports)
     # refused on the Server header, before any verification step could fail
+    assert type(info.value) is veil.AttestationError
+
+
+def test_hazmat_test_roots_do_not_accept_a_simulated_server(server: VeilServer) -> None:
+    with pytest.warns(HazmatWarning):
+        trust = TrustStore.hazmat_test_roots(intel_root=IntelPki(now=NOW_UTC, seed=b"t").root)
+    with pytest.raises(veil.AttestationError, match="simulated") as info:
+        veil.connect("127.0.0.1", policy=simulated_policy(), trust=trust, **server.ports)
     assert type(info.value) is veil.AttestationError
 
 
