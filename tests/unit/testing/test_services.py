@@ -3,7 +3,7 @@ verifies with the production verifier, and each fault (down, slow, 404, stale, f
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from urllib.parse import unquote
 
@@ -12,7 +12,7 @@ import pytest
 from cryptography import x509
 
 from veil.attestation.abi.snp import parse_snp_report
-from veil.attestation.collateral_source import collateral_from_pcs
+from veil.attestation.collateral_source import HttpGet, collateral_from_pcs
 from veil.attestation.kds import KdsClient
 from veil.attestation.policy import Policy, SgxPolicy, SnpPolicy, TdxPolicy
 from veil.attestation.trust import TrustStore
@@ -49,6 +49,18 @@ def http() -> Iterator[httpx.Client]:
     # One client for the direct requests: a fresh httpx client per request costs an SSL context.
     with httpx.Client(timeout=5) as client:
         yield client
+
+
+@pytest.fixture(scope="module")
+def get(http: httpx.Client) -> HttpGet:
+    # veil's clients take the getter as an argument; one kept-alive client makes each GET cheap
+    # (`httpx_getter` itself, a new client per GET, runs in the slow-service tests).
+    def fetch(url: str) -> tuple[bytes, Mapping[str, str]]:
+        response = http.get(url)
+        response.raise_for_status()
+        return response.content, dict(response.headers)
+
+    return fetch
 
 
 @pytest.fixture(scope="module")
@@ -106,9 +118,9 @@ def _amd_trust(intel: IntelPki, amd: list[AmdPki]) -> TrustStore:
 
 
 def test_pccs_collateral_verifies_sgx_and_tdx(
-    pccs: PccsService, intel: IntelPki, sgx: SgxPlatform, tdx: TdxPlatform
+    get: HttpGet, pccs: PccsService, intel: IntelPki, sgx: SgxPlatform, tdx: TdxPlatform
 ) -> None:
-    fetch = pcs_collateral_fetcher(pccs.url, get=httpx_getter(timeout=5))
+    fetch = pcs_collateral_fetcher(pccs.url, get=get)
     sgx_quote = sgx.quote(REPORT_DATA, mr_enclave=MR_ENCLAVE)
     claims = verify_evidence(
         sgx_quote,
@@ -177,26 +189,24 @@ def test_pccs_slow_times_the_client_out(pccs: PccsService, sgx: SgxPlatform) -> 
     assert pccs.requests["/sgx/certification/v4/qe/identity"] == 1
 
 
-def test_pccs_404(pccs: PccsService, sgx: SgxPlatform) -> None:
+def test_pccs_404(get: HttpGet, pccs: PccsService, sgx: SgxPlatform) -> None:
     pccs.faults.not_found = True
     with pytest.raises(httpx.HTTPStatusError, match="404"):
-        collateral_from_pcs(
-            sgx.pck.fmspc, "processor", tdx=False, get=httpx_getter(), base_url=pccs.url
-        )
+        collateral_from_pcs(sgx.pck.fmspc, "processor", tdx=False, get=get, base_url=pccs.url)
     pccs.faults.not_found = False
     before = pccs.requests["/sgx/certification/v4/tcb"]
     pccs.faults.missing.add("/sgx/certification/v4/qe/identity")
     with pytest.raises(httpx.HTTPStatusError, match="404"):
-        collateral_from_pcs(
-            sgx.pck.fmspc, "processor", tdx=False, get=httpx_getter(), base_url=pccs.url
-        )
+        collateral_from_pcs(sgx.pck.fmspc, "processor", tdx=False, get=get, base_url=pccs.url)
     assert pccs.requests["/sgx/certification/v4/tcb"] == before + 1  # asked, then the QE 404
 
 
-def test_pccs_stale_items_are_expired(pccs: PccsService, intel: IntelPki, sgx: SgxPlatform) -> None:
+def test_pccs_stale_items_are_expired(
+    get: HttpGet, pccs: PccsService, intel: IntelPki, sgx: SgxPlatform
+) -> None:
     pccs.faults.stale = timedelta(days=31)
     quote = sgx.quote(REPORT_DATA, mr_enclave=MR_ENCLAVE)
-    collateral = pcs_collateral_fetcher(pccs.url, get=httpx_getter())(quote)
+    collateral = pcs_collateral_fetcher(pccs.url, get=get)(quote)
     with pytest.raises(ExpiredError):
         verify_evidence(
             quote,
@@ -208,11 +218,11 @@ def test_pccs_stale_items_are_expired(pccs: PccsService, intel: IntelPki, sgx: S
 
 
 def test_pccs_items_from_the_future_are_not_valid_yet(
-    pccs: PccsService, intel: IntelPki, sgx: SgxPlatform
+    get: HttpGet, pccs: PccsService, intel: IntelPki, sgx: SgxPlatform
 ) -> None:
     pccs.faults.stale = -timedelta(days=2)
     quote = sgx.quote(REPORT_DATA, mr_enclave=MR_ENCLAVE)
-    collateral = pcs_collateral_fetcher(pccs.url, get=httpx_getter())(quote)
+    collateral = pcs_collateral_fetcher(pccs.url, get=get)(quote)
     with pytest.raises(ExpiredError):
         verify_evidence(
             quote,
@@ -224,11 +234,11 @@ def test_pccs_items_from_the_future_are_not_valid_yet(
 
 
 def test_pccs_foreign_items_are_refused(
-    pccs: PccsService, intel: IntelPki, sgx: SgxPlatform
+    get: HttpGet, pccs: PccsService, intel: IntelPki, sgx: SgxPlatform
 ) -> None:
     pccs.faults.foreign = True
     quote = sgx.quote(REPORT_DATA, mr_enclave=MR_ENCLAVE)
-    collateral = pcs_collateral_fetcher(pccs.url, get=httpx_getter())(quote)
+    collateral = pcs_collateral_fetcher(pccs.url, get=get)(quote)
     with pytest.raises((ChainError, SignatureError)):
         verify_evidence(
             quote,
@@ -239,12 +249,14 @@ def test_pccs_foreign_items_are_refused(
         )
 
 
-def test_pccs_follows_its_clock_and_reports_revocation(intel: IntelPki, clock: Clock) -> None:
+def test_pccs_follows_its_clock_and_reports_revocation(
+    get: HttpGet, intel: IntelPki, clock: Clock
+) -> None:
     platform = intel.sgx_platform(label="revoked-on-pccs")
     quote = platform.quote(REPORT_DATA, mr_enclave=MR_ENCLAVE)
     policy = Policy(sgx=SgxPolicy(mr_enclave=(MR_ENCLAVE,)))
     with PccsService(intel, [platform], clock=clock) as pccs:
-        fetch = pcs_collateral_fetcher(pccs.url, get=httpx_getter())
+        fetch = pcs_collateral_fetcher(pccs.url, get=get)
         clock.now = NOW + timedelta(days=45)
         verify_evidence(
             quote, fetch(quote), policy=policy, trust=_intel_trust(intel), now=clock.now
@@ -264,11 +276,11 @@ def test_pccs_follows_its_clock_and_reports_revocation(intel: IntelPki, clock: C
 
 @pytest.mark.parametrize("index", [0, 1], ids=["Milan", "Turin"])
 def test_kds_collateral_verifies(
-    kds: KdsService, intel: IntelPki, amd: list[AmdPki], index: int
+    get: HttpGet, kds: KdsService, intel: IntelPki, amd: list[AmdPki], index: int
 ) -> None:
     chip = amd[index].chip()
     report = chip.report(REPORT_DATA, measurement=MEASUREMENT)
-    collateral = KdsClient(kds.url, get=httpx_getter()).collateral(report)
+    collateral = KdsClient(kds.url, get=get).collateral(report)
     assert collateral.crl is not None
     claims = verify_evidence(
         report,
@@ -309,9 +321,9 @@ def test_kds_answers_each_endpoint(http: httpx.Client, kds: KdsService, amd: lis
     assert http.get(f"{base}/vlek/v1/Milan/{hwid}").status_code == 404
 
 
-def test_kds_down_and_404_are_unavailable(kds: KdsService, amd: list[AmdPki]) -> None:
+def test_kds_down_and_404_are_unavailable(get: HttpGet, kds: KdsService, amd: list[AmdPki]) -> None:
     report = amd[0].chip().report(REPORT_DATA, measurement=MEASUREMENT)
-    client = KdsClient(kds.url, get=httpx_getter(timeout=2))
+    client = KdsClient(kds.url, get=get)
     kds.faults.not_found = True
     with pytest.raises(EvidenceUnavailableError):
         client.collateral(report)
@@ -330,11 +342,11 @@ def test_kds_slow(kds: KdsService, amd: list[AmdPki]) -> None:
 
 
 def test_kds_stale_crl_and_foreign_chain_are_refused(
-    kds: KdsService, intel: IntelPki, amd: list[AmdPki]
+    get: HttpGet, kds: KdsService, intel: IntelPki, amd: list[AmdPki]
 ) -> None:
     chip = amd[0].chip()
     report = chip.report(REPORT_DATA, measurement=MEASUREMENT)
-    client = KdsClient(kds.url, get=httpx_getter())
+    client = KdsClient(kds.url, get=get)
     policy = _snp_policy(chip.pki)
     kds.faults.stale = timedelta(days=8)
     with pytest.raises(ExpiredError, match="CRL"):
@@ -349,19 +361,22 @@ def test_kds_stale_crl_and_foreign_chain_are_refused(
         )
 
 
-def test_kds_reports_a_revoked_vcek(intel: IntelPki, clock: Clock) -> None:
-    pki = AmdPki("Genoa", now=NOW, seed=b"kds revocation")
-    chip = pki.chip()
+def test_kds_reports_a_revoked_vcek(
+    get: HttpGet, kds: KdsService, intel: IntelPki, amd: list[AmdPki]
+) -> None:
+    chip = amd[0].chip()
     report = chip.report(REPORT_DATA, measurement=MEASUREMENT)
-    pki.revoke(chip.endorsement_key.serial_number)
-    with KdsService(pki, clock=clock) as kds:
-        collateral = KdsClient(kds.url, get=httpx_getter()).collateral(report)
+    amd[0].revoke(chip.endorsement_key.serial_number)
+    try:
+        collateral = KdsClient(kds.url, get=get).collateral(report)
+    finally:
+        amd[0].unrevoke(chip.endorsement_key.serial_number)
     with pytest.raises(RevokedError, match="VCEK"):
         verify_evidence(
             report,
             collateral,
             policy=_snp_policy(chip.pki),
-            trust=TrustStore(intel_root=intel.root, amd_arks={"Genoa": pki.ark}),
+            trust=_amd_trust(intel, amd),
             now=NOW,
         )
 
