@@ -2,7 +2,8 @@
 
 The server makes a fresh ECDSA P-256 key inside the TEE at every start and a self-signed
 certificate for ``blindai-srv`` (the name BlindAI clients check). The evidence binds SHA-256 of
-the certificate's DER; a client that verified it trusts that one certificate and nothing else.
+the certificate's DER in its report data's first half (the second half binds the server's other
+keys, `veil.keymap`); a client that verified it trusts that one certificate and nothing else.
 The private key never reaches a disk unencrypted: it is handed to OpenSSL through an anonymous
 in-memory file, encrypted with a one-time password.
 """
@@ -23,6 +24,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from veil.keymap import EMPTY_KEY_MAP, KeyMap
 
 __all__ = [
     "SERVER_NAME",
@@ -54,9 +57,10 @@ def certificate_digest(certificate_der: bytes) -> bytes:
     return hashlib.sha256(certificate_der).digest()
 
 
-def binding_report_data(certificate_der: bytes) -> bytes:
-    """The 64 bytes of report data that bind a certificate: its SHA-256, zero-padded."""
-    return certificate_digest(certificate_der).ljust(64, b"\0")
+def binding_report_data(certificate_der: bytes, key_map: KeyMap = EMPTY_KEY_MAP) -> bytes:
+    """The 64 bytes of report data that bind a certificate and the server's other keys:
+    SHA-256 of the certificate, then the key map's digest (zero without keys; `veil.keymap`)."""
+    return certificate_digest(certificate_der) + key_map.digest
 
 
 def generate_identity(

@@ -7,7 +7,9 @@
 2. refuse a simulated ("mock") server unless ``simulation=True``;
 3. verify the evidence (signatures, chains, collateral, TCB status) and check it against the
    policy (`veil.attestation.verifier.verify_evidence`);
-4. check the evidence binds the certificate: report data starts with SHA-256(certificate DER);
+4. check the evidence binds the certificate and the key map: report data is SHA-256(certificate
+   DER), then the digest of the key map the server served (`veil.keymap`; zero for servers with
+   none, BlindAI's included);
 5. open HTTPS channels that trust that one certificate and nothing else.
 
 Inputs, models and outputs travel only on step 5's channels; they are verified once per
@@ -52,8 +54,9 @@ from veil.errors import (
     TransportError,
     api_error_for_status,
 )
+from veil.keymap import KeyMap, check_binding
 from veil.tensors import encode_inputs
-from veil.tls import SERVER_NAME, certificate_digest, pinned_client_context
+from veil.tls import SERVER_NAME, pinned_client_context
 
 __all__ = ["API_KEY_HEADER", "MAX_EVIDENCE_RESPONSE_BYTES", "Connection", "connect"]
 
@@ -173,7 +176,7 @@ class Connection:
         # Compressed answers could expand past any size limit before they are counted.
         headers = {"user-agent": f"veil-python/{__version__}", "accept-encoding": "identity"}
         # Step 1 runs over plain HTTP to a server not yet verified: no API key there.
-        certificate, quote, served, server = self._fetch_evidence(
+        certificate, quote, served, server, key_map = self._fetch_evidence(
             headers, with_collateral=wants_server_collateral(collateral)
         )
         if api_key is not None:
@@ -192,13 +195,9 @@ class Connection:
         # Step 3: evidence, collateral (the server's, the services', or a bundle) and policy.
         chosen = own_collateral(collateral, quote, lambda: served)
         verified = verify_evidence(quote, chosen, policy=policy, trust=trust, now=now)
-        # Step 4: the evidence must bind the certificate the server showed us.
-        expected = certificate_digest(certificate)
-        if verified.report_data[:32] != expected:
-            raise BindingError(
-                f"certificate binding: report data starts with {verified.report_data[:32].hex()}, "
-                f"expected SHA-256 of the server certificate {expected.hex()}"
-            )
+        # Step 4: the evidence must bind the certificate the server showed us, and its key map.
+        self.key_map: KeyMap = check_binding(verified.report_data, certificate, key_map)
+        """The server's other public keys (receipt key…), vouched for by the evidence."""
         self.verified: VerifiedEvidence = verified
         """The verified evidence of the server (measurements, TCB status, report data)."""
         self.certificate_der = certificate
@@ -220,19 +219,23 @@ class Connection:
 
     def _fetch_evidence(
         self, headers: Mapping[str, str], *, with_collateral: bool
-    ) -> tuple[bytes, bytes, Any, str]:
-        """Step 1: certificate, quote, collateral (an empty map without) and the Server header."""
+    ) -> tuple[bytes, bytes, Any, str, bytes | None]:
+        """Step 1: certificate, quote, collateral (an empty map without), the Server header and
+        the encoded key map (None from servers that serve none)."""
         with httpx.Client(
             transport=deadline_transport(),
             headers=dict(headers),
             timeout=self._timeout,
         ) as plain:
 
-            def get(path: str) -> tuple[bytes, str]:
-                """(body, Server header); each fetch within `timeout` and the size limit."""
+            def get(path: str, *, optional: bool = False) -> tuple[bytes, str] | None:
+                """(body, Server header); each fetch within `timeout` and the size limit.
+                None for a 404 on an `optional` path."""
                 url = f"{self._unattested_url}{path}"
                 try:
                     with deadline(self._total), plain.stream("GET", url) as response:
+                        if optional and response.status_code == 404:
+                            return None
                         if response.status_code >= 400:
                             raise EvidenceUnavailableError(f"{url}: status {response.status_code}")
                         body = read_capped(response, MAX_EVIDENCE_RESPONSE_BYTES, url)
@@ -240,7 +243,9 @@ class Connection:
                 except httpx.HTTPError as exc:
                     raise TransportError(f"{url}: {type(exc).__name__}: {exc}") from None
 
-            def decode(response: tuple[bytes, str], kind: type, what: str) -> Any:
+            def decode(response: tuple[bytes, str] | None, kind: type, what: str) -> Any:
+                if response is None:
+                    raise EvidenceUnavailableError(f"{what}: not served")
                 try:
                     value = wire.decode_reply(response[0], what)
                 except ApiError:
@@ -252,11 +257,14 @@ class Connection:
                 return value
 
             first = get("/")
-            server = first[1]
+            server = first[1] if first is not None else ""
             certificate = decode(first, bytes, "certificate")
             quote = decode(get("/quote"), bytes, "quote")
             collateral = decode(get("/collateral"), dict, "collateral") if with_collateral else {}
-        return certificate, quote, collateral, server
+            # BlindAI and older veil servers serve no key map: step 4 then wants zeros.
+            served_keys = get("/keys", optional=True)
+            key_map = None if served_keys is None else decode(served_keys, bytes, "key map")
+        return certificate, quote, collateral, server, key_map
 
     def _request(
         self,

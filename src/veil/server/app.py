@@ -1,7 +1,7 @@
 """The three ASGI apps of `veil serve`: routes only.
 
 - unattested (plain HTTP): ``GET /`` certificate, ``GET /quote``, ``GET /collateral``,
-  ``GET /healthz``;
+  ``GET /keys`` (the key map the report data's second half binds, `veil.keymap`), ``GET /healthz``;
 - attested (HTTPS, attested certificate): ``GET /`` handshake, ``POST /run``, and ``/upload``,
   ``/delete`` for older clients;
 - management (HTTPS, attested certificate): ``POST /upload``, ``POST /delete``, ``GET /models``.
@@ -58,6 +58,7 @@ from veil.errors import (
     TensorError,
     api_error_for_status,
 )
+from veil.keymap import EMPTY_KEY_MAP, KeyMap
 from veil.server.collateral import CollateralKeeper
 from veil.server.config import ServerConfig
 from veil.server.connections import RequestGate
@@ -99,7 +100,7 @@ class ServerState:
 
     Attributes:
         certificate_der: the certificate served on the unattested port.
-        quote: the evidence binding the TLS certificate.
+        quote: the evidence binding the TLS certificate and `key_map`.
         collateral: keeps the collateral served on ``/collateral`` fresh, and its health.
         simulated: whether the platform is simulated (the Server header then says ``mock``).
         registry: the loaded models.
@@ -107,6 +108,7 @@ class ServerState:
         config: the server's settings.
         auth: who is asking (API keys, or nobody checked with ``--no-auth``).
         access: owner, visibility and allowed keys of every loaded model, by id.
+        key_map: the server's other public keys, bound by the evidence's report data.
     """
 
     certificate_der: bytes
@@ -118,6 +120,7 @@ class ServerState:
     config: ServerConfig
     auth: AuthGate
     access: dict[str, StoredModel]
+    key_map: KeyMap = EMPTY_KEY_MAP
 
 
 def error_response(exc: BaseException) -> Response:
@@ -296,6 +299,7 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
     storage = {"used": sum(meta.size for meta in access.values()), "pending": 0}
     certificate = cbor2.dumps(state.certificate_der)
     quote = cbor2.dumps(state.quote)
+    key_map = cbor2.dumps(state.key_map.encoded)
     keeper = state.collateral
 
     async def get_certificate(request: Request) -> Response:
@@ -303,6 +307,9 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
 
     async def get_quote(request: Request) -> Response:
         return Response(quote, media_type=_CBOR)
+
+    async def get_key_map(request: Request) -> Response:
+        return Response(key_map, media_type=_CBOR)
 
     async def get_collateral(request: Request) -> Response:
         # Read on every request: a background refresh swaps the served copy.
@@ -546,6 +553,7 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         route("/", get_certificate, "GET"),
         route("/quote", get_quote, "GET"),
         route("/collateral", get_collateral, "GET"),
+        route("/keys", get_key_map, "GET"),
         route("/healthz", get_health, "GET"),
     )
     attested = app("attested", handshake_route, route("/run", run, "POST"), *model_management)

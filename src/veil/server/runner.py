@@ -2,7 +2,8 @@
 
 Order at start (each step inside the TEE):
 1. a fresh TLS key and self-signed certificate (`veil.tls`);
-2. evidence whose report data starts with SHA-256 of that certificate;
+2. evidence whose report data is SHA-256 of that certificate, then the digest of the key map
+   (`veil.keymap`: the server's other public keys);
 3. the stored models, unsealed and loaded into ONNX Runtime;
 4. the unattested, attested and management servers; when all three listen, one ready line.
 SIGINT and SIGTERM stop all three cleanly.
@@ -42,6 +43,7 @@ from veil import __version__
 from veil.attestation.claims import Platform
 from veil.attestation.verifier import detect_platform
 from veil.errors import BadRequestError, SealedStateError
+from veil.keymap import KeyMap
 from veil.providers import EvidenceProvider, SimulatedSgxProvider, detect_provider
 from veil.providers.devicefs import DeviceFilesystem
 from veil.providers.pcs import collateral_fetcher, kds_collateral_fetcher
@@ -137,11 +139,14 @@ def prepare_state(
     store: ModelStoreProtocol | None = None,
     provider: EvidenceProvider | None = None,
     clock: Callable[[], datetime] = _utc_now,
+    bound_keys: Mapping[str, bytes] | None = None,
 ) -> tuple[ServerState, TlsIdentity]:
     """Steps 1-3: the state the apps serve and the TLS identity (blocking).
 
     `provider` defaults to `make_provider(config)`; the test bed passes one on emulated devices.
     `clock` is the server's time for collateral freshness (tests advance it).
+    `bound_keys`: public keys, by key-map name, that the evidence must vouch for besides the
+    server's own (`veil.keymap`).
 
     Raises:
         EvidenceUnavailableError: no evidence, or no collateral (the service is down and no
@@ -162,8 +167,10 @@ def prepare_state(
         keeper = _collateral_keeper(config, clock)
     # 1. TLS identity, made here so its key never leaves this process.
     identity = generate_identity()
-    # 2. Evidence binding SHA-256(certificate DER); its collateral is kept fresh from now on.
-    evidence = provider.evidence(binding_report_data(identity.certificate_der))
+    key_map = KeyMap.build(dict(bound_keys or {}))
+    # 2. Evidence binding SHA-256(certificate DER) and the key map; its collateral is kept fresh
+    #    from now on.
+    evidence = provider.evidence(binding_report_data(identity.certificate_der, key_map))
     host_key = _host_supplied_snp_key(evidence.quote, evidence.collateral)
     if host_key is not None:
         # The host handed over the VCEK/VLEK but AMD's CRL comes only from KDS: fetch the chain
@@ -221,6 +228,7 @@ def prepare_state(
         config=config,
         auth=AuthGate(KeyStore(sealed), host=config.host, no_auth=config.no_auth),
         access=access,
+        key_map=key_map,
     )
     return state, identity
 

@@ -1,0 +1,53 @@
+"""The production apps served in process from a thread, for tests that build the server's state
+themselves (`veil.server.runner.prepare_state`) and change it."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import uvicorn
+
+from veil.server.app import ServerState, build_apps
+from veil.tls import TlsIdentity, server_context
+
+
+@contextmanager
+def listening(state: ServerState, identity: TlsIdentity) -> Iterator[dict[str, int]]:
+    """The three apps on loopback ports; yields the ports `veil.connect` takes."""
+    apps = build_apps(state)
+    sockets = [socket.create_server(("127.0.0.1", 0)) for _ in apps]
+    servers = []
+    # As the runner says it: clients refuse a simulated server unless told to accept one.
+    header = [("server", "veil mock" if state.simulated else "veil")]
+    for app, tls in zip(apps, (False, True, True), strict=True):
+        config = uvicorn.Config(
+            app, log_level="warning", lifespan="off", server_header=False, headers=header
+        )
+        config.load()
+        if tls:
+            config.ssl = server_context(identity)
+        servers.append(uvicorn.Server(config))
+
+    async def run() -> None:
+        await asyncio.gather(
+            *(s.serve(sockets=[sock]) for s, sock in zip(servers, sockets, strict=True))
+        )
+
+    thread = threading.Thread(target=asyncio.run, args=(run(),), daemon=True)
+    thread.start()
+    try:
+        while not all(s.started for s in servers):
+            time.sleep(0.01)
+        names = ("unattested_port", "attested_port", "management_port")
+        yield {n: sock.getsockname()[1] for n, sock in zip(names, sockets, strict=True)}
+    finally:
+        for s in servers:
+            s.should_exit = True
+        thread.join(timeout=10)
+        for sock in sockets:
+            sock.close()

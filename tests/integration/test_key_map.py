@@ -1,0 +1,83 @@
+"""The key map end to end: a server binds extra public keys in its report data's second half and
+serves the map on ``GET /keys``; the client trusts a key only after recomputing the digest."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+
+import cbor2
+import httpx
+import pytest
+from inprocess import listening
+
+import veil
+from veil.errors import BindingError, MalformedEvidenceError, SimulationModeWarning
+from veil.keymap import KeyMap
+from veil.server.app import ServerState
+from veil.server.config import ServerConfig
+from veil.server.runner import prepare_state
+from veil.tls import TlsIdentity
+
+pytestmark = pytest.mark.slow
+
+HPKE = bytes(range(32))
+
+
+def simulated_state(tmp_path: Path, bound: dict[str, bytes]) -> tuple[ServerState, TlsIdentity]:
+    config = ServerConfig(tmp_path / "data", platform="simulated")
+    return prepare_state(config, bound_keys=bound)
+
+
+def connect(ports: dict[str, int]) -> veil.Connection:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SimulationModeWarning)
+        return veil.connect("127.0.0.1", simulation=True, **ports)
+
+
+@pytest.fixture
+def bound(tmp_path: Path) -> tuple[ServerState, TlsIdentity]:
+    return simulated_state(tmp_path, {"hpke": HPKE})
+
+
+def test_client_trusts_the_bound_map(bound: tuple[ServerState, TlsIdentity]) -> None:
+    state, identity = bound
+    with listening(state, identity) as ports:
+        served = httpx.get(f"http://127.0.0.1:{ports['unattested_port']}/keys")
+        assert served.status_code == 200
+        assert KeyMap.decode(cbor2.loads(served.content)).get("hpke") == HPKE
+        with connect(ports) as client:
+            assert client.key_map.get("hpke") == HPKE
+            assert client.verified.report_data[32:] == client.key_map.digest != bytes(32)
+
+
+def test_a_substituted_map_is_refused(bound: tuple[ServerState, TlsIdentity]) -> None:
+    state, identity = bound
+    swapped = dataclasses.replace(state, key_map=KeyMap.build({"hpke": bytes(32)}))
+    with listening(swapped, identity) as ports, pytest.raises(BindingError, match="key map"):
+        connect(ports)
+
+
+def test_a_withheld_map_is_refused(bound: tuple[ServerState, TlsIdentity]) -> None:
+    state, identity = bound
+    withheld = dataclasses.replace(state, key_map=KeyMap.build({}))
+    with listening(withheld, identity) as ports, pytest.raises(BindingError, match="key map"):
+        connect(ports)
+
+
+def test_a_malformed_map_is_refused(bound: tuple[ServerState, TlsIdentity]) -> None:
+    state, identity = bound
+    bad = KeyMap(keys=(("hpke", HPKE),), encoded=cbor2.dumps({"hpke": HPKE}) + b"\x00")
+    with (
+        listening(dataclasses.replace(state, key_map=bad), identity) as ports,
+        pytest.raises(MalformedEvidenceError, match="key map"),
+    ):
+        connect(ports)
+
+
+def test_a_server_without_keys_serves_the_empty_map(tmp_path: Path) -> None:
+    state, identity = simulated_state(tmp_path, {})
+    with listening(state, identity) as ports, connect(ports) as client:
+        assert client.verified.report_data[32:] == bytes(32)
+        assert client.key_map == KeyMap.build({})
