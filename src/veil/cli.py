@@ -11,7 +11,7 @@ __all__ = ["main"]
 
 # module name in veil.commands -> subcommand; each module defines register(subparsers) and the
 # handler it sets with parser.set_defaults(handler=...), which returns the exit status.
-_COMMANDS = ("serve", "verify_evidence", "collateral", "keys", "demo", "export")
+_COMMANDS = ("serve", "verify_evidence", "collateral", "keys", "demo", "export", "policy")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,6 +16,8 @@ time (or, for the simulated platform, by veil's public simulated root):
   ``/dev/attestation`` (SGX), answered as the kernel and Gramine do, with those signers behind;
 - `veil.testing.emulated`: ``python -m veil.testing.emulated serve ...`` runs the production
   ``veil serve`` on those devices (`veil.testing.state` describes the emulated machine);
+- `veil.testing.sigstruct`: SGX SIGSTRUCTs signed as ``gramine-sgx-sign`` signs them, for
+  `veil policy from-sigstruct` tests;
 - `veil.testing.local_server`: ``veil serve --platform simulated`` in a subprocess, for
   ``veil demo``, the documentation's examples and tests.
 
