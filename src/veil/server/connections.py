@@ -7,11 +7,11 @@ and never outlive their purpose (defaults in `veil.server.limits.Limits`):
   or ``max_connections_per_client`` (one address) it is aborted at once, before any TLS
   handshake, and counted in a throttled log line. The caps are sized under the process's
   open-file limit at start (`connection_caps`), so ``accept`` never runs out of descriptors.
-  TLS state is allocated only once a client sends its first bytes, and the handshake has a
-  deadline (``tls_handshake_timeout_s``).
+  HTTP and TLS state are allocated only once a client sends its first bytes; the handshake has
+  a deadline (``tls_handshake_timeout_s``).
 - `_GuardedH11` closes a connection whose request headers are not complete within
-  ``header_read_timeout_s`` of its first byte (or of its opening: an idle socket that never
-  sends a byte is closed too); uvicorn closes idle keep-alive connections
+  ``header_read_timeout_s`` of its first byte (the gate closes a socket silent that long
+  from its opening); uvicorn closes idle keep-alive connections
   (``keep_alive_timeout_s``) and caps header bytes (``max_header_bytes``).
 - `RequestGate` (ASGI) answers 408 when a body being read stalls for ``body_read_timeout_s``,
   and takes a ``max_concurrent_requests`` slot only once a body is complete: slow senders wait
@@ -255,29 +255,28 @@ class _LeanSSLProtocol(sslproto.SSLProtocol):
 class _Gate(asyncio.Protocol):
     """First protocol of every accepted connection: counts it, refuses it, or hands it on.
 
-    On a TLS port nothing of TLS is allocated until the client's first bytes arrive: a silent
-    socket costs the gate alone, and is closed after ``tls_handshake_timeout_s``; from the
-    first bytes the handshake must end within that time again.
+    Nothing of HTTP or TLS is allocated until the client's first bytes arrive: a silent socket
+    costs the gate alone, and is closed after ``header_read_timeout_s`` (plain HTTP) or
+    ``tls_handshake_timeout_s`` (TLS). From the first bytes, the headers (or the handshake)
+    must be complete within that time again.
     """
 
     def __init__(self, server: GuardedServer) -> None:
         self._server = server
         self._transport: asyncio.Transport | None = None
-        self._protocol: _GuardedH11 | None = None
+        self._release: Callable[[], None] | None = None
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
-        protocol = self._server.admit(transport)
-        if protocol is None:
+        release = self._server.admit(transport)
+        if release is None:
             return
-        if self._server.config.ssl is None:
-            transport.set_protocol(protocol)
-            protocol.connection_made(transport)
-            return
-        self._transport, self._protocol = transport, protocol
+        self._transport, self._release = transport, release
         self._server.waiting.add(self)
-        timeout = self._server.limits.tls_handshake_timeout_s
+        limits = self._server.limits
+        tls = self._server.config.ssl is not None
+        timeout = limits.tls_handshake_timeout_s if tls else limits.header_read_timeout_s
         self._timer = asyncio.get_running_loop().call_later(timeout, self.abort)
 
     def abort(self) -> None:
@@ -285,10 +284,18 @@ class _Gate(asyncio.Protocol):
             self._transport.abort()  # connection_lost follows, and releases
 
     def data_received(self, data: bytes) -> None:
-        transport, protocol, context = self._transport, self._protocol, self._server.config.ssl
-        if transport is None or protocol is None or context is None:
+        transport, release = self._transport, self._release
+        if transport is None or release is None:
             return
         self._stop_waiting()
+        self._transport = self._release = None  # from here on, the next protocol releases
+        protocol = self._server.make_protocol(release)
+        context = self._server.config.ssl
+        if context is None:
+            transport.set_protocol(protocol)
+            protocol.connection_made(transport)
+            protocol.data_received(data)
+            return
         loop = asyncio.get_running_loop()
         handshake: asyncio.Future[None] = loop.create_future()
         tls = _LeanSSLProtocol(
@@ -300,7 +307,6 @@ class _Gate(asyncio.Protocol):
             # typeshed says int; asyncio takes any number of seconds
             ssl_handshake_timeout=self._server.limits.tls_handshake_timeout_s,  # type: ignore[arg-type]
         )
-        release = protocol.release
 
         def handshake_done(future: asyncio.Future[None]) -> None:
             # On success the h11 protocol took over (and releases when it closes).
@@ -322,8 +328,9 @@ class _Gate(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_waiting()
-        if self._protocol is not None:
-            self._protocol.release()
+        if self._release is not None:
+            self._release()
+            self._release = None
 
     def _stop_waiting(self) -> None:
         if self._timer is not None:
@@ -343,7 +350,7 @@ class GuardedServer(uvicorn.Server):
         super().__init__(config)
         self.guard = guard
         self.limits = limits
-        self.waiting: set[_Gate] = set()  # TLS connections that have not sent a byte yet
+        self.waiting: set[_Gate] = set()  # connections that have not sent a byte yet
 
     async def startup(self, sockets: list[Any] | None = None) -> None:
         if not sockets:
@@ -361,8 +368,8 @@ class GuardedServer(uvicorn.Server):
             gate.abort()
         await super().shutdown(sockets)
 
-    def admit(self, transport: asyncio.Transport) -> _GuardedH11 | None:
-        """The protocol that will serve `transport`, or None (and the connection aborted)."""
+    def admit(self, transport: asyncio.Transport) -> Callable[[], None] | None:
+        """What gives the connection's place back, or None (and the connection aborted)."""
         peer = transport.get_extra_info("peername")
         client = str(peer[0]) if isinstance(peer, tuple) and peer else ""
         if not self.guard.try_open(client):
@@ -382,6 +389,9 @@ class GuardedServer(uvicorn.Server):
                 released = True
                 self.guard.close(client)
 
+        return release
+
+    def make_protocol(self, release: Callable[[], None]) -> _GuardedH11:
         return _GuardedH11(
             self.config,
             self.server_state,

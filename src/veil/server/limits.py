@@ -66,8 +66,8 @@ class Limits:
         max_tracked_keys: rate-limiter buckets kept in memory (least recently used dropped).
 
     Connections (`veil.server.connections`; a breach closes the connection, or answers 408):
-        header_read_timeout_s: from a connection's first byte (or its opening) to the end of
-            a request's headers; past it the connection is closed.
+        header_read_timeout_s: a connection silent this long after it opens is closed, and so
+            is one whose request headers are not complete this long after their first byte.
         body_read_timeout_s: longest wait for the next piece of a request body the server is
             reading (408, then the connection is closed).
         keep_alive_timeout_s: an idle connection between two requests is closed after this.
