@@ -27,6 +27,7 @@ __all__ = [
     "decode_array",
     "encode_input",
     "encode_inputs",
+    "format_shape",
     "numpy_dtype",
 ]
 
@@ -45,6 +46,11 @@ class DatumType(enum.IntEnum):
     I8 = 8
     I16 = 9
     Bool = 10
+
+    @property
+    def label(self) -> str:
+        """The numpy name users know (``float32``, ``int64``, ``bool``), for messages."""
+        return _NUMPY[self].name
 
 
 # Wire bytes are little-endian whatever the host is.
@@ -91,7 +97,12 @@ _BY_ONNX: Mapping[str, DatumType] = {
     "tensor(bool)": DatumType.Bool,
 }
 
-_SUPPORTED = ", ".join(t.name for t in DatumType)
+_SUPPORTED = ", ".join(t.label for t in DatumType)
+
+
+def format_shape(dims: Sequence[int | str | None]) -> str:
+    """A shape for messages: ``[batch, 8]``; a dynamic dimension with no name shows as -1."""
+    return "[" + ", ".join("-1" if d is None else str(d) for d in dims) + "]"
 
 
 def numpy_dtype(datum_type: DatumType) -> np.dtype[Any]:
@@ -172,7 +183,7 @@ class WireTensor:
         if len(self.data) != expected:
             raise TensorError(
                 f"tensor {self.name or '(positional)'}: got {len(self.data)} bytes, "
-                f"expected {expected} for shape {list(self.shape)} of {self.datum_type.name}"
+                f"expected {expected} for shape {format_shape(self.shape)} of {self.datum_type.label}"
             )
 
     def __repr__(self) -> str:
@@ -209,8 +220,8 @@ def decode_array(
     expected = expected_nbytes(shape, datum_type)
     if len(data) != expected:
         raise TensorError(
-            f"got {len(data)} bytes, expected {expected} for shape {list(shape)} "
-            f"of {datum_type.name}"
+            f"got {len(data)} bytes, expected {expected} for shape {format_shape(shape)} "
+            f"of {datum_type.label}"
         )
     try:
         return np.frombuffer(data, dtype=_NUMPY[datum_type]).reshape(tuple(shape))
@@ -264,11 +275,12 @@ def encode_input(
         datum_type = datum_type_of(array.dtype)
         if wanted is not None and wanted != datum_type:
             raise TensorError(
-                f"input {name or '(positional)'}: dtype got {datum_type.name}, "
-                f"expected {wanted.name}"
+                f"input {name or '(positional)'}: dtype got {datum_type.label}, "
+                f"expected {wanted.label}"
             )
-        target = _NUMPY[datum_type]
-        out = np.ascontiguousarray(array, dtype=target)
+        # np.asarray with order="C", not np.ascontiguousarray, which turns a scalar (shape [])
+        # into shape [1].
+        out = np.asarray(array, dtype=_NUMPY[datum_type], order="C")
         return WireTensor(tuple(out.shape), datum_type, name, out.tobytes())
     if isinstance(value, list | tuple):
         if wanted is None:
@@ -287,7 +299,7 @@ def encode_input(
                     f"expected {math.prod(dims)} for shape {list(dims)}"
                 )
             out = out.reshape(dims)
-        return WireTensor(tuple(out.shape), wanted, name, np.ascontiguousarray(out).tobytes())
+        return WireTensor(tuple(out.shape), wanted, name, np.asarray(out, order="C").tobytes())
     raise TensorError(
         f"input {name or '(positional)'}: got {type(value).__module__}.{type(value).__name__}, "
         "expected a numpy array, a torch tensor or a list"

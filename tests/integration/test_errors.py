@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import cbor2
 import numpy as np
 import pytest
-from onnx_models import broadcast_model, identity_model, multi_io_model
+from onnx_models import broadcast_model, dynamic_batch_model, identity_model, multi_io_model
 from server_process import SNI, RawClient
 
 import veil
@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow
 def models(client: veil.Connection) -> None:
     client.upload_model(identity_model("float32"), model_id="f32")
     client.upload_model(multi_io_model(), model_id="multi")
+    client.upload_model(dynamic_batch_model(), model_id="dynamic")
 
 
 def still_serves(client: veil.Connection, raw: RawClient) -> None:
@@ -40,7 +41,7 @@ def test_wrong_dtype(client: veil.Connection, raw: RawClient) -> None:
     with pytest.raises(veil.BadRequestError) as info:
         client.predict("f32", np.ones((2, 3), np.int32))
     assert info.value.status == 422
-    assert info.value.message == "input 'x': dtype got I32, expected F32"
+    assert info.value.message == "input 'x': dtype got int32, expected float32"
     still_serves(client, raw)
 
 
@@ -50,6 +51,12 @@ def test_wrong_shape(client: veil.Connection, raw: RawClient) -> None:
     assert info.value.status == 422
     assert info.value.message == "input 'x': shape got [3, 2], expected [2, 3]"
     still_serves(client, raw)
+
+
+def test_a_dynamic_dimension_is_shown_by_its_name(client: veil.Connection) -> None:
+    with pytest.raises(veil.BadRequestError) as info:
+        client.predict("dynamic", np.ones((2, 5), np.float32))
+    assert info.value.message == "input 'x': shape got [2, 5], expected [batch, 4]"
 
 
 def test_wrong_input_count_and_name(client: veil.Connection, raw: RawClient) -> None:

@@ -41,6 +41,16 @@ def test_every_datum_type_round_trips(client: veil.Connection, dtype: str) -> No
     assert out.as_flat() == expected.reshape(-1).tolist()
 
 
+def test_a_scalar_goes_and_comes_back_with_shape_empty(client: veil.Connection) -> None:
+    client.upload_model(identity_model("int64", shape=()), model_id="scalar")
+
+    (out,) = client.predict("scalar", {"x": np.array(42)}).output
+
+    assert out.shape == ()
+    assert out.as_numpy().shape == ()
+    assert int(out.as_numpy()) == 42
+
+
 def test_several_named_inputs_and_outputs(client: veil.Connection) -> None:
     model = multi_io_model()
     client.upload_model(model.SerializeToString(), model_id="multi")

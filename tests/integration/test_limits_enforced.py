@@ -137,7 +137,7 @@ def test_bytes_must_match_shape_times_dtype(server: VeilServer) -> None:
         raw.close()
     assert response.status_code == 422
     assert cbor2.loads(response.content) == (
-        "tensor x: got 10 bytes, expected 12 for shape [3] of F32"
+        "tensor x: got 10 bytes, expected 12 for shape [3] of float32"
     )
     still_serves(server)
 

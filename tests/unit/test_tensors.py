@@ -16,6 +16,7 @@ from veil.tensors import (
     decode_array,
     encode_input,
     encode_inputs,
+    format_shape,
     numpy_dtype,
 )
 
@@ -132,7 +133,7 @@ def test_nested_list_keeps_its_shape() -> None:
 
 
 def test_dtype_given_for_an_array_is_checked() -> None:
-    with pytest.raises(TensorError, match="dtype got F64, expected F32"):
+    with pytest.raises(TensorError, match="dtype got float64, expected float32"):
         encode_input(np.zeros(2), dtype="float32")
 
 
@@ -167,7 +168,7 @@ def test_torch_tensor_input() -> None:
 
 
 def test_decode_refuses_wrong_length() -> None:
-    with pytest.raises(TensorError, match=r"got 10 bytes, expected 12 for shape \[3\] of I32"):
+    with pytest.raises(TensorError, match=r"got 10 bytes, expected 12 for shape \[3\] of int32"):
         decode_array(bytes(10), DatumType.I32, (3,))
     with pytest.raises(TensorError, match="got 1 bytes, expected 0"):
         decode_array(b"\0", DatumType.F64, (0, 5))
@@ -203,3 +204,24 @@ def test_decode_accepts_exactly_the_right_length(
     else:
         with pytest.raises(TensorError):
             decode_array(bytes(size), datum_type, shape)
+
+
+@pytest.mark.parametrize("value", [np.array(42), np.int64(42), np.array(42).T])
+def test_a_scalar_keeps_shape_empty(value: object) -> None:
+    tensor = encode_inputs({"x": value})[0]
+    assert tensor.shape == ()
+    assert tensor.data == (42).to_bytes(8, "little")
+    np.testing.assert_array_equal(decode_array(tensor.data, tensor.datum_type, ()), np.array(42))
+
+
+def test_messages_name_dtypes_and_shapes_as_users_write_them() -> None:
+    assert [t.label for t in (DatumType.F32, DatumType.I64, DatumType.Bool)] == [
+        "float32",
+        "int64",
+        "bool",
+    ]
+    assert format_shape(["batch", 8]) == "[batch, 8]"
+    assert format_shape([None, 8]) == "[-1, 8]"
+    assert format_shape([]) == "[]"
+    with pytest.raises(TensorError, match=r"expected 12 for shape \[3\] of float32"):
+        WireTensor((3,), DatumType.F32, "x", b"\0" * 10)

@@ -28,7 +28,14 @@ from veil.errors import (
     api_error_for_status,
 )
 from veil.server.batching import BatchingConfig, DynamicBatcher, has_dynamic_batch_axis
-from veil.tensors import DatumType, WireTensor, datum_type_from_onnx, datum_type_of, decode_array
+from veil.tensors import (
+    DatumType,
+    WireTensor,
+    datum_type_from_onnx,
+    datum_type_of,
+    decode_array,
+    format_shape,
+)
 
 __all__ = ["LoadedModel", "ModelRegistry", "TensorSpec", "load_model"]
 
@@ -42,6 +49,15 @@ class TensorSpec:
     name: str
     datum_type: DatumType
     shape: tuple[Dim, ...]
+    # The model's names for its dynamic dimensions ("batch"), None where it has none: messages
+    # show [batch, 8] rather than [-1, 8].
+    dim_names: tuple[str | None, ...] = ()
+
+    def shown_shape(self) -> str:
+        names = self.dim_names or (None,) * len(self.shape)
+        return format_shape(
+            [name if d is None and name else d for d, name in zip(self.shape, names, strict=True)]
+        )
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "datum_type": int(self.datum_type), "shape": list(self.shape)}
@@ -53,10 +69,12 @@ def _spec(node: Any, role: str) -> TensorSpec:
         raise BadRequestError(
             422,
             f"invalid model: {role} {node.name!r} has type {node.type}, "
-            f"the protocol carries {', '.join(t.name for t in DatumType)}",
+            f"the protocol carries {', '.join(t.label for t in DatumType)}",
         )
-    shape = tuple(d if isinstance(d, int) and d >= 0 else None for d in (node.shape or ()))
-    return TensorSpec(node.name, datum_type, shape)
+    dims = tuple(node.shape or ())
+    shape = tuple(d if isinstance(d, int) and d >= 0 else None for d in dims)
+    names = tuple(d if isinstance(d, str) and d else None for d in dims)
+    return TensorSpec(node.name, datum_type, shape, names)
 
 
 class _InFlight:
@@ -143,17 +161,17 @@ class LoadedModel:
         if tensor.datum_type != spec.datum_type:
             raise BadRequestError(
                 422,
-                f"input {spec.name!r}: dtype got {tensor.datum_type.name}, "
-                f"expected {spec.datum_type.name}",
+                f"input {spec.name!r}: dtype got {tensor.datum_type.label}, "
+                f"expected {spec.datum_type.label}",
             )
         fits = len(tensor.shape) == len(spec.shape) and all(
             want is None or want == got for got, want in zip(tensor.shape, spec.shape, strict=True)
         )
         if not fits:
-            shown = ["?" if d is None else d for d in spec.shape]
             raise BadRequestError(
                 422,
-                f"input {spec.name!r}: shape got {list(tensor.shape)}, expected {shown}",
+                f"input {spec.name!r}: shape got {format_shape(tensor.shape)}, "
+                f"expected {spec.shown_shape()}",
             )
         try:
             return decode_array(tensor.data, tensor.datum_type, tensor.shape)
@@ -184,7 +202,8 @@ class LoadedModel:
         for spec, value in zip(self.outputs, results, strict=True):
             array = np.asarray(value)
             datum_type = datum_type_of(array.dtype)
-            array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+            # Not np.ascontiguousarray: it turns a scalar output (shape []) into shape [1].
+            array = np.asarray(array, dtype=array.dtype.newbyteorder("<"), order="C")
             outputs.append(WireTensor(tuple(array.shape), datum_type, spec.name, array.tobytes()))
         return outputs
 
