@@ -182,8 +182,8 @@ class WireTensor:
         expected = expected_nbytes(self.shape, self.datum_type)
         if len(self.data) != expected:
             raise TensorError(
-                f"tensor {self.name or '(positional)'}: got {len(self.data)} bytes, "
-                f"expected {expected} for shape {format_shape(self.shape)} of {self.datum_type.label}"
+                f"tensor {self.name or '(positional)'}: got {len(self.data)} bytes, expected "
+                f"{expected} for shape {format_shape(self.shape)} of {self.datum_type.label}"
             )
 
     def __repr__(self) -> str:
