@@ -21,7 +21,8 @@ def test_ready_line(server_factory: ServerFactory) -> None:
     assert server.ready_line == (
         f"veil: serving on 127.0.0.1 (unattested http :{server.unattested_port}, "
         f"attested https :{server.attested_port}, management https :{server.management_port}), "
-        "platform=simulated (INSECURE: no TEE), auth=off until a key exists (loopback)"
+        "platform=simulated (INSECURE: no TEE), auth=off until a key exists (loopback), "
+        "0 stored models restored"
     )
 
 
@@ -37,6 +38,7 @@ def test_restart_restores_models(server_factory: ServerFactory, tmp_path: Path) 
     assert first.stop() == 0
 
     second = server_factory(data_dir=data)
+    assert second.ready_line.endswith(", 2 stored models restored")
     x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
     with second.connect() as client:
         listed = {m.model_id: m for m in client.list_models()}
@@ -49,6 +51,7 @@ def test_restart_restores_models(server_factory: ServerFactory, tmp_path: Path) 
     assert second.stop(signal.SIGINT) == 0
 
     third = server_factory(data_dir=data)
+    assert third.ready_line.endswith(", 1 stored model restored")
     with third.connect() as client:
         assert [m.model_id for m in client.list_models()] == ["dense"]
 
@@ -62,7 +65,7 @@ def test_auto_platform_without_tee_refuses(tmp_path: Path) -> None:
     if Path("/dev/attestation").exists() or Path("/sys/kernel/config/tsm/report").exists():
         pytest.skip("this machine has a TEE interface")
     result = subprocess.run(
-        [sys.executable, "-m", "veil.cli", "serve", "--data-dir", str(tmp_path)],
+        [sys.executable, "-m", "veil.cli", "serve", "--data-dir", str(tmp_path / "data")],
         capture_output=True,
         text=True,
         timeout=60,
@@ -71,6 +74,8 @@ def test_auto_platform_without_tee_refuses(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "--platform simulated" in result.stderr
     assert "serving on" not in result.stdout
+    assert not (tmp_path / "data").exists()  # a refused start creates nothing
+    assert "Traceback" not in result.stderr
 
 
 def test_taken_port_is_a_clear_error(tmp_path: Path) -> None:
@@ -87,7 +92,7 @@ def test_taken_port_is_a_clear_error(tmp_path: Path) -> None:
                 "--platform",
                 "simulated",
                 "--data-dir",
-                str(tmp_path),
+                str(tmp_path / "data"),
                 "--unattested-port",
                 "0",
                 "--attested-port",
@@ -103,3 +108,12 @@ def test_taken_port_is_a_clear_error(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_uvicorn_says_start_and_stop_once(server_factory: ServerFactory) -> None:
+    server = server_factory("--log-level", "info")
+    assert server.stop() == 0
+    log = server.stderr()
+    for line in ("Started server process", "Shutting down", "Finished server process"):
+        assert log.count(line) == 1, log

@@ -17,8 +17,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
+from veil.commands import error_line
 from veil.errors import ApiError, VeilError
 from veil.providers import detect_provider
+from veil.server.config import DEFAULT_DATA_DIR
 from veil.server.keys import ROLES, KeyStore, Role
 from veil.server.state import open_state
 
@@ -43,7 +45,12 @@ def register(subparsers: Any) -> None:
     revoke.add_argument("key_id")
 
     for p in (create, lst, revoke):
-        p.add_argument("--data-dir", required=True, type=Path, help="the server's data directory")
+        p.add_argument(
+            "--data-dir",
+            type=Path,
+            default=DEFAULT_DATA_DIR,
+            help=f"the server's data directory (default ./{DEFAULT_DATA_DIR}, as 'veil serve')",
+        )
         p.add_argument(
             "--platform",
             choices=("auto", "simulated", "sgx", "tdx", "sev-snp"),
@@ -61,6 +68,14 @@ def register(subparsers: Any) -> None:
 
 def _store(args: argparse.Namespace) -> KeyStore:
     data_dir = Path(args.data_dir)
+    # Checked first, so that a typo creates nothing (the sealed state would be made there).
+    if not data_dir.exists():
+        raise OSError(
+            f"--data-dir {data_dir}: no such directory (start 'veil serve --data-dir "
+            f"{data_dir}' once, or give the server's data directory)"
+        )
+    if not data_dir.is_dir():
+        raise OSError(f"--data-dir {data_dir}: not a directory")
     provider = detect_provider(args.platform, data_dir=data_dir)
     return KeyStore(open_state(data_dir, provider.sealing_key, unsealed=args.unsealed_store))
 
@@ -70,7 +85,7 @@ def _guarded(args: argparse.Namespace) -> int:
     try:
         return handler(args)
     except (VeilError, OSError) as exc:
-        print(f"veil keys {args.keys_command}: {exc}", file=sys.stderr)
+        print(f"veil keys {args.keys_command}: {error_line(exc)}", file=sys.stderr)
         return 2
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -12,9 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 from veil.attestation.collateral_source import INTEL_PCS_URL
 from veil.attestation.kds import AMD_KDS_URL
+from veil.commands import error_line
 from veil.errors import VeilError
 from veil.server.batching import BatchingConfig
-from veil.server.config import ServerConfig
+from veil.server.config import DEFAULT_DATA_DIR, ServerConfig
 from veil.server.limits import Limits
 
 if TYPE_CHECKING:
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
 
     from veil.providers import EvidenceProvider
 
-__all__ = ["register", "run", "server_config"]
+__all__ = ["apply_settings", "register", "render_settings", "run", "server_config"]
 
 
 def register(subparsers: Any) -> None:
@@ -35,16 +37,33 @@ def register(subparsers: Any) -> None:
         ),
     )
     parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help='TOML file of settings, named like the flags (data_dir = "..."); '
+        "precedence: flags > VEIL_* environment > this file > defaults",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the settings in effect (as a TOML file) and exit",
+    )
+    parser.add_argument(
         "--platform",
         choices=("auto", "simulated", "sgx", "tdx", "sev-snp"),
         default="auto",
         help="TEE to get evidence from (default: the one present; never simulated)",
     )
-    parser.add_argument("--data-dir", type=Path, default=Path("veil-data"), help="model storage")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        help=f"models, keys and sealed state (default ./{DEFAULT_DATA_DIR}, as 'veil keys')",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--unattested-port", type=int, default=9923)
-    parser.add_argument("--attested-port", type=int, default=9924)
-    parser.add_argument("--management-port", type=int, default=9925)
+    parser.add_argument("--unattested-port", type=int, default=9923, help="default 9923")
+    parser.add_argument("--attested-port", type=int, default=9924, help="default 9924")
+    parser.add_argument("--management-port", type=int, default=9925, help="default 9925")
     parser.add_argument(
         "--threads",
         type=int,
@@ -96,7 +115,7 @@ def register(subparsers: Any) -> None:
         f"(default {default.max_delay_ms:g})",
     )
     _add_hardening_arguments(parser)
-    parser.set_defaults(handler=run)
+    parser.set_defaults(handler=run, parser=parser)
 
 
 # --- hardening: authentication, sealed storage, resource limits ---------------------------------
@@ -130,7 +149,7 @@ def _add_hardening_arguments(parser: argparse.ArgumentParser) -> None:
             *_LIMIT_ALIASES.get(f.name, ()),
             dest=f"limit_{f.name}",
             type=type(default),
-            default=None,
+            default=default,
             metavar="N",
             help=f"default {default:g}" if isinstance(default, float) else f"default {default}",
         )
@@ -143,6 +162,124 @@ def _limits(args: argparse.Namespace) -> Limits:
         if getattr(args, f"limit_{f.name}", None) is not None
     }
     return Limits(**given)
+
+
+# --- settings from a file and the environment ---------------------------------------------------
+
+# Not settings: what to do, not how to serve.
+_NOT_SETTINGS = frozenset({"help", "config", "print_config", "handler"})
+
+
+def _setting_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """Every setting of `veil serve` by its key: the flag's name with underscores."""
+    return {
+        action.option_strings[0][2:].replace("-", "_"): action
+        for action in parser._actions
+        if action.option_strings and action.dest not in _NOT_SETTINGS
+    }
+
+
+def _convert(action: argparse.Action, key: str, value: object, origin: str) -> object:
+    """`value` from a file or the environment, as the flag would have parsed it."""
+    boolean = action.nargs == 0
+    if boolean:
+        if isinstance(value, str):
+            lowered = value.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off", ""):
+                return False
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{origin}: got {value!r}, expected true or false")
+    kind: Callable[[Any], object] = action.type if callable(action.type) else str
+    if isinstance(value, bool) or (
+        not isinstance(value, str) and not (isinstance(value, int | float) and kind in (int, float))
+    ):
+        raise ValueError(f"{origin}: got {value!r}, expected {getattr(kind, '__name__', kind)}")
+    if kind is int and isinstance(value, float):
+        raise ValueError(f"{origin}: got {value!r}, expected an integer")
+    try:
+        converted = kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{origin}: got {value!r}, expected {getattr(kind, '__name__', kind)}"
+        ) from None
+    if action.choices is not None and converted not in action.choices:
+        raise ValueError(
+            f"{origin}: got {converted!r}, expected one of {', '.join(action.choices)}"
+        )
+    return converted
+
+
+def apply_settings(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    argv: list[str],
+    env: dict[str, str],
+) -> None:
+    """Fill in `args` from ``--config`` and ``VEIL_*``: flags > environment > file > defaults.
+
+    `argv` is the command line after ``serve``; the file and the environment fill only what no
+    flag in it gave.
+
+    Raises:
+        OSError: the file cannot be read. ValueError: a setting has a bad value or no such key.
+    """
+    import tomllib
+
+    actions = _setting_actions(parser)
+    # argparse fills in a default only where the namespace lacks the attribute: parsing again
+    # over a namespace of placeholders leaves the placeholder exactly where no flag was given.
+    unset = object()
+    probe = argparse.Namespace(**{action.dest: unset for action in actions.values()})
+    parser.parse_args(argv, namespace=probe)
+    given = {action.dest for action in actions.values() if getattr(probe, action.dest) is not unset}
+    layers: list[tuple[str, dict[str, object]]] = []
+    if args.config is not None:
+        path: Path = args.config
+        try:
+            loaded = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{path}: not TOML: {exc}") from None
+        unknown = sorted(set(loaded) - set(actions))
+        if unknown:
+            raise ValueError(
+                f"{path}: unknown setting {unknown[0]!r}, expected one of {', '.join(actions)}"
+            )
+        layers.append((str(path), loaded))
+    environment = {
+        key: env[f"VEIL_{key.upper()}"] for key in actions if f"VEIL_{key.upper()}" in env
+    }
+    layers.append(("environment", {k: v for k, v in environment.items()}))
+    for origin, values in layers:  # file first, then the environment over it
+        for key, value in values.items():
+            action = actions[key]
+            if action.dest in given:
+                continue
+            where = f"VEIL_{key.upper()}" if origin == "environment" else f"{origin}: {key}"
+            setattr(args, action.dest, _convert(action, key, value, where))
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def render_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The settings in effect as a TOML file that ``--config`` reads back."""
+    lines = ["# veil serve settings (veil serve --print-config)"]
+    for key, action in _setting_actions(parser).items():
+        value = getattr(args, action.dest)
+        if value is None:
+            lines.append(f"# {key} = (unset)")
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
@@ -176,14 +313,38 @@ def run(
     provider_factory: Callable[[ServerConfig], EvidenceProvider] | None = None,
 ) -> int:
     """Run ``veil serve``; `provider_factory` is for the emulated test bed only."""
+    try:
+        apply_settings(args.parser, args, list(args.argv), dict(os.environ))
+        config = server_config(args)
+    except (ValueError, TypeError, OSError) as exc:
+        print(f"veil serve: {error_line(exc)}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        sys.stdout.write(render_settings(args.parser, args))
+        return 0
     from veil.server.runner import serve
 
     logging.basicConfig(level=args.log_level.upper(), format="veil: %(levelname)s %(message)s")
-    try:
-        config = server_config(args)
-        args.data_dir.mkdir(parents=True, exist_ok=True)
-        provider = provider_factory(config) if provider_factory else None
-        return serve(config, provider=provider)
-    except (VeilError, ValueError, TypeError, OSError) as exc:
-        print(f"veil serve: {exc}", file=sys.stderr)
+    data_dir: Path = args.data_dir
+    if data_dir.exists() and not data_dir.is_dir():
+        print(f"veil serve: --data-dir {data_dir}: not a directory", file=sys.stderr)
         return 2
+    created = not data_dir.exists()
+    started = False
+
+    def ready(line: str) -> None:
+        nonlocal started
+        started = True
+        print(line, flush=True)
+
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        provider = provider_factory(config) if provider_factory else None
+        return serve(config, provider=provider, ready=ready)
+    except (VeilError, ValueError, TypeError, OSError) as exc:
+        print(f"veil serve: {error_line(exc)}", file=sys.stderr)
+        return 2
+    finally:
+        if created and not started:
+            # A refused start leaves no trace: a typo in --data-dir creates nothing.
+            shutil.rmtree(data_dir, ignore_errors=True)

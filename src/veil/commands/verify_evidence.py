@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from veil.attestation.abi.dcap import parse_quote
 from veil.attestation.claims import AuthenticEvidence
@@ -31,6 +31,7 @@ from veil.attestation.verifier import (
 from veil.attestation.verify.collateral import DcapCollateral
 from veil.attestation.verify.dcap import hazmat_verify_quote_signatures
 from veil.attestation.verify.snp import SnpCollateral, snp_collateral_from_certificates
+from veil.commands import error_line
 from veil.errors import AttestationError, HazmatWarning, UnsafePolicyWarning
 
 __all__ = ["read_evidence", "register"]
@@ -48,12 +49,25 @@ def register(subparsers: Any) -> None:
             "accepted."
         ),
     )
-    parser.add_argument("evidence", type=Path, metavar="EVIDENCE_FILE")
+    parser.add_argument(
+        "evidence",
+        type=Path,
+        metavar="EVIDENCE_FILE",
+        help="raw or hex evidence, or a server's /quote as served (CBOR), e.g. quote.cbor from "
+        "'veil evidence save'",
+    )
     parser.add_argument(
         "--collateral",
         type=Path,
-        help="a directory written by 'veil collateral fetch' (SGX, TDX or SEV-SNP), or SGX/TDX "
-        "collateral as a dcap-qvl JSON file",
+        help="a directory written by 'veil collateral fetch' (SGX, TDX or SEV-SNP), a server's "
+        "/collateral as served (CBOR, e.g. collateral.cbor from 'veil evidence save'), or "
+        "SGX/TDX collateral as a dcap-qvl JSON file",
+    )
+    parser.add_argument(
+        "--simulated",
+        action="store_true",
+        help="trust veil's SIMULATED root instead of Intel's and AMD's: checks evidence from "
+        "'veil serve --platform simulated', which proves nothing about any TEE",
     )
     parser.add_argument(
         "--certs",
@@ -76,9 +90,27 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(handler=_run)
 
 
+def _served_cbor(data: bytes, kind: type) -> Any:
+    """`data` decoded as the one CBOR item of type `kind` a server serves, else None."""
+    import cbor2
+
+    try:
+        value = cbor2.loads(data)
+    except (cbor2.CBORDecodeError, ValueError, EOFError):
+        return None
+    return value if isinstance(value, kind) else None
+
+
 def read_evidence(path: Path) -> bytes:
-    """The evidence in `path`: hex text is decoded, anything else is taken raw."""
+    """The evidence in `path`: a served CBOR byte string is unwrapped, hex text is decoded,
+    anything else is taken raw."""
     data = path.read_bytes()
+    # A CBOR byte string (major type 2) as /quote serves it: no raw quote or report starts with
+    # 0x40..0x5b (theirs start with a small little-endian version number).
+    if data[:1] and 0x40 <= data[0] <= 0x5B:
+        served = _served_cbor(data, bytes)
+        if served is not None:
+            return bytes(served)
     stripped = data.strip()
     # Hex text (as some projects store reports) is decoded; anything else is taken raw.
     if stripped and all(b in _HEX_CHARS for b in stripped):
@@ -111,14 +143,30 @@ def _load_policy(path: Path | None) -> Policy:
     return policy
 
 
-def _load_collateral(args: argparse.Namespace) -> DcapCollateral | SnpCollateral | None:
+def _load_collateral(
+    args: argparse.Namespace,
+) -> DcapCollateral | SnpCollateral | Mapping[str, Any] | None:
+    """The collateral the arguments name.
+
+    Raises:
+        OSError: a file cannot be read. ValueError: a file is neither of the accepted formats.
+    """
     if args.certs:
         return snp_collateral_from_certificates(p.read_bytes() for p in args.certs)
     if args.collateral is not None:
         path: Path = args.collateral
         if path.is_dir():
             return load_collateral_directory(path)
-        return collateral_from_dcap_qvl_json(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
+        if data.lstrip()[:1] == b"{":
+            return collateral_from_dcap_qvl_json(data)
+        served = _served_cbor(data, dict)
+        if served is None:
+            raise ValueError(
+                f"--collateral {path}: got neither JSON nor a CBOR map, expected a directory, "
+                "a dcap-qvl JSON file or a server's /collateral"
+            )
+        return cast("Mapping[str, Any]", served)
     return None
 
 
@@ -141,10 +189,24 @@ def _run(args: argparse.Namespace) -> int:
     try:
         evidence = read_evidence(args.evidence)
         at = _parse_time(args.at)
+        collateral = _load_collateral(args)
+        # Last: its warning is worth printing only once the inputs are known to be readable.
         policy = _load_policy(args.policy)
-    except (OSError, ValueError, AttestationError) as exc:
+    except (OSError, ValueError) as exc:
+        print(f"veil verify-evidence: {error_line(exc)}", file=sys.stderr)
+        return 2
+    except AttestationError as exc:
+        # A policy file or collateral that cannot be read as such: the input, not the evidence.
         print(f"veil verify-evidence: {exc}", file=sys.stderr)
         return 2
+    trust = None
+    if args.simulated:
+        trust = TrustStore.simulated_only()
+        print(
+            "veil verify-evidence: WARNING: --simulated trusts veil's SIMULATED root, whose key "
+            "is public: an accepted result proves nothing about any TEE",
+            file=sys.stderr,
+        )
 
     result: dict[str, Any] = {
         "platform": None,
@@ -168,7 +230,6 @@ def _run(args: argparse.Namespace) -> int:
         parsed = unverified_claims(evidence)
         result["platform"] = parsed.platform.value
         result |= _claims_dict(parsed)
-        collateral = _load_collateral(args)
         # The same two steps as verify_evidence; split so that a policy rejection can still
         # report the verified TCB status. The policy is applied below, hence no warning.
         with warnings.catch_warnings():
@@ -176,6 +237,7 @@ def _run(args: argparse.Namespace) -> int:
             verified = hazmat_verify_without_policy(
                 evidence,
                 collateral,
+                trust=trust,
                 now=at,
                 collateral_grace_period=policy.collateral_grace_period,
                 snp_min_tcb=policy.sev_snp.min_tcb if policy.sev_snp is not None else None,
@@ -191,7 +253,7 @@ def _run(args: argparse.Namespace) -> int:
         }
         policy.validate(verified)
         result["verdict"] = "accepted"
-    except (AttestationError, OSError) as exc:
+    except AttestationError as exc:
         result["error"] = str(exc)
         result["error_type"] = type(exc).__name__
         if result["platform"] in ("sgx", "tdx") and not result["claims_verified"]:

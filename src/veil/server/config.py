@@ -12,7 +12,10 @@ from veil.server.batching import BatchingConfig
 from veil.server.collateral import RefreshSettings
 from veil.server.limits import Limits
 
-__all__ = ["ServerConfig"]
+__all__ = ["DEFAULT_DATA_DIR", "ServerConfig"]
+
+# `veil serve` and `veil keys` both default to this, relative to the working directory.
+DEFAULT_DATA_DIR = Path("veil-data")
 
 
 @dataclass(frozen=True, slots=True)

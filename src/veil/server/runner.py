@@ -233,6 +233,43 @@ def prepare_state(
     return state, identity
 
 
+# uvicorn's start and stop lines, which each of the three servers in this process would repeat.
+_LIFECYCLE_LINES = frozenset(
+    {
+        "Started server process [%d]",
+        "Waiting for application startup.",
+        "Application startup complete.",
+        "Shutting down",
+        "Waiting for application shutdown.",
+        "Application shutdown complete.",
+        "Finished server process [%d]",
+    }
+)
+
+
+class _OncePerProcess(logging.Filter):
+    """Pass each of uvicorn's lifecycle lines once, whichever of the servers says it first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[tuple[object, object]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg not in _LIFECYCLE_LINES:
+            return True
+        key = (record.msg, record.args)
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        return True
+
+
+def _say_lifecycle_once() -> None:
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _OncePerProcess) for f in logger.filters):
+        logger.addFilter(_OncePerProcess())
+
+
 class _Server(GuardedServer):
     """A guarded uvicorn server that leaves signal handling to `serve` (three share one loop)."""
 
@@ -325,6 +362,7 @@ async def _run(
             uv_config.ssl = server_context(identity)
         servers.append(_Server(uv_config, guard=guard, limits=limits))
 
+    _say_lifecycle_once()
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
@@ -346,7 +384,11 @@ async def _run(
                 return 1
             await asyncio.sleep(0.02)
         a, b, c = (sock.getsockname()[1] for sock in sockets)
-        ready(ReadyLine(config.host, a, b, c).format(f"{platform}, {state.auth.describe()}"))
+        restored = len(state.access)
+        models = f"{restored} stored model{'' if restored == 1 else 's'} restored"
+        ready(
+            ReadyLine(config.host, a, b, c).format(f"{platform}, {state.auth.describe()}, {models}")
+        )
         results = await asyncio.gather(*tasks, return_exceptions=True)
     finally:
         refresher.cancel()

@@ -68,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse the harness options, then run ``veil serve`` with the rest."""
     harness, rest = _harness_parser().parse_known_args(argv)
     args = build_parser().parse_args([harness.command, *rest])
+    args.argv = rest  # as veil.cli.main: the flags given, over VEIL_* and --config
 
     def provider_factory(config: ServerConfig) -> EvidenceProvider:
         fs = None
