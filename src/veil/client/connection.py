@@ -42,7 +42,14 @@ from veil.client.collateral import (
     own_collateral,
     wants_server_collateral,
 )
-from veil.client.responses import ModelInfo, PredictResponse, Tensor, UploadResponse
+from veil.client.defaults import default_server
+from veil.client.responses import (
+    ApiKeyInfo,
+    ModelInfo,
+    PredictResponse,
+    Tensor,
+    UploadResponse,
+)
 from veil.client.transport import deadline, deadline_transport, read_capped
 from veil.errors import (
     ApiError,
@@ -57,6 +64,7 @@ from veil.errors import (
 from veil.keymap import KeyMap, check_binding
 from veil.tensors import encode_inputs
 from veil.tls import SERVER_NAME, pinned_client_context
+from veil.wire import admin as admin_wire
 
 __all__ = ["API_KEY_HEADER", "MAX_EVIDENCE_RESPONSE_BYTES", "Connection", "connect"]
 
@@ -93,7 +101,9 @@ class Connection:
             result.output[0].as_numpy()
 
     Args:
-        addr: the server's host name or IP address.
+        addr: the server's host name or IP address; None: the configured default server
+            (``VEIL_SERVER`` and ``VEIL_POLICY``, or the client configuration file; see
+            `veil.client.defaults`), its ports, policy and simulation opt-in.
         api_key: sent as ``X-Veil-Api-Key`` with every request on the attested channels
             (never to the unattested port), if given.
         simulation: accept a simulated server (no TEE: NO SECURITY). Warns on every connection.
@@ -103,7 +113,8 @@ class Connection:
         trust: the roots evidence must chain to (default: Intel's and AMD's, pinned). Only
             for tests against emulated TEEs: `TrustStore.hazmat_test_roots(...)`. A simulated
             server is never accepted this way (that takes ``simulation=True``).
-        unattested_port, attested_port, management_port: the server's three ports.
+        unattested_port, attested_port, management_port: the server's three ports (default
+            9923, 9924, 9925, or those of the configured address).
         timeout: seconds allowed for each call, all of it (connecting, sending, every byte of
             the answer): a peer that drips its answer cannot stretch it.
         upload_timeout: seconds allowed for an upload, all of it.
@@ -124,14 +135,14 @@ class Connection:
 
     def __init__(
         self,
-        addr: str,
+        addr: str | None = None,
         *,
         api_key: str | None = None,
-        simulation: bool = False,
+        simulation: bool | None = None,
         policy: Policy | None = None,
-        unattested_port: int = 9923,
-        attested_port: int = 9924,
-        management_port: int = 9925,
+        unattested_port: int | None = None,
+        attested_port: int | None = None,
+        management_port: int | None = None,
         timeout: float = 30.0,
         upload_timeout: float = 600.0,
         max_response_bytes: int = 256 << 20,
@@ -140,6 +151,19 @@ class Connection:
         collateral: CollateralChoice = SERVER,
     ) -> None:
         check_choice(collateral)
+        ports = {"unattested_port": 9923, "attested_port": 9924, "management_port": 9925}
+        if addr is None:
+            # No address: the configured default server (`veil.client.defaults`); arguments
+            # given here still win over what is configured.
+            configured = default_server()
+            addr = configured.host
+            ports.update(configured.ports)
+            policy = policy if policy is not None else configured.policy
+            simulation = configured.simulation if simulation is None else simulation
+        simulation = bool(simulation)
+        unattested_port = unattested_port or ports["unattested_port"]
+        attested_port = attested_port or ports["attested_port"]
+        management_port = management_port or ports["management_port"]
         if trust is not None and simulation:
             raise ValueError("trust= and simulation=True: got both, expected at most one")
         if trust is not None and trust.simulated:
@@ -471,6 +495,46 @@ class Connection:
         except (KeyError, TypeError, ValueError):
             raise ApiError(200, "model list: malformed reply") from None
 
+    # ---- keys (admin keys only; veil extension) -------------------------------------------
+
+    def create_key(self, role: str, name: str | None = None) -> tuple[ApiKeyInfo, str]:
+        """Have the server create an API key; return its record and its secret.
+
+        The secret is shown this once: the server keeps only its hash.
+
+        Args:
+            role: ``admin``, ``owner`` or ``user``.
+            name: a label (at most 200 printable characters), e.g. the account it belongs to.
+        """
+        reply = self._request(
+            "POST",
+            f"{self._management_url}/admin/keys",
+            admin_wire.encode_create_key_request(role, name),
+        )
+        item = wire.decode_reply(reply, "created key")
+        try:
+            return ApiKeyInfo.from_wire(item), str(item["key"])
+        except (KeyError, TypeError, ValueError):
+            raise ApiError(200, "created key: malformed reply") from None
+
+    def list_keys(self) -> list[ApiKeyInfo]:
+        """Every key of the server, revoked ones included (never a secret)."""
+        items = wire.decode_reply(
+            self._request("GET", f"{self._management_url}/admin/keys"), "key list"
+        )
+        try:
+            return [ApiKeyInfo.from_wire(item) for item in items]
+        except (KeyError, TypeError, ValueError):
+            raise ApiError(200, "key list: malformed reply") from None
+
+    def revoke_key(self, key_id: str) -> None:
+        """Revoke a key (idempotent); NotFoundError for an unknown id."""
+        self._request(
+            "POST",
+            f"{self._management_url}/admin/keys/revoke",
+            admin_wire.encode_revoke_key_request(key_id),
+        )
+
     # ---- lifetime -----------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -492,8 +556,10 @@ class Connection:
         return f"Connection({self._attested_url}, verified={self.verified!r})"
 
 
-def connect(addr: str, **kwargs: Any) -> Connection:
+def connect(addr: str | None = None, **kwargs: Any) -> Connection:
     """Connect to a server and verify it; same arguments as `Connection`.
+
+    With no address, the configured default server (``VEIL_SERVER``; `veil.client.defaults`).
 
     Example::
 

@@ -91,3 +91,39 @@ class ModelInfo:
     """Key id of the uploader (None: uploaded with authentication off)."""
     visibility: str = "public"
     """``public`` or ``restricted``."""
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyInfo:
+    """One API key as the admin-key API lists it: never its secret.
+
+    Attributes:
+        key_id: public identifier (16 hex digits).
+        role: ``admin``, ``owner`` or ``user``.
+        name: the label given at creation (a portal puts its account name there), or None.
+        created_at: seconds since the epoch.
+        revoked_at: seconds since the epoch, or None while the key is valid.
+        last_used_at: when it last authenticated a request since the server started, or None.
+    """
+
+    key_id: str
+    role: str
+    name: str | None
+    created_at: float
+    revoked_at: float | None
+    last_used_at: float | None
+
+    @classmethod
+    def from_wire(cls, item: Mapping[str, Any]) -> ApiKeyInfo:
+        def time_or_none(value: Any) -> float | None:
+            return None if value is None else float(value)
+
+        name = item.get("name")
+        return cls(
+            key_id=str(item["key_id"]),
+            role=str(item["role"]),
+            name=None if name is None else str(name),
+            created_at=float(item["created_at"]),
+            revoked_at=time_or_none(item.get("revoked_at")),
+            last_used_at=time_or_none(item.get("last_used_at")),
+        )

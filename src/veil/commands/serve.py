@@ -134,6 +134,12 @@ def _add_hardening_arguments(parser: argparse.ArgumentParser) -> None:
         "binds beyond loopback or any key exists (see 'veil keys')",
     )
     group.add_argument(
+        "--no-anonymous",
+        action="store_true",
+        help="refuse requests that carry no API key even for public models (by default they "
+        "may run public models, within the anonymous-* rate limits)",
+    )
+    group.add_argument(
         "--unsealed-store",
         action="store_true",
         help="on a platform with no sealing key, store models as UNENCRYPTED files instead of "
@@ -297,6 +303,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         kds_url=args.kds_url,
         snp_product=args.snp_product,
         no_auth=args.no_auth,
+        no_anonymous=args.no_anonymous,
         unsealed_store=args.unsealed_store,
         limits=_limits(args),
         batching=BatchingConfig(

@@ -4,7 +4,8 @@
   ``GET /keys`` (the key map the report data's second half binds, `veil.keymap`), ``GET /healthz``;
 - attested (HTTPS, attested certificate): ``GET /`` handshake, ``POST /run``, and ``/upload``,
   ``/delete`` for older clients;
-- management (HTTPS, attested certificate): ``POST /upload``, ``POST /delete``, ``GET /models``.
+- management (HTTPS, attested certificate): ``POST /upload``, ``POST /delete``, ``GET /models``,
+  and the admin-key API (``/admin/keys``, ``/admin/keys/revoke``: `veil.server.admin`).
 
 Errors are turned into statuses in one place, `error_response`. Bodies are counted while they
 are read, whatever Content-Length says. An upload is decoded while it arrives (the body is never
@@ -26,7 +27,9 @@ before ONNX Runtime sees it.
 
 Access rules (`veil.server.keys`): uploads need an ``owner`` or ``admin`` key; a model is
 deleted by its uploader or an admin; it is listed to its uploader (admins: all); it is run by
-any valid key when ``public``, else by its uploader and its allowed keys. An upload that names
+any valid key when ``public`` (and by a request with no key, rate-limited per client address
+and by a global anonymous budget, unless ``--no-anonymous``), else by its uploader and its
+allowed keys. An upload that names
 no visibility (every BlindAI client) is ``restricted`` to its uploader when the server asks for
 keys, and ``public`` when it runs without authentication.
 """
@@ -59,6 +62,7 @@ from veil.errors import (
     api_error_for_status,
 )
 from veil.keymap import EMPTY_KEY_MAP, KeyMap
+from veil.server.admin import admin_handlers
 from veil.server.collateral import CollateralKeeper
 from veil.server.config import ServerConfig
 from veil.server.connections import RequestGate
@@ -294,6 +298,15 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
     auth = state.auth
     limiter = ConcurrencyLimiter(limits.max_concurrent_requests)
     rates = RateLimiter.from_limits(limits)
+    # Requests with no key: a bucket per client address, and one for all of them together.
+    anonymous_rates = RateLimiter(
+        limits.anonymous_requests_per_second,
+        limits.anonymous_burst,
+        max_keys=limits.max_tracked_keys,
+    )
+    anonymous_budget = RateLimiter(
+        limits.anonymous_budget_per_second, limits.anonymous_budget_burst
+    )
     # Model bytes stored, and reserved by uploads in progress: checked and updated on the event
     # loop with no await in between, so two uploads cannot both take the last free bytes.
     storage = {"used": sum(meta.size for meta in access.values()), "pending": 0}
@@ -330,12 +343,32 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
     async def handshake(request: Request) -> Response:
         return _cbor(None)
 
-    async def authenticate(request: Request) -> Principal:
+    async def authenticate(request: Request, *, allow_anonymous: bool = False) -> Principal:
         """Step 3 and 4 of the order above: who asks (401), and their rate (429)."""
         if not auth.enabled():
             return Principal.unauthenticated()
-        principal = await run_in_threadpool(auth.authenticate, request.headers.get(API_KEY_HEADER))
-        if principal.key_id is not None:
+        principal = await run_in_threadpool(
+            auth.authenticate,
+            request.headers.get(API_KEY_HEADER),
+            allow_anonymous=allow_anonymous,
+        )
+        if principal.anonymous:
+            address = request.client.host if request.client is not None else "-"
+            if not anonymous_rates.try_acquire(address):
+                raise limit_error(
+                    429,
+                    "rate limit exceeded: anonymous_requests_per_second="
+                    f"{limits.anonymous_requests_per_second:g} for this address; "
+                    "send an API key for more",
+                )
+            if not anonymous_budget.try_acquire("anonymous"):
+                raise limit_error(
+                    429,
+                    "the server's budget for requests without an API key is spent "
+                    f"(anonymous_budget_per_second={limits.anonymous_budget_per_second:g}); "
+                    "send an API key, or retry later",
+                )
+        elif principal.key_id is not None:
             _note(request, key_id=principal.key_id)
             # Per key: with authentication off there is no key to count by; the concurrency
             # limit still holds.
@@ -468,7 +501,7 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         return Response(wire.encode_upload_reply(model.model_hash, model_id), media_type=_CBOR)
 
     async def run(request: Request) -> Response:
-        principal = await authenticate(request)
+        principal = await authenticate(request, allow_anonymous=True)
         body = await _read_body(request, limits.max_request_bytes, "max_request_bytes")
         # Off the event loop: a body of the largest allowed size must not stall other requests.
         message = await run_in_threadpool(wire.decode_run_request, body)
@@ -537,6 +570,16 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
     def route(path: str, handler: Handler, method: str) -> Route:
         return Route(path, _endpoint(handler), methods=[method])
 
+    async def read_small_body(request: Request) -> bytearray:
+        return await _read_body(request, limits.max_request_bytes, "max_request_bytes")
+
+    admin_routes = [
+        route(path, handler, method)
+        for path, handler, method in admin_handlers(
+            auth=auth, authenticate=authenticate, read_body=read_small_body
+        )
+    ]
+
     def app(port: str, *routes: Route) -> Starlette:
         # Work (POST) is counted against the concurrency limit once its body is in; the cheap
         # GETs are not.
@@ -558,6 +601,10 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
     )
     attested = app("attested", handshake_route, route("/run", run, "POST"), *model_management)
     management = app(
-        "management", handshake_route, *model_management, route("/models", list_models, "GET")
+        "management",
+        handshake_route,
+        *model_management,
+        route("/models", list_models, "GET"),
+        *admin_routes,
     )
     return unattested, attested, management

@@ -56,7 +56,10 @@ class ServerConfig:
     # unsealed_store: ``--unsealed-store``: keep models in plain files when the platform has no
     #   sealing key (the default refuses to start then: fail closed).
     # limits: body, model, storage, tensor, time, concurrency and rate limits.
+    # no_anonymous: ``--no-anonymous``: a request with no key is refused (401) even for a public
+    #   model; by default it may run public models, within the anonymous rate limits.
     no_auth: bool = False
+    no_anonymous: bool = False
     unsealed_store: bool = False
     limits: Limits = field(default_factory=Limits)
     batching: BatchingConfig = field(default_factory=BatchingConfig)

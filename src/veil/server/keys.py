@@ -12,9 +12,11 @@ Roles, from most to least powerful (each includes the rights of those below it):
 - ``owner``: upload models; delete and list the models it uploaded; predict.
 - ``user``: predict.
 
-A model is either ``public`` (any valid key may predict) or ``restricted`` to named key ids (plus
-the key that uploaded it). An admin gets no implicit access to a restricted model: restricted
-means exactly the keys listed.
+A model is either ``public`` (any valid key may predict, and, unless the operator turns it off
+with ``--no-anonymous``, a request with no key at all: `Principal.anonymous_caller`) or
+``restricted`` to named key ids (plus the key that uploaded it). An anonymous caller may only run
+public models: never upload, delete, list or manage keys. An admin gets no implicit access to a
+restricted model: restricted means exactly the keys listed.
 
 Auth policy: `auth_required` — authentication is ON whenever the server listens beyond loopback,
 and whenever keys exist; ``--no-auth`` turns it off for local development only, and the server
@@ -116,11 +118,17 @@ class Principal:
 
     key_id: str | None
     role: Role
+    anonymous: bool = False
 
     @classmethod
     def unauthenticated(cls) -> Principal:
         """The principal of every request when the server runs with ``--no-auth``."""
         return cls(key_id=None, role="admin")
+
+    @classmethod
+    def anonymous_caller(cls) -> Principal:
+        """A request with no key on a server that asks for keys: it may run public models only."""
+        return cls(key_id=None, role="user", anonymous=True)
 
     def has_role(self, role: Role) -> bool:
         """True when this principal's role is `role` or a more powerful one."""
@@ -128,7 +136,7 @@ class Principal:
 
 
 def can_manage_keys(p: Principal) -> bool:
-    """Only admins create, list and revoke keys."""
+    """Only admins create, list and revoke keys (and list every model with its metadata)."""
     return p.has_role("admin")
 
 
@@ -163,6 +171,8 @@ def can_predict(
         allowed_key_ids: for a restricted model, the key ids allowed to predict.
         model_owner: the key id that uploaded the model; it may always run its own model.
     """
+    if p.anonymous:  # no key on a server that asks for keys: public models only
+        return model_visibility == PUBLIC
     if p.key_id is None:  # auth off: local development, every right
         return True
     if model_visibility == PUBLIC:
@@ -346,12 +356,28 @@ class AuthGate:
         store: the server's keys.
         host: the address the server binds (beyond loopback: authentication always on).
         no_auth: ``--no-auth``: never ask (local development; print `NO_AUTH_BANNER`).
+        anonymous: whether a request with no key may run public models
+            (`Principal.anonymous_caller`); ``--no-anonymous`` turns it off.
+        now: the clock of `last_used`.
     """
 
-    def __init__(self, store: KeyStore, *, host: str, no_auth: bool) -> None:
+    def __init__(
+        self,
+        store: KeyStore,
+        *,
+        host: str,
+        no_auth: bool,
+        anonymous: bool = True,
+        now: Callable[[], float] = time.time,
+    ) -> None:
         self._store = store
         self._no_auth = no_auth
         self._always = auth_required(host, no_auth)
+        self._anonymous = anonymous
+        self._now = now
+        # In memory only: writing the sealed state on every request would cost a commit each.
+        # One entry per key that was ever used, so it is bounded by the key records.
+        self._last_used: dict[str, float] = {}
 
     @property
     def store(self) -> KeyStore:
@@ -371,14 +397,32 @@ class AuthGate:
             return False
         return self._always or self._store.auth_on()
 
-    def authenticate(self, api_key: str | None) -> Principal:
+    @property
+    def anonymous(self) -> bool:
+        """Whether requests with no key may run public models (while auth is on)."""
+        return self._anonymous
+
+    def last_used(self, key_id: str) -> float | None:
+        """When `key_id` last authenticated a request since this server started, or None."""
+        return self._last_used.get(key_id)
+
+    def authenticate(self, api_key: str | None, *, allow_anonymous: bool = False) -> Principal:
         """The principal of a request; auth off: `Principal.unauthenticated`.
+
+        With `allow_anonymous` (routes that run models) and anonymous access on, a request
+        that carries no key at all is `Principal.anonymous_caller`; a key that is sent but
+        wrong is still refused, never downgraded.
 
         Raises `AuthenticationError` (401) for a missing, malformed, unknown or revoked key; when
         no key exists at all, the message says how the first admin key is made.
         """
         if not self.enabled():
             return Principal.unauthenticated()
+        if allow_anonymous and self._anonymous and not api_key:
+            return Principal.anonymous_caller()
         if not self._store.any_keys():
             raise api_error_for_status(401, _FIRST_KEY_HINT)
-        return principal_from_api_key(api_key, self._store)
+        principal = principal_from_api_key(api_key, self._store)
+        if principal.key_id is not None:
+            self._last_used[principal.key_id] = self._now()
+        return principal

@@ -64,6 +64,13 @@ class Limits:
         requests_per_second: sustained request rate per API key (429).
         burst: requests a key may send at once before the rate applies.
         max_tracked_keys: rate-limiter buckets kept in memory (least recently used dropped).
+        anonymous_requests_per_second: sustained rate of requests with no key (public models
+            only) per client address (429).
+        anonymous_burst: requests with no key one address may send at once.
+        anonymous_budget_per_second: sustained rate of requests with no key from all addresses
+            together: the global anonymous budget (429), so many addresses cannot take the
+            server from key holders.
+        anonymous_budget_burst: requests with no key all addresses may send at once.
 
     Connections (`veil.server.connections`; a breach closes the connection, or answers 408):
         header_read_timeout_s: a connection silent this long after it opens is closed, and so
@@ -93,6 +100,10 @@ class Limits:
     requests_per_second: float = 50.0
     burst: int = 100
     max_tracked_keys: int = 10_000
+    anonymous_requests_per_second: float = 2.0
+    anonymous_burst: int = 10
+    anonymous_budget_per_second: float = 20.0
+    anonymous_budget_burst: int = 100
     # --- connections (veil.server.connections) ---
     header_read_timeout_s: float = 10.0
     body_read_timeout_s: float = 20.0

@@ -226,7 +226,12 @@ def prepare_state(
         registry=registry,
         store=store,
         config=config,
-        auth=AuthGate(KeyStore(sealed), host=config.host, no_auth=config.no_auth),
+        auth=AuthGate(
+            KeyStore(sealed),
+            host=config.host,
+            no_auth=config.no_auth,
+            anonymous=not config.no_anonymous,
+        ),
         access=access,
         key_map=key_map,
     )
