@@ -131,8 +131,8 @@ class Principal:
         return cls(key_id=None, role="user", anonymous=True)
 
     def has_role(self, role: Role) -> bool:
-        """True when this principal's role is `role` or a more powerful one."""
-        return _RANK[self.role] >= _RANK[role]
+        """True when this principal's role is `role` or a more powerful one (never anonymous)."""
+        return not self.anonymous and _RANK[self.role] >= _RANK[role]
 
 
 def can_manage_keys(p: Principal) -> bool:

@@ -130,3 +130,22 @@ def test_unsealed_store_with_owned_models_and_no_keys_refuses_to_start(tmp_path:
     config = ServerConfig(tmp_path, platform="simulated", unsealed_store=True)
     with pytest.raises(SealedStateError, match="state holds no API key"):
         prepare_state(config)
+
+
+def test_anonymous_only_where_allowed_and_switched_on(tmp_path: Path) -> None:
+    store = keys(tmp_path)
+    _, secret = store.create("owner", name="alice")
+    on = AuthGate(store, host="0.0.0.0", no_auth=False, now=lambda: 123.0)
+    caller = on.authenticate(None, allow_anonymous=True)
+    assert caller == Principal.anonymous_caller()
+    with pytest.raises(AuthenticationError, match="missing API key"):
+        on.authenticate(None)  # a route that does not allow it (upload, delete, list, admin)
+    with pytest.raises(AuthenticationError, match="invalid or revoked"):
+        on.authenticate("veil_0123456789abcdef_" + "0" * 64, allow_anonymous=True)
+    off = AuthGate(store, host="0.0.0.0", no_auth=False, anonymous=False)
+    with pytest.raises(AuthenticationError, match="missing API key"):
+        off.authenticate(None, allow_anonymous=True)
+    principal = on.authenticate(secret)
+    assert principal.key_id is not None
+    assert on.last_used(principal.key_id) == 123.0
+    assert off.last_used(principal.key_id) is None

@@ -255,3 +255,16 @@ def test_cli_without_the_servers_platform_says_so(
     # "auto" never means simulated; on a machine with no TEE the command names the choice.
     assert main(["keys", "list", "--data-dir", str(tmp_path), "--platform", "tdx"]) == 2
     assert "veil keys list:" in capsys.readouterr().err
+
+
+def test_anonymous_caller_runs_public_models_only() -> None:
+    anon = Principal.anonymous_caller()
+    assert can_predict(anon, "public", ())
+    assert not can_predict(anon, "restricted", ())
+    assert not can_predict(anon, "restricted", ("x",), model_owner=None)
+    assert not can_predict(anon, "secret", ())
+    assert not can_upload(anon)
+    assert not can_delete(anon, None)
+    assert not can_list(anon, None)
+    assert not can_manage_keys(anon)
+    assert not anon.has_role("user")
