@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build and sign the Gramine SGX enclave for `veil serve`, then print the policy clients pin.
 #
-#   deploy/gramine/build.sh [--seal-to mrenclave|mrsigner] [--isvprodid N] [--isvsvn N]
+#   deploy/gramine/build.sh [--seal-to mrsigner|mrenclave] [--isvprodid N] [--isvsvn N]
 #                           [--enclave-size 8G] [--max-threads 64] [--edmm] [--key KEY.pem]
 #                           [--host-argv] [--veil SPEC] [--out DIR]
 #
@@ -14,7 +14,7 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-seal_to=mrenclave
+seal_to=mrsigner
 isvprodid=1
 isvsvn=1
 enclave_size=8G
@@ -46,7 +46,12 @@ while [ $# -gt 0 ]; do
 done
 
 case "$seal_to" in
-  mrenclave) seal_key=_sgx_mrenclave ;;
+  mrenclave)
+    seal_key=_sgx_mrenclave
+    # Gramine's manifest documentation: the key of an encrypted mount must not also be used by
+    # the application, and veil derives its own sealing key from _sgx_mrenclave.
+    echo "build.sh: WARNING: --seal-to mrenclave uses the key veil's own sealing derives from" \
+      "for the encrypted mount too (see docs/deploy-sgx.md)" >&2 ;;
   mrsigner) seal_key=_sgx_mrsigner ;;
   *) echo "build.sh: --seal-to: got $seal_to, expected mrenclave or mrsigner" >&2; exit 2 ;;
 esac
