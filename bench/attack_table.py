@@ -745,7 +745,8 @@ class Bench:
             time.sleep(0.1)
 
     def healthy(self) -> str:
-        """'' if the server answers quickly, is not burning CPU and holds little memory."""
+        """'' if the server answers quickly, is not burning CPU, holds little memory and
+        serves the victim promptly again."""
         if not self.server.alive():
             return "server died"
         try:
@@ -761,7 +762,15 @@ class Bench:
             return f"server still busy ({busy:.0f} % CPU)"
         if tree_rss(self.server.proc.pid) > RSS_LIMIT:
             return "server kept > 1.5 GiB"
-        return ""
+        # Work the attack left running (an operator that cannot be stopped) shows as a victim
+        # that does not get answers promptly.
+        assert self.victim is not None
+        since = time.monotonic()
+        while time.monotonic() < since + 3:
+            if any(ok and end > since and lat < 1.0 for end, lat, ok in self.victim.samples[-3:]):
+                return ""
+            time.sleep(0.1)
+        return "victim still not served promptly"
 
     def baseline(self) -> None:
         assert self.victim is not None
