@@ -78,8 +78,7 @@ from veil.server.keys import (
     can_upload,
 )
 from veil.server.limits import ConcurrencyLimiter, RateLimiter, limit_error
-from veil.server.models import ModelRegistry, load_model
-from veil.server.onnx_guard import check_model_lean
+from veil.server.models import ModelRegistry
 from veil.server.store import ModelStoreProtocol, StoredModel
 from veil.tensors import numpy_dtype
 
@@ -309,7 +308,8 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
     )
     # Model bytes stored, and reserved by uploads in progress: checked and updated on the event
     # loop with no await in between, so two uploads cannot both take the last free bytes.
-    storage = {"used": sum(meta.size for meta in access.values()), "pending": 0}
+    # The quota counts what each model costs loaded (`LoadedModel.cost`), measured at admission.
+    storage = {"used": sum(m.cost for m in registry.all() if m.model_id in access), "pending": 0}
     certificate = cbor2.dumps(state.certificate_der)
     quote = cbor2.dumps(state.quote)
     key_map = cbor2.dumps(state.key_map.encoded)
@@ -469,17 +469,17 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
             limits.check_storage(storage["used"] + storage["pending"], len(blob))
             storage["pending"] += len(blob)
             try:
-                # Hostile-model checks first: ONNX Runtime never sees what they refuse.
-                await run_in_threadpool(check_model_lean, blob, limits)
+                # Admitted (checked, loaded, measured) in a child process first: the server's
+                # ONNX Runtime never sees what it refuses.
                 model = await run_in_threadpool(
-                    load_model,
+                    registry.admit_and_load,
                     blob,
                     model_id=model_id,
                     model_name=model_name,
                     threads=config.threads,
                     batching=config.batching,
-                    executor=registry.executor,
                 )
+                limits.check_storage(storage["used"] + storage["pending"] - len(blob), model.cost)
                 meta = StoredModel(
                     model_id,
                     model.model_hash,
@@ -492,7 +492,7 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
                 await store_model(meta, blob)
             finally:
                 storage["pending"] -= len(blob)
-            storage["used"] += model.size
+            storage["used"] += model.cost
             access[model_id] = meta
             registry.add(model)
         finally:
@@ -534,8 +534,10 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
                     f"model {message.model_id!r} does not have hash {message.model_hash[:80]!r}",
                 )
         _note(request, model_id=model.model_id)
-        outputs = await model.predict(message.inputs, limits.request_timeout_s)
-        return Response(wire.encode_run_reply(outputs), media_type=_CBOR)
+        reply = await model.predict_encoded(
+            message.inputs, limits.request_timeout_s, wire.encode_run_reply
+        )
+        return Response(reply, media_type=_CBOR)
 
     async def delete(request: Request) -> Response:
         principal = await authenticate(request)
@@ -552,9 +554,10 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
             )
         _note(request, model_id=model_id)
         await run_in_threadpool(state.store.delete, model_id)
-        await registry.remove(model_id).close()
+        removed = registry.remove(model_id)
+        await removed.close()
         if access.pop(model_id, None) is not None:
-            storage["used"] -= meta.size
+            storage["used"] -= removed.cost
         _log.info("model %s deleted", model_id)
         return _cbor(None)
 

@@ -83,6 +83,17 @@ class Limits:
         max_connections: open connections on all three ports together, TLS handshakes
             included; sized down at start to fit under the open-file limit.
         max_connections_per_client: open connections from one client address.
+
+    Model admission and isolation (`veil.server.admission`, `veil.server.models`):
+        max_graph_nodes: nodes of a model once local functions are expanded and subgraphs
+            counted, what ONNX Runtime would build (422).
+        max_model_memory_bytes: resident memory a model may cost once loaded, measured in the
+            admission child process, which cannot grow its address space much past it (413).
+            Storage quota counts this measured size.
+        admission_cpu_s: CPU seconds the admission child may burn (422 past it).
+        admission_timeout_s: wall time of one admission; the child is then killed (422).
+        max_concurrent_runs: ONNX Runtime runs at once, across models (each model runs one at a
+            time), so one slow model leaves the others their own threads.
     """
 
     max_request_bytes: int = 64 * _MiB
@@ -112,6 +123,12 @@ class Limits:
     max_header_bytes: int = 16 * 1024
     max_connections: int = 4096
     max_connections_per_client: int = 256
+    # --- model admission and isolation (veil.server.admission, veil.server.models) ---
+    max_graph_nodes: int = 500_000
+    max_model_memory_bytes: int = 2 * _GiB
+    admission_cpu_s: float = 120.0
+    admission_timeout_s: float = 300.0
+    max_concurrent_runs: int = 4
 
     def __post_init__(self) -> None:
         for f in fields(self):

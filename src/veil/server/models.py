@@ -1,8 +1,15 @@
-"""ONNX Runtime sessions: load a model from bytes, check inputs against it, run it.
+"""ONNX Runtime sessions: admit a model, load it, check inputs against it, run it.
 
-Inputs are viewed in place (``np.frombuffer``), checked for name, type, rank and fixed
-dimensions, and handed to ONNX Runtime; outputs go back as raw bytes. No tensor content is
-ever logged or put in an error message.
+A model is admitted by a child process first (`veil.server.admission`), then loaded here from
+the graph the child accepted. Inputs are viewed in place (``np.frombuffer``), checked for name,
+type, rank and fixed dimensions, and handed to ONNX Runtime; each output is checked against
+``max_tensor_bytes`` / ``max_tensor_elements`` as soon as the run returns, before it is copied
+or encoded, and the copy and encoding happen inside the request's time-out, off the event loop.
+
+Isolation: each model runs one ONNX Runtime call at a time (its batcher), on a pool shared by
+all models of ``max_concurrent_runs`` threads, so a model stuck in one long operator (which
+``RunOptions.terminate`` cannot interrupt: it acts between nodes) holds one thread and the
+other models keep theirs. No tensor content is ever logged or put in an error message.
 """
 
 from __future__ import annotations
@@ -11,7 +18,8 @@ import asyncio
 import hashlib
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+import typing
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,13 +29,17 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from veil.errors import (
+    ApiError,
     BadRequestError,
     ConflictError,
     NotFoundError,
     TensorError,
     api_error_for_status,
 )
+from veil.server.admission import Admitter
 from veil.server.batching import BatchingConfig, DynamicBatcher, has_dynamic_batch_axis
+from veil.server.limits import Limits
+from veil.server.onnx_guard import create_session
 from veil.tensors import (
     DatumType,
     WireTensor,
@@ -40,6 +52,7 @@ from veil.tensors import (
 __all__ = ["LoadedModel", "ModelRegistry", "TensorSpec", "load_model"]
 
 Dim = int | None
+_T = typing.TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +118,9 @@ class LoadedModel:
     session: ort.InferenceSession
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     executor: Executor | None = None
+    # Resident bytes the session cost when admitted (0: not measured) and the output limits.
+    loaded_bytes: int = 0
+    limits: Limits = field(default_factory=Limits)
     # Made in __post_init__ (frozen: set through object.__setattr__).
     batcher: DynamicBatcher = field(init=False)
     _inflight: list[_InFlight | None] = field(init=False)
@@ -126,6 +142,11 @@ class LoadedModel:
 
     def __repr__(self) -> str:
         return f"LoadedModel(model_id={self.model_id!r}, hash={self.model_hash.hex()})"
+
+    @property
+    def cost(self) -> int:
+        """Bytes the storage quota counts: the measured loaded size, at least the model's."""
+        return max(self.size, self.loaded_bytes)
 
     def feeds(self, tensors: Sequence[WireTensor]) -> dict[str, npt.NDArray[Any]]:
         """Match request tensors to the model's inputs and view them as arrays.
@@ -198,6 +219,12 @@ class LoadedModel:
         return results
 
     def _wire(self, results: Sequence[Any]) -> list[WireTensor]:
+        """Outputs as wire tensors, each checked against the tensor limits before its copy."""
+        for spec, value in zip(self.outputs, results, strict=True):
+            try:
+                self.limits.check_tensor(value.shape, value.dtype.itemsize, name=spec.name)
+            except ApiError as exc:
+                raise BadRequestError(422, f"model output: {exc.message}") from None
         outputs = []
         for spec, value in zip(self.outputs, results, strict=True):
             array = np.asarray(value)
@@ -223,10 +250,30 @@ class LoadedModel:
             BadRequestError: (422) inputs that do not fit the model, or that it refuses.
             ApiError: (504) the time-out passed, naming ``request_timeout_s``.
         """
+        return await self._predict(tensors, timeout_s, self._wire)
+
+    async def predict_encoded(
+        self,
+        tensors: Sequence[WireTensor],
+        timeout_s: float,
+        encode: Callable[[list[WireTensor]], bytes],
+    ) -> bytes:
+        """`predict`, then `encode` the outputs, all within `timeout_s` (a reply body)."""
+        return await self._predict(tensors, timeout_s, lambda results: encode(self._wire(results)))
+
+    async def _predict(
+        self,
+        tensors: Sequence[WireTensor],
+        timeout_s: float,
+        finish: Callable[[list[npt.NDArray[Any]]], _T],
+    ) -> _T:
         feeds = self.feeds(tensors)
+        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout_s):
                 results = await self.batcher.submit(feeds)
+                # Off the event loop: copying and encoding outputs takes time per byte.
+                return await loop.run_in_executor(None, finish, results)
         except RuntimeError:
             if self.batcher.closed:  # deleted while this request was on its way
                 raise NotFoundError(404, f"unknown model id {self.model_id!r}") from None
@@ -236,7 +283,6 @@ class LoadedModel:
             raise api_error_for_status(
                 504, f"inference exceeded request_timeout_s={timeout_s:g}"
             ) from None
-        return self._wire(results)
 
     def _stop_stale_run(self, timeout_s: float) -> None:
         # Every request in a run was queued before it started, so `timeout_s` after its start
@@ -270,34 +316,22 @@ def load_model(
     model_hash: bytes | None = None,
     batching: BatchingConfig | None = None,
     executor: Executor | None = None,
+    limits: Limits | None = None,
+    loaded_bytes: int = 0,
 ) -> LoadedModel:
-    """Build an ONNX Runtime session from model bytes (blocking).
+    """Build an ONNX Runtime session from model bytes already admitted (blocking).
 
     `batching` configures the model's `DynamicBatcher` (default `BatchingConfig()`); `executor`
-    is where its ONNX Runtime calls run (the event loop's default executor if None).
+    is where its ONNX Runtime calls run (the event loop's default executor if None); `limits`
+    bound its outputs; `loaded_bytes` is what admission measured. Untrusted bytes go through
+    `ModelRegistry.admit_and_load`, which admits them first.
 
     Raises:
         BadRequestError: (422) the bytes are not a model ONNX Runtime can load, or it has inputs
             or outputs of a type the protocol cannot carry.
     """
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    # Untrusted models (veil.server.onnx_guard): no memory arena holding on to what a hostile
-    # graph allocated, and no constant folding, which runs at load time and would build a
-    # ConstantOfShape bomb before any request arrives.
-    options.enable_cpu_mem_arena = False
-    try:
-        session = ort.InferenceSession(
-            blob,
-            options,
-            providers=["CPUExecutionProvider"],
-            disabled_optimizers=["ConstantFolding"],
-        )
-    except Exception as exc:
-        detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise BadRequestError(422, f"invalid ONNX model: {detail}") from None
+    limits = limits if limits is not None else Limits()
+    session = create_session(blob, limits, intra_op_threads=threads, checked=True)
     inputs = tuple(_spec(node, "input") for node in session.get_inputs())
     outputs = tuple(_spec(node, "output") for node in session.get_outputs())
     return LoadedModel(
@@ -310,22 +344,59 @@ def load_model(
         session=session,
         batching=batching if batching is not None else BatchingConfig(),
         executor=executor,
+        loaded_bytes=loaded_bytes,
+        limits=limits,
     )
 
 
 class ModelRegistry:
     """The loaded models by id; safe to use from the event loop and worker threads.
 
-    `executor` is where every model's ONNX Runtime calls run: one thread, shared, because each
-    call already uses all the intra-op threads the server was given; two at once would only
-    compete for the same cores.
+    `executor` is where every model's ONNX Runtime calls run: ``max_concurrent_runs`` threads
+    shared by all models, each model using at most one at a time (its batcher), so one model
+    stuck in a long operator does not stall the others. `admitter` admits new models.
     """
 
-    def __init__(self, models: Iterable[LoadedModel] = ()) -> None:
-        self.executor: Executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="veil-ort")
+    def __init__(self, models: Iterable[LoadedModel] = (), *, limits: Limits | None = None) -> None:
+        self.limits = limits if limits is not None else Limits()
+        self.executor: Executor = ThreadPoolExecutor(
+            max_workers=self.limits.max_concurrent_runs, thread_name_prefix="veil-ort"
+        )
+        self.admitter = Admitter(self.limits)
         self._lock = threading.Lock()
         self._models: dict[str, LoadedModel] = {m.model_id: m for m in models}
         self._reserved: set[str] = set()
+
+    def admit_and_load(
+        self,
+        blob: bytes,
+        *,
+        model_id: str,
+        model_name: str,
+        threads: int,
+        model_hash: bytes | None = None,
+        batching: BatchingConfig | None = None,
+    ) -> LoadedModel:
+        """Admit untrusted `blob` in a child process, then load what it accepted (blocking).
+
+        The model is not added; `model_hash` defaults to the SHA-256 of `blob` (what the
+        uploader sent, whatever graph admission returns).
+
+        Raises:
+            ApiError: 413 / 422 / 429 from admission (`veil.server.admission`), 422 from loading.
+        """
+        admitted = self.admitter.admit(blob)
+        return load_model(
+            admitted.graph,
+            model_id=model_id,
+            model_name=model_name,
+            threads=threads,
+            model_hash=model_hash or hashlib.sha256(blob).digest(),
+            batching=batching,
+            executor=self.executor,
+            limits=self.limits,
+            loaded_bytes=admitted.loaded_bytes,
+        )
 
     def reserve(self, model_id: str) -> None:
         """Claim an id for an upload in progress.

@@ -38,7 +38,15 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import onnx
-from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto
+from onnx import (
+    AttributeProto,
+    FunctionProto,
+    GraphProto,
+    ModelProto,
+    NodeProto,
+    SparseTensorProto,
+    TensorProto,
+)
 
 from veil.errors import ApiError, api_error_for_status
 from veil.server.limits import Limits
@@ -91,15 +99,26 @@ def _declared_bytes(t: TensorProto) -> int:
     return math.ceil(elements * _itemsize(t.data_type))
 
 
-def _tensors_of_attribute(attr: AttributeProto) -> Iterator[TensorProto]:
+def _sparse_dense_bytes(s: SparseTensorProto) -> int:
+    if any(d < 0 for d in s.dims):
+        raise _invalid(f"sparse tensor {s.values.name!r} has a negative dimension")
+    return max(
+        math.ceil(math.prod(int(d) for d in s.dims) * _itemsize(s.values.data_type)),
+        _declared_bytes(s.values),
+    )
+
+
+def _tensors_of_attribute(
+    attr: AttributeProto,
+) -> Iterator[tuple[TensorProto | None, SparseTensorProto | None]]:
     if attr.HasField("t"):
-        yield attr.t
-    yield from attr.tensors
-    for sparse in ([attr.sparse_tensor] if attr.HasField("sparse_tensor") else []) + list(
-        attr.sparse_tensors
-    ):
-        yield sparse.values
-        yield sparse.indices
+        yield attr.t, None
+    for t in attr.tensors:
+        yield t, None
+    if attr.HasField("sparse_tensor"):
+        yield None, attr.sparse_tensor
+    for sparse in attr.sparse_tensors:
+        yield None, sparse
 
 
 def _subgraphs(node: NodeProto) -> Iterator[GraphProto]:
@@ -109,8 +128,12 @@ def _subgraphs(node: NodeProto) -> Iterator[GraphProto]:
         yield from attr.graphs
 
 
-def _walk(model: ModelProto) -> Iterator[tuple[str, NodeProto | None, TensorProto | None]]:
-    """Every node and every tensor of every graph: ('node', n, None) / ('tensor', owner, t).
+_Item = tuple[NodeProto | None, TensorProto | None, SparseTensorProto | None]
+
+
+def _walk(model: ModelProto) -> Iterator[_Item]:
+    """Every node and every tensor of every graph, once: (node, None, None) for a node,
+    (owner, tensor, None) / (owner, None, sparse) for a tensor (owner None outside nodes).
 
     Covers the main graph, subgraphs in node attributes, local functions (bodies and attribute
     defaults) and training-info graphs.
@@ -121,40 +144,180 @@ def _walk(model: ModelProto) -> Iterator[tuple[str, NodeProto | None, TensorProt
     nodes_lists: list[Sequence[NodeProto]] = [f.node for f in model.functions]
     for f in model.functions:
         for attr in f.attribute_proto:
-            for t in _tensors_of_attribute(attr):
-                yield "tensor", None, t
+            for t, sparse in _tensors_of_attribute(attr):
+                yield None, t, sparse
             graphs.extend([attr.g] if attr.HasField("g") else [])
             graphs.extend(attr.graphs)
-    while graphs:
-        g = graphs.pop()
-        for t in g.initializer:
-            yield "tensor", None, t
-        for s in g.sparse_initializer:
-            yield "tensor", None, s.values
-            yield "tensor", None, s.indices
-        nodes_lists.append(g.node)
+    while graphs or nodes_lists:
+        if graphs:
+            g = graphs.pop()
+            for t in g.initializer:
+                yield None, t, None
+            for s in g.sparse_initializer:
+                yield None, None, s
+            nodes_lists.append(g.node)
         while nodes_lists:
             for node in nodes_lists.pop():
-                yield "node", node, None
+                yield node, None, None
                 for attr in node.attribute:
-                    for t in _tensors_of_attribute(attr):
-                        yield "tensor", node, t
+                    for t, sparse in _tensors_of_attribute(attr):
+                        yield node, t, sparse
                 graphs.extend(_subgraphs(node))
 
 
-def _constant_shape(model_graph_consts: dict[str, TensorProto], name: str) -> list[int] | None:
-    t = model_graph_consts.get(name)
-    if t is None or t.data_type != TensorProto.INT64 or len(t.dims) != 1:
+def _int_vector(t: TensorProto) -> list[int] | None:
+    """The values of a 1-D INT64 tensor, or None when it is anything else."""
+    if t.data_type != TensorProto.INT64 or len(t.dims) != 1:
         return None
-    values = list(t.int64_data) if t.int64_data else None
-    if values is None and t.raw_data:
-        if len(t.raw_data) != 8 * t.dims[0]:
-            return None
-        values = [
-            int.from_bytes(t.raw_data[i : i + 8], "little", signed=True)
-            for i in range(0, len(t.raw_data), 8)
-        ]
-    return values
+    if t.int64_data:
+        return [int(v) for v in t.int64_data]
+    if len(t.raw_data) != 8 * t.dims[0]:
+        return None
+    return [
+        int.from_bytes(t.raw_data[i : i + 8], "little", signed=True)
+        for i in range(0, len(t.raw_data), 8)
+    ]
+
+
+def _constant_vectors(nodes: Sequence[NodeProto]) -> dict[str, list[int]]:
+    """Outputs of ``Constant`` nodes holding a 1-D int64 value (``value`` or ``value_ints``)."""
+    found: dict[str, list[int]] = {}
+    for node in nodes:
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or not node.output:
+            continue
+        for attr in node.attribute:
+            if attr.name == "value" and attr.HasField("t"):
+                vector = _int_vector(attr.t)
+                if vector is not None:
+                    found[node.output[0]] = vector
+            elif attr.name == "value_ints":
+                found[node.output[0]] = [int(v) for v in attr.ints]
+    return found
+
+
+def _graph_vectors(g: GraphProto, outer: Mapping[str, list[int]]) -> dict[str, list[int]]:
+    scope = dict(outer)  # a subgraph sees its outer scope's names
+    for t in g.initializer:
+        vector = _int_vector(t)
+        if vector is not None:
+            scope[t.name] = vector
+    scope.update(_constant_vectors(g.node))
+    return scope
+
+
+_FunctionKey = tuple[str, str]
+
+
+def _callee(
+    node: NodeProto, functions: Mapping[_FunctionKey, FunctionProto]
+) -> _FunctionKey | None:
+    key = (node.domain, node.op_type)
+    return key if key in functions else None
+
+
+def _own_nodes(
+    nodes: Sequence[NodeProto], functions: Mapping[_FunctionKey, FunctionProto]
+) -> tuple[int, list[_FunctionKey]]:
+    """Nodes of `nodes` and their subgraphs that are not calls, and the calls made."""
+    own, calls = 0, []
+    for node in nodes:
+        key = _callee(node, functions)
+        if key is None:
+            own += 1
+        else:
+            calls.append(key)
+        for g in _subgraphs(node):
+            sub_own, sub_calls = _own_nodes(g.node, functions)
+            own += sub_own
+            calls += sub_calls
+    return own, calls
+
+
+def expanded_node_count(model: ModelProto, limit: int) -> int:
+    """Nodes of the main graph once every local function call is replaced by its body, as
+    ONNX Runtime inlines them; capped at ``limit + 1``. Nested functions (``f_k`` calling
+    ``f_{k-1}`` twice) grow this exponentially in the model's size, which is what is bounded.
+
+    Raises:
+        BadRequestError: (422) a local function calls itself, directly or not.
+    """
+    functions = {(f.domain, f.name): f for f in model.functions}
+    cost: dict[_FunctionKey, int] = {}
+    on_path: set[_FunctionKey] = set()
+    for root in functions:
+        # Depth-first without recursion: call chains can be as deep as the model is long.
+        stack: list[tuple[_FunctionKey, bool]] = [(root, False)]
+        while stack:
+            key, finished = stack.pop()
+            own, calls = _own_nodes(functions[key].node, functions)
+            if finished:
+                cost[key] = min(limit + 1, own + sum(cost[c] for c in calls))
+                on_path.discard(key)
+                continue
+            if key in cost:
+                continue
+            if key in on_path:
+                raise _invalid(f"local function {key[1]!r} calls itself")
+            on_path.add(key)
+            stack.append((key, True))
+            stack.extend((c, False) for c in calls if c not in cost)
+    own, calls = _own_nodes(model.graph.node, functions)
+    return min(limit + 1, own + sum(cost[c] for c in calls))
+
+
+# Operators whose output size is set by a constant input: (input index, what it holds).
+_SHAPE_INPUTS = {"ConstantOfShape": 0, "Expand": 1, "Tile": 1, "Reshape": 1}
+
+
+def _check_shape_node(node: NodeProto, vector: list[int], limits: Limits) -> None:
+    itemsize = 1  # the element type of Expand/Tile/Reshape inputs is not known statically
+    dims = vector
+    if node.op_type == "ConstantOfShape":
+        itemsize = 4  # float unless its 'value' says otherwise
+        for attr in node.attribute:
+            if attr.name == "value" and attr.HasField("t"):
+                itemsize = math.ceil(_itemsize(attr.t.data_type))
+    elif node.op_type == "Reshape":
+        dims = [d for d in vector if d > 0]  # 0 copies a dimension, -1 infers one
+    elif any(d < 0 for d in vector):
+        return  # ONNX Runtime refuses a negative shape or repeat count itself
+    try:
+        limits.check_tensor(dims, itemsize, name=f"{node.op_type} {node.name}")
+    except ApiError as exc:
+        raise _invalid(exc.message) from None
+
+
+def _check_constant_shapes(model: ModelProto, limits: Limits) -> None:
+    """Refuse operators whose output size comes from a constant shape above the tensor limits.
+
+    Constants are initializers, ``Constant`` nodes (``value`` or ``value_ints``) of the same or
+    an outer scope, and constant arguments of a local function call, followed into the body.
+    Bodies are walked once per call, which `expanded_node_count` has already bounded.
+    """
+    functions = {(f.domain, f.name): f for f in model.functions}
+    scopes: list[tuple[Sequence[NodeProto], dict[str, list[int]]]] = [
+        (model.graph.node, _graph_vectors(model.graph, {}))
+    ]
+    while scopes:
+        nodes, vectors = scopes.pop()
+        for node in nodes:
+            index = _SHAPE_INPUTS.get(node.op_type)
+            if index is not None and node.domain in ("", "ai.onnx") and len(node.input) > index:
+                vector = vectors.get(node.input[index])
+                if vector is not None:
+                    _check_shape_node(node, vector, limits)
+            key = _callee(node, functions)
+            if key is not None:
+                body = functions[key]
+                bound = {
+                    formal: vectors[actual]
+                    for formal, actual in zip(body.input, node.input, strict=False)
+                    if actual in vectors
+                }
+                bound.update(_constant_vectors(body.node))
+                scopes.append((body.node, bound))
+            for g in _subgraphs(node):
+                scopes.append((g.node, _graph_vectors(g, vectors)))
 
 
 def check_model(model_bytes: bytes, limits: Limits) -> ModelProto:
@@ -197,48 +360,33 @@ def _check_parsed(model_bytes: bytes, limits: Limits) -> ModelProto:
         if opset.domain not in ALLOWED_DOMAINS and opset.domain not in local_domains:
             raise _invalid(f"opset domain {opset.domain!r} is not allowed")
 
-    # Constants whose values we can read statically: initializers and Constant nodes' values.
-    consts: dict[str, TensorProto] = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output:
-            for attr in node.attribute:
-                if attr.name == "value" and attr.HasField("t"):
-                    consts[node.output[0]] = attr.t
-
     total = 0
-    for kind, node, tensor in _walk(model):
-        if kind == "node":
-            assert node is not None
+    for node, tensor, sparse in _walk(model):
+        if node is not None and tensor is None and sparse is None:
             # 3b. Operator domains.
             if node.domain not in ALLOWED_DOMAINS and (node.domain, node.op_type) not in (
                 local_functions
             ):
                 raise _invalid(f"operator {node.domain}::{node.op_type} is not allowed")
-            # 5. ConstantOfShape of a constant huge shape.
-            if node.op_type == "ConstantOfShape" and node.domain in ("", "ai.onnx") and node.input:
-                shape = _constant_shape(consts, node.input[0])
-                if shape is not None:
-                    itemsize = 4  # float unless its 'value' says otherwise
-                    for attr in node.attribute:
-                        if attr.name == "value" and attr.HasField("t"):
-                            itemsize = math.ceil(_itemsize(attr.t.data_type))
-                    try:
-                        limits.check_tensor(shape, itemsize, name=f"ConstantOfShape {node.name}")
-                    except ApiError as exc:
-                        raise _invalid(exc.message) from None
             continue
-        assert tensor is not None
+        stored_parts = [tensor] if tensor is not None else []
+        if sparse is not None:
+            stored_parts += [sparse.values, sparse.indices]
         # 2. External data.
-        if tensor.data_location == TensorProto.EXTERNAL or len(tensor.external_data) > 0:
-            raise _invalid(
-                f"tensor {tensor.name!r} references external data; "
-                "only self-contained models are accepted"
-            )
-        # 4. Declared sizes.
-        size = _declared_bytes(tensor)
+        for stored in stored_parts:
+            if stored.data_location == TensorProto.EXTERNAL or len(stored.external_data) > 0:
+                raise _invalid(
+                    f"tensor {stored.name!r} references external data; "
+                    "only self-contained models are accepted"
+                )
+        # 4. Declared sizes: a sparse tensor counts as the dense tensor ONNX Runtime builds.
+        if sparse is not None:
+            name, size = sparse.values.name, _sparse_dense_bytes(sparse)
+        else:
+            name, size = stored_parts[0].name, _declared_bytes(stored_parts[0])
         if size > limits.max_initializer_bytes:
             raise _invalid(
-                f"tensor {tensor.name!r} declares {size} bytes, exceeds "
+                f"tensor {name!r} declares {size} bytes, exceeds "
                 f"max_initializer_bytes={limits.max_initializer_bytes}"
             )
         total += size
@@ -247,6 +395,15 @@ def _check_parsed(model_bytes: bytes, limits: Limits) -> ModelProto:
                 "initializers declare more than "
                 f"max_initializers_total_bytes={limits.max_initializers_total_bytes}"
             )
+
+    # 5. Graph size after function expansion, then constant shapes (walks that expansion).
+    nodes = expanded_node_count(model, limits.max_graph_nodes)
+    if nodes > limits.max_graph_nodes:
+        raise _invalid(
+            f"graph expands to more than max_graph_nodes={limits.max_graph_nodes} nodes "
+            "(local functions inlined)"
+        )
+    _check_constant_shapes(model, limits)
 
     return model
 
@@ -268,6 +425,8 @@ def session_options(*, intra_op_threads: int = 0) -> Any:
     so = ort.SessionOptions()
     so.enable_cpu_mem_arena = False
     so.intra_op_num_threads = intra_op_threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return so
 

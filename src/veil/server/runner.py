@@ -42,7 +42,7 @@ import uvicorn
 from veil import __version__
 from veil.attestation.claims import Platform
 from veil.attestation.verifier import detect_platform
-from veil.errors import BadRequestError, SealedStateError
+from veil.errors import ApiError, SealedStateError
 from veil.keymap import KeyMap
 from veil.providers import EvidenceProvider, SimulatedSgxProvider, detect_provider
 from veil.providers.devicefs import DeviceFilesystem
@@ -58,7 +58,7 @@ from veil.server.connections import (
     open_file_limit,
 )
 from veil.server.keys import NO_AUTH_BANNER, AuthGate, KeyStore
-from veil.server.models import ModelRegistry, load_model
+from veil.server.models import ModelRegistry
 from veil.server.ready import ReadyLine
 from veil.server.sealing import SealedModelStore
 from veil.server.state import SealedState, open_state
@@ -192,7 +192,8 @@ def prepare_state(
     #    is served: a tampered or rolled-back file stops the start (fail closed).
     sealed = open_state(config.data_dir, provider.sealing_key, unsealed=config.unsealed_store)
     store = store or open_store(config, sealed)
-    registry = ModelRegistry()
+    registry = ModelRegistry(limits=config.limits)
+    registry.admitter.start()
     access: dict[str, StoredModel] = {}
     stored = list(store.load_all())
     manifest = sealed.open()  # done by the sealed store already; the plain store needs it
@@ -204,19 +205,20 @@ def prepare_state(
         )
     for meta, blob in stored:
         try:
+            # Admitted again, as at upload: the limits may have changed, and a stored model is
+            # checked and measured like an upload.
             registry.add(
-                load_model(
+                registry.admit_and_load(
                     blob,
                     model_id=meta.model_id,
                     model_name=meta.model_name,
                     threads=config.threads,
                     model_hash=meta.model_hash,
                     batching=config.batching,
-                    executor=registry.executor,
                 )
             )
             access[meta.model_id] = meta
-        except BadRequestError as exc:
+        except ApiError as exc:
             _log.warning("stored model %s not loaded: %s", meta.model_id, exc.message)
     state = ServerState(
         certificate_der=identity.certificate_der,

@@ -1,0 +1,284 @@
+"""Model admission: a child process loads, checks and measures every model before the server does.
+
+An uploaded model is hostile input, and a static check cannot foresee everything a graph costs
+once ONNX Runtime builds it (sparse tensors made dense, local functions inlined, whatever a future
+release materialises). So every model, uploaded or restored at start, is first admitted by a
+short-lived child process (multiprocessing's ``forkserver``: a clean process with ONNX and ONNX
+Runtime imported, forked once per model; it never inherits the server's keys, sockets or
+threads). The child:
+
+1. limits itself: ``RLIMIT_CPU`` to ``admission_cpu_s``, ``RLIMIT_AS`` to what it holds now plus
+   ``max_model_memory_bytes`` plus room for the model's bytes, and a lower scheduling priority,
+   so that serving keeps the CPU;
+2. runs the structural guard (`veil.server.onnx_guard.check_model_lean`);
+3. optimizes the graph: no step yet; an optimization pass returns another graph here, and the
+   server then runs that graph, measured by step 4;
+4. builds the ONNX Runtime session exactly as the server will and measures the resident memory
+   it added; above ``max_model_memory_bytes`` the model is refused (413);
+5. answers with a small JSON header (never a pickle: a child compromised by a hostile model must
+   not be able to run code in the server) and, when step 3 changed it, the graph.
+
+The parent waits off the event loop, kills the child after ``admission_timeout_s`` of wall time,
+and turns a child killed by its CPU limit, or dying for want of memory, into a 413/422 naming
+the limit. Only then does the server build its own session from the admitted graph; the storage
+quota counts the measured size. At most one admission runs at a time (the next waits, up to the
+admission time-out, then gets 429): each may use ``max_model_memory_bytes``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import resource
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from veil.errors import ApiError, api_error_for_status
+from veil.server.limits import Limits
+from veil.server.onnx_guard import check_model_lean, create_session
+
+__all__ = ["AdmittedModel", "Admitter"]
+
+# Address space beyond the model's own allowance: ONNX Runtime's thread stacks, the allocator's
+# arenas and the libraries' own growth (virtual, mostly never touched).
+_AS_SLACK = 768 << 20
+_HEADER_MAX = 64 << 10
+_MESSAGE_MAX = 400
+
+
+@dataclass(frozen=True, slots=True)
+class AdmittedModel:
+    """What the child accepted: the graph the server will run and what it costs loaded.
+
+    Attributes:
+        graph: the ONNX bytes to load (the upload itself until an optimize step changes it).
+        loaded_bytes: resident memory the ONNX Runtime session added in the child.
+        seconds: wall time of the admission, child start to answer.
+    """
+
+    graph: bytes
+    loaded_bytes: int
+    seconds: float
+
+    def __repr__(self) -> str:
+        return f"AdmittedModel({len(self.graph)} bytes, loaded_bytes={self.loaded_bytes})"
+
+
+def _context() -> Any:
+    ctx = multiprocessing.get_context("forkserver")
+    # The fork server imports this module (and so ONNX and ONNX Runtime) once; each child is a
+    # fork of it and starts in milliseconds.
+    ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
+class Admitter:
+    """Runs admissions (see the module docstring), one at a time.
+
+    Args:
+        limits: the server's limits (memory, CPU, time, and the guard's).
+    """
+
+    def __init__(self, limits: Limits) -> None:
+        self._limits = limits
+        self._one_at_a_time = threading.Lock()
+
+    def start(self) -> None:
+        """Start the fork server now rather than on the first upload (blocking, ~1 s)."""
+        from multiprocessing import forkserver
+
+        _context()
+        forkserver.ensure_running()
+
+    def admit(self, blob: bytes) -> AdmittedModel:
+        """Admit `blob` or raise (blocking: call it from a worker thread).
+
+        Raises:
+            ApiError: 413 (size or measured memory) or 422 (the guard, ONNX Runtime, the CPU or
+                time limit), each naming the limit; 429 when another admission held the slot
+                for the whole ``admission_timeout_s``.
+        """
+        limits = self._limits
+        if not self._one_at_a_time.acquire(timeout=limits.admission_timeout_s):
+            raise api_error_for_status(
+                429, "server busy: another model is being admitted (admission_timeout_s)"
+            )
+        try:
+            return _admit(blob, limits)
+        finally:
+            self._one_at_a_time.release()
+
+
+def _admit(blob: bytes, limits: Limits) -> AdmittedModel:
+    started = time.monotonic()
+    deadline = started + limits.admission_timeout_s
+    ctx = _context()
+    ours, theirs = ctx.Pipe(duplex=True)
+    process = ctx.Process(
+        target=_child_main, args=(theirs, limits), name="veil-admission", daemon=True
+    )
+    try:
+        process.start()
+        theirs.close()
+        try:
+            ours.send_bytes(blob)
+            header = _parse_header(_receive(ours, deadline, _HEADER_MAX, limits))
+            graph = (
+                _receive(ours, deadline, limits.max_model_bytes, limits)
+                if header["graph"]
+                else blob
+            )
+        except (EOFError, OSError):
+            raise _death(process, limits) from None
+    finally:
+        if process.is_alive():
+            process.kill()
+        process.join()
+        ours.close()
+        process.close()
+    if header["status"] != 200:
+        raise api_error_for_status(header["status"], header["message"])
+    return AdmittedModel(graph, header["loaded_bytes"], time.monotonic() - started)
+
+
+def _receive(conn: Connection, deadline: float, max_bytes: int, limits: Limits) -> bytes:
+    if not conn.poll(max(0.0, deadline - time.monotonic())):
+        raise api_error_for_status(
+            422,
+            f"invalid ONNX model: loading it exceeded admission_timeout_s="
+            f"{limits.admission_timeout_s:g}",
+        )
+    return conn.recv_bytes(max_bytes)
+
+
+def _parse_header(raw: bytes) -> dict[str, Any]:
+    """The child's answer, checked field by field: it ran hostile input, so trust no shape."""
+    try:
+        header = json.loads(raw)
+        status, message = header["status"], header["message"]
+        loaded, graph = header["loaded_bytes"], header["graph"]
+    except (ValueError, KeyError, TypeError):
+        raise api_error_for_status(422, "invalid ONNX model: admission gave no answer") from None
+    ok = (
+        status in (200, 413, 422)
+        and isinstance(message, str)
+        and type(loaded) is int
+        and loaded >= 0
+        and type(graph) is bool
+    )
+    if not ok:
+        raise api_error_for_status(422, "invalid ONNX model: admission gave no answer")
+    return {
+        "status": status,
+        "message": message[:_MESSAGE_MAX],
+        "loaded_bytes": loaded,
+        "graph": graph,
+    }
+
+
+def _death(process: Any, limits: Limits) -> ApiError:
+    """The error for a child that ended without answering."""
+    process.join(5.0)
+    code = process.exitcode
+    if code in (-signal.SIGXCPU, -signal.SIGKILL):  # soft, then hard, CPU limit
+        return api_error_for_status(
+            422,
+            f"invalid ONNX model: loading it exceeded admission_cpu_s={limits.admission_cpu_s:g}",
+        )
+    return api_error_for_status(
+        413,
+        f"invalid ONNX model: the loader died (exit {code}) loading it; "
+        f"it may need more than max_model_memory_bytes={limits.max_model_memory_bytes}",
+    )
+
+
+# --- the child ------------------------------------------------------------------------------
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _address_space_bytes() -> int:
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _memory_error(limits: Limits) -> ApiError:
+    return api_error_for_status(
+        413,
+        "invalid ONNX model: loading it needs more than "
+        f"max_model_memory_bytes={limits.max_model_memory_bytes}",
+    )
+
+
+def _child_main(conn: Connection, limits: Limits) -> None:
+    # Step 1: limits first, before a byte of the model is looked at.
+    cpu = math.ceil(limits.admission_cpu_s)
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+    os.nice(10)
+    blob = conn.recv_bytes()
+    ceiling = _address_space_bytes() + limits.max_model_memory_bytes + 2 * len(blob) + _AS_SLACK
+    resource.setrlimit(resource.RLIMIT_AS, (ceiling, ceiling))
+    header: dict[str, Any] = {"status": 200, "message": "", "loaded_bytes": 0, "graph": False}
+    graph: bytes | None = None
+    try:
+        graph, header["loaded_bytes"] = _check_and_measure(blob, limits)
+        header["graph"] = graph is not None
+    except ApiError as exc:
+        header.update(status=exc.status, message=exc.message)
+    except MemoryError:
+        refused = _memory_error(limits)
+        header.update(status=refused.status, message=refused.message)
+    conn.send_bytes(json.dumps(header).encode())
+    if graph is not None:
+        conn.send_bytes(graph)
+    conn.close()
+
+
+def _identity_model() -> bytes:
+    from onnx import TensorProto, helper
+
+    value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "warm-up", [value], [])
+    graph.output.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, [1]))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
+_WARM_UP = _identity_model()
+
+
+def _check_and_measure(blob: bytes, limits: Limits) -> tuple[bytes | None, int]:
+    """Steps 2-4: the graph to run (None: the upload unchanged) and its measured size."""
+    # 2. The structural guard.
+    check_model_lean(blob, limits)
+    # 3. Optimization: none yet; a pass returning a new graph goes here.
+    graph: bytes | None = None
+    # 4. Load exactly as the server will, and measure. A first session in a process also sets
+    # up ONNX Runtime itself (~40 MB that the server has paid once): pay it before measuring.
+    create_session(_WARM_UP, limits, intra_op_threads=1, checked=True)
+    before = _resident_bytes()
+    try:
+        session = create_session(graph or blob, limits, intra_op_threads=1, checked=True)
+    except ApiError as exc:
+        if "alloc" in exc.message.lower():  # std::bad_alloc under RLIMIT_AS
+            raise _memory_error(limits) from None
+        raise
+    loaded = max(0, _resident_bytes() - before)
+    del session
+    if loaded > limits.max_model_memory_bytes:
+        raise api_error_for_status(
+            413,
+            f"invalid ONNX model: loaded, it takes {loaded} bytes, exceeds "
+            f"max_model_memory_bytes={limits.max_model_memory_bytes}",
+        )
+    return graph, loaded
