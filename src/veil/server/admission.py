@@ -33,6 +33,7 @@ import multiprocessing
 import os
 import resource
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -73,8 +74,12 @@ class AdmittedModel:
 def _context() -> Any:
     ctx = multiprocessing.get_context("forkserver")
     # The fork server imports this module (and so ONNX and ONNX Runtime) once; each child is a
-    # fork of it and starts in milliseconds.
-    ctx.set_forkserver_preload([__name__])
+    # fork of it and starts in milliseconds. multiprocessing also re-runs the main module in
+    # each child (`python -m veil.cli`): preloaded, its imports cost nothing there.
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    main = getattr(spec, "name", None)
+    extra = [main] if isinstance(main, str) and not main.endswith("__main__") else []
+    ctx.set_forkserver_preload([__name__, *extra])
     return ctx
 
 
@@ -90,11 +95,9 @@ class Admitter:
         self._one_at_a_time = threading.Lock()
 
     def start(self) -> None:
-        """Start the fork server now rather than on the first upload (blocking, ~1 s)."""
-        from multiprocessing import forkserver
-
-        _context()
-        forkserver.ensure_running()
+        """Start the fork server and admit a trivial model, so that the first upload does not
+        wait for ONNX Runtime to be imported (blocking, a second or two)."""
+        self.admit(_WARM_UP)
 
     def admit(self, blob: bytes) -> AdmittedModel:
         """Admit `blob` or raise (blocking: call it from a worker thread).

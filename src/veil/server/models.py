@@ -52,6 +52,7 @@ from veil.tensors import (
 __all__ = ["LoadedModel", "ModelRegistry", "TensorSpec", "load_model"]
 
 Dim = int | None
+MEASUREMENT_NOISE_BYTES = 1 << 20
 _T = typing.TypeVar("_T")
 
 
@@ -145,8 +146,15 @@ class LoadedModel:
 
     @property
     def cost(self) -> int:
-        """Bytes the storage quota counts: the measured loaded size, at least the model's."""
-        return max(self.size, self.loaded_bytes)
+        """Bytes the storage quota counts: the measured loaded size, at least the model's.
+
+        Resident memory moves by pages and allocator noise (tens of KiB): a measured size within
+        `MEASUREMENT_NOISE_BYTES` of the model's is counted as the model's, so that the quota
+        of ordinary models does not depend on the noise.
+        """
+        if self.loaded_bytes <= self.size + MEASUREMENT_NOISE_BYTES:
+            return self.size
+        return self.loaded_bytes
 
     def feeds(self, tensors: Sequence[WireTensor]) -> dict[str, npt.NDArray[Any]]:
         """Match request tensors to the model's inputs and view them as arrays.
