@@ -119,3 +119,86 @@ def slow_model(steps: int = 40, n: int = 1024) -> onnx.ModelProto:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, n])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])
     return _model(helper.make_graph(nodes, "slow", [x], [y], initializer=[w]))
+
+
+# --- hostile models that pass a purely static guard (veil.server.admission) ---------------------
+
+
+def _scalar_graph_model(
+    nodes: list[onnx.NodeProto],
+    *,
+    sparse: list[onnx.SparseTensorProto] = (),  # type: ignore[assignment]
+    functions: list[onnx.FunctionProto] = (),  # type: ignore[assignment]
+    opsets: tuple[tuple[str, int], ...] = (("", OPSET),),
+) -> bytes:
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        sparse_initializer=list(sparse),
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid(d, v) for d, v in opsets],
+        functions=list(functions),
+    )
+    model.ir_version = IR_VERSION
+    return model.SerializeToString()
+
+
+def sparse_initializer_model(elements: int) -> bytes:
+    """y = x + sum(w), w a sparse float vector of `elements` with ONE value stored: ~150 bytes
+    that ONNX Runtime turns into a dense tensor of 4 x `elements` bytes when it loads them."""
+    values = numpy_helper.from_array(np.array([1.0], np.float32), "w")
+    indices = numpy_helper.from_array(np.array([0], np.int64), "w_indices")
+    w = helper.make_sparse_tensor(values, indices, [elements])
+    nodes = [
+        helper.make_node("ReduceSum", ["w"], ["s"], keepdims=1),
+        helper.make_node("Add", ["x", "s"], ["y"]),
+    ]
+    return _scalar_graph_model(nodes, sparse=[w])
+
+
+def nested_function_model(depth: int) -> bytes:
+    """y = f_depth(x) with f_0 = Relu and f_k = f_{k-1} o f_{k-1}: 2^depth nodes once ONNX
+    Runtime inlines the functions, from ~40 bytes a level."""
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("nest", 1)]
+    functions = [
+        helper.make_function(
+            "nest", "f0", ["a"], ["b"], [helper.make_node("Relu", ["a"], ["b"])], opsets
+        )
+    ]
+    for k in range(1, depth + 1):
+        body = [
+            helper.make_node(f"f{k - 1}", ["a"], ["t"], domain="nest"),
+            helper.make_node(f"f{k - 1}", ["t"], ["b"], domain="nest"),
+        ]
+        functions.append(helper.make_function("nest", f"f{k}", ["a"], ["b"], body, opsets))
+    node = helper.make_node(f"f{depth}", ["x"], ["y"], domain="nest")
+    return _scalar_graph_model([node], functions=functions, opsets=(("", OPSET), ("nest", 1)))
+
+
+def expand_model() -> onnx.ModelProto:
+    """y = Expand(x, shape): a float32 [1] and an int64 [2] input, as large an output as asked."""
+    graph = helper.make_graph(
+        [helper.make_node("Expand", ["x", "shape"], ["y"])],
+        "expand",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1]),
+            helper.make_tensor_value_info("shape", TensorProto.INT64, [2]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", "b"])],
+    )
+    return _model(graph)
+
+
+def matmul_model() -> onnx.ModelProto:
+    """y = x @ x, x float32 [n, n]: one operator as long as n makes it (n^3 multiply-adds)."""
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "x"], ["y"])],
+        "matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "n"])],
+    )
+    return _model(graph)

@@ -278,6 +278,7 @@ def _check_and_measure(blob: bytes, limits: Limits) -> tuple[bytes | None, int]:
         raise
     loaded = max(0, _resident_bytes() - before)
     del session
+    limits.check_load_ratio(loaded, len(blob), what="loaded, it takes")
     if loaded > limits.max_model_memory_bytes:
         raise api_error_for_status(
             413,

@@ -26,6 +26,7 @@ from dataclasses import dataclass, fields
 from veil.errors import ApiError, api_error_for_status
 
 __all__ = [
+    "LOAD_RATIO_FLOOR_BYTES",
     "ConcurrencyLimiter",
     "Limits",
     "RateLimiter",
@@ -36,6 +37,8 @@ __all__ = [
 
 _MiB = 1 << 20
 _GiB = 1 << 30
+# Below this, a model's loaded cost is never refused for its ratio to the bytes uploaded.
+LOAD_RATIO_FLOOR_BYTES = 64 * _MiB
 
 
 def limit_error(status: int, message: str) -> ApiError:
@@ -90,6 +93,9 @@ class Limits:
         max_model_memory_bytes: resident memory a model may cost once loaded, measured in the
             admission child process, which cannot grow its address space much past it (413).
             Storage quota counts this measured size.
+        max_load_ratio: what a model may cost loaded (declared tensor sizes, then measured) per
+            byte uploaded, above a floor of `LOAD_RATIO_FLOOR_BYTES`: a few bytes of sparse
+            tensor must not become a gigabyte (413).
         admission_cpu_s: CPU seconds the admission child may burn (422 past it).
         admission_timeout_s: wall time of one admission; the child is then killed (422).
         max_concurrent_runs: ONNX Runtime runs at once, across models (each model runs one at a
@@ -126,6 +132,7 @@ class Limits:
     # --- model admission and isolation (veil.server.admission, veil.server.models) ---
     max_graph_nodes: int = 500_000
     max_model_memory_bytes: int = 2 * _GiB
+    max_load_ratio: float = 16.0
     admission_cpu_s: float = 120.0
     admission_timeout_s: float = 300.0
     max_concurrent_runs: int = 4
@@ -161,6 +168,17 @@ class Limits:
                 413,
                 # Other tenants' usage is theirs: the message names only this model.
                 f"storing this model of {new_bytes} bytes exceeds the server's storage limit",
+            )
+
+    def check_load_ratio(self, loaded: int, model_bytes: int, *, what: str) -> None:
+        """Refuse a model of `model_bytes` whose `what` is `loaded` bytes, past the ratio."""
+        allowed = max(LOAD_RATIO_FLOOR_BYTES, math.floor(self.max_load_ratio * model_bytes))
+        if loaded > allowed:
+            raise limit_error(
+                413,
+                f"invalid ONNX model: {what} {loaded} bytes from a model of {model_bytes} bytes, "
+                f"exceeds max_load_ratio={self.max_load_ratio:g} "
+                f"(above {LOAD_RATIO_FLOOR_BYTES} bytes)",
             )
 
     def check_inputs(self, count: int) -> None:

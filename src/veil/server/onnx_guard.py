@@ -396,6 +396,9 @@ def _check_parsed(model_bytes: bytes, limits: Limits) -> ModelProto:
                 f"max_initializers_total_bytes={limits.max_initializers_total_bytes}"
             )
 
+    # 4b. Sparse tensors decompress: what they declare against what was sent.
+    limits.check_load_ratio(total, len(model_bytes), what="tensors declare")
+
     # 5. Graph size after function expansion, then constant shapes (walks that expansion).
     nodes = expanded_node_count(model, limits.max_graph_nodes)
     if nodes > limits.max_graph_nodes:
