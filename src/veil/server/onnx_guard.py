@@ -10,23 +10,31 @@ An uploaded model is hostile input. `check_model` refuses, with a 413/422 `ApiEr
 3. operators or opset imports from domains other than ``""``, ``ai.onnx``, ``ai.onnx.ml`` and
    ``com.microsoft`` (custom-op libraries are never loaded, and unknown domains are refused
    rather than left to fail later), except calls to functions the model defines itself;
-4. an initializer or constant whose *declared* size (shape x element size) exceeds
-   ``max_initializer_bytes``, or whose declared total exceeds ``max_initializers_total_bytes``;
-5. a ``ConstantOfShape`` whose shape is a constant above ``max_tensor_elements`` /
-   ``max_tensor_bytes`` (a model that allocates gigabytes from a few bytes);
+4. an initializer or constant whose *declared* size (shape x element size; a sparse tensor
+   counts as the dense tensor ONNX Runtime builds from it) exceeds ``max_initializer_bytes``,
+   whose declared total exceeds ``max_initializers_total_bytes`` (422), or exceeds
+   ``max_load_ratio`` times the model's size (413: a few bytes of sparse tensor, a gigabyte dense);
+5. a graph of more than ``max_graph_nodes`` nodes once local functions are inlined, as ONNX
+   Runtime does (nested functions double per level), or a local function calling itself; then
+   a ``ConstantOfShape``, ``Expand``, ``Tile`` or ``Reshape`` whose shape is a constant above
+   ``max_tensor_elements`` / ``max_tensor_bytes``: constants are initializers and ``Constant``
+   nodes (``value`` or ``value_ints``) of the same or an outer scope, followed into local
+   functions through their arguments;
 6. whatever ``onnx.checker.check_model`` refuses.
 
 Every graph is walked: subgraphs of ``If``/``Loop``/``Scan``, local function bodies and
 attribute defaults, training-info graphs.
 
-`create_session` then builds the ``InferenceSession`` with the CPU memory arena off (freed memory
-goes back to the system) and ONNX Runtime's constant folding disabled: constant folding runs
-*at session creation* and would materialise a ``ConstantOfShape`` of up to 1 GiB per node (ORT's
-own cap) before any request arrives. Shapes computed at run time are bounded only by the
-request limits, the per-request timeout and the concurrency limit: hard memory containment of a
-running graph needs process isolation (a cgroup memory limit on the server), which is left to
-the deployment. `run_with_timeout` bounds a run's time: past ``request_timeout_s`` it tells ONNX
-Runtime to stop (``RunOptions.terminate``, checked between nodes) and answers 504.
+These checks run in the admission child process (`veil.server.admission`), which also measures
+what the model costs loaded. `create_session` builds the ``InferenceSession`` with the CPU memory
+arena off (freed memory goes back to the system) and ONNX Runtime's constant folding disabled:
+constant folding runs *at session creation* and would materialise a ``ConstantOfShape`` of up to
+1 GiB per node (ORT's own cap) before any request arrives. Outputs are capped when a run returns
+(`veil.server.models`); what a graph allocates while it runs is bounded only by the request
+limits and the time-out: hard memory containment of a running graph needs a memory limit on the
+server (a cgroup), which is left to the deployment. `run_with_timeout` bounds a run's time: past
+``request_timeout_s`` it tells ONNX Runtime to stop (``RunOptions.terminate``, checked between
+nodes) and answers 504.
 """
 
 from __future__ import annotations
