@@ -108,6 +108,7 @@ def test_from_evidence_up_to_date_tdx_pins_no_tcb_exception(
     assert status == 0
     policy = Policy.from_toml(out)
     assert policy.accepted_tcb_statuses == frozenset({"UpToDate"})
+    assert policy.min_tcb_evaluation_data_number == 17
     assert policy.tdx is not None
     assert policy.tdx.mr_td[0].hex().startswith("91eb2b44d141d4ec")
     assert policy.tdx.rtmr3 == bytes(48)
@@ -241,3 +242,22 @@ def test_explain_agrees_with_validate(
         accepted = False
     assert accepted == all(c.ok for c in checks)
     assert accepted == (policy_set == evidence_set)
+
+
+def test_pinned_evaluation_number_refuses_older_collateral(
+    vectors: Path, policies: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The collateral this quote came with has evaluation number 17; a policy that saw 18 once
+    # (newer collateral) must refuse it, as it would refuse a replayed older evaluation.
+    text = policies["tdx"].read_text()
+    assert "min_tcb_evaluation_data_number = 17" in text
+    newer = tmp_path / "newer.toml"
+    newer.write_text(
+        text.replace("min_tcb_evaluation_data_number = 17", "min_tcb_evaluation_data_number = 18")
+    )
+    status = main(
+        ["verify-evidence", *evidence_args(vectors, SETS[1]), "--policy", str(newer), "--json"]
+    )
+    result = json.loads(capsys.readouterr().out)
+    assert (status, result["error_type"]) == (1, "TcbError")
+    assert "tcb_evaluation_data_number: got 17, expected >= 18" in result["error"]

@@ -375,12 +375,20 @@ def _tcb_lines(
             f"[sev_snp.min_tcb.{product}]",
             *parts,
         ]
+    # Intel's TCB evaluation data only moves forward: refusing collateral older than the one
+    # seen here stops a collateral source from replaying an evaluation that predates a fix.
+    number = _number(claims.details, "tcb_evaluation_data_number")
+    freshness = [
+        "# Collateral must be at least as recent as the one this evidence was verified with.",
+        f"min_tcb_evaluation_data_number = {number}",
+    ]
     if claims.tcb_status == "UpToDate":
-        return [], []
+        return freshness, []
     if not accept_observed:
         return None
     advisories = ", ".join(f'"{a}"' for a in claims.advisory_ids)
     return [
+        *freshness,
         f"# --accept-observed-tcb: the platform's TCB status is {claims.tcb_status}, not UpToDate.",
         f'accepted_tcb_statuses = ["UpToDate", "{claims.tcb_status}"]',
         f"accepted_advisory_ids = [{advisories}]",
