@@ -24,7 +24,8 @@
         ├── PermissionDeniedError        403: the key may not do this
         ├── NotFoundError                404: unknown model
         ├── ConflictError                409: model id already taken
-        └── RateLimitError               429: too many requests
+        ├── RateLimitError               429: too many requests
+        └── ServiceUnavailableError      503: queue full (retry after `retry_after`) or state broken
 
 Messages say what was found and what was expected ("mr_td: got 01…, expected 02…").
 No message ever holds a secret, an API key, a tensor or a model byte.
@@ -52,6 +53,7 @@ __all__ = [
     "RateLimitError",
     "RevokedError",
     "SealedStateError",
+    "ServiceUnavailableError",
     "SignatureError",
     "SimulationModeWarning",
     "TcbError",
@@ -165,6 +167,20 @@ class RateLimitError(ApiError):
     """429: too many requests for this key."""
 
 
+class ServiceUnavailableError(ApiError):
+    """503: the server cannot take the request now (its request queue is full, or its state
+    needs an operator).
+
+    Attributes:
+        retry_after: seconds the server asked the client to wait before trying again (its
+            ``Retry-After`` header); None when it did not ask: then retrying will not help.
+    """
+
+    def __init__(self, status: int, message: str, retry_after: float | None = None) -> None:
+        super().__init__(status, message)
+        self.retry_after = retry_after
+
+
 _API_ERRORS: dict[int, type[ApiError]] = {
     400: BadRequestError,
     401: AuthenticationError,
@@ -174,6 +190,7 @@ _API_ERRORS: dict[int, type[ApiError]] = {
     413: BadRequestError,
     422: BadRequestError,
     429: RateLimitError,
+    503: ServiceUnavailableError,
 }
 
 

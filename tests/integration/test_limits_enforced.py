@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import cbor2
 import numpy as np
@@ -15,6 +16,7 @@ from onnx_models import identity_model, slow_model
 from server_process import SNI, RawClient, ServerFactory, VeilServer, create_key, start_server
 
 import veil
+import veil.client.connection as connection_module
 
 LIMIT_FLAGS = {
     "--max-request-bytes": 65536,
@@ -182,37 +184,79 @@ def test_total_stored_bytes(server_factory: ServerFactory) -> None:
         assert sorted(m.model_id for m in client.list_models()) == ["b", "c"]
 
 
-def test_concurrent_requests(server_factory: ServerFactory) -> None:
-    running = server_factory("--max-concurrent-requests", "1")
-    busy = threading.Event()
+def test_busy_server_queues_then_refuses_with_retry_after(
+    server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    running = server_factory("--max-concurrent-requests", "1", "--max-queued-requests", "1")
     release = threading.Event()
+    ready = threading.Barrier(3)
 
     def hold() -> None:
-        # A complete request whose inference takes a while holds the one slot.
-        with running.connect() as client:
+        # Two of these keep the one slot busy and the one queue place taken, most of the time.
+        with running.connect(busy_retries=0) as client:
+            ready.wait(60)
             while not release.is_set():
-                busy.set()
-                client.predict("slow", np.ones((1024, 1024), np.float32))
+                try:
+                    client.predict("slow", np.ones((1024, 1024), np.float32))
+                except veil.ServiceUnavailableError:
+                    time.sleep(0.01)
 
+    # Every busy refusal the client decides to retry, with the delay it chose.
+    retries: list[float] = []
+    real_delay = connection_module.busy_retry_delay
+
+    def spy(*args: Any) -> float | None:
+        delay = real_delay(*args)
+        if delay is not None:
+            retries.append(delay)
+            release.set()  # the holders stop: the retry finds room
+        return delay
+
+    monkeypatch.setattr(connection_module, "busy_retry_delay", spy)
     with running.connect() as client:
         client.upload_model(identity_model("float32"), model_id="ok")
         client.upload_model(slow_model(), model_id="slow")
-        holder = threading.Thread(target=hold)
+    holders = [threading.Thread(target=hold) for _ in range(2)]
+    for holder in holders:
         holder.start()
-        try:
-            busy.wait(30)
-            refusal = None
-            deadline = time.monotonic() + 30
+    try:
+        refusal = None
+        with running.connect(busy_retries=0) as no_retry:
+            ready.wait(60)  # both holders have connected and are about to send
+            deadline = time.monotonic() + 60
             while refusal is None and time.monotonic() < deadline:
+                time.sleep(0.05)  # leave the holders the time to send their next request
                 try:
-                    client.predict("ok", X)
-                except veil.RateLimitError as exc:
+                    no_retry.predict("ok", X)  # queued behind the slow one, or refused
+                except veil.ServiceUnavailableError as exc:
                     refusal = exc
-                time.sleep(0.05)
-        finally:
-            release.set()
-            holder.join(60)
         assert refusal is not None
-        assert refusal.status == 429
-        assert refusal.message == "server busy: max_concurrent_requests=1 requests in progress"
-        assert np.array_equal(client.predict("ok", X).output[0].as_numpy(), X)
+        assert refusal.status == 503
+        assert refusal.message == "server busy: max_queued_requests=1 requests waiting"
+        assert refusal.retry_after == 1.0
+        assert not retries  # busy_retries=0 never retries
+        # veil's client retries a busy refusal (bounded, with backoff) and gets its answer.
+        with running.connect(busy_retries=10, busy_retry_max_delay=1.0) as client:
+            while not retries and time.monotonic() < deadline:
+                result = client.predict("ok", X)
+                assert np.array_equal(result.output[0].as_numpy(), X)
+        assert retries, "no busy refusal met within 60 s"
+        assert all(0.5 <= delay <= 1.0 for delay in retries)
+    finally:
+        release.set()
+        for holder in holders:
+            holder.join(60)
+
+
+def test_rate_over_the_limit_is_delayed_not_refused(server_factory: ServerFactory) -> None:
+    running = server_factory(
+        "--requests-per-second", "5", "--burst", "1", "--max-rate-delay-s", "1"
+    )
+    key = create_key(running.data_dir, "owner")[1]
+    with running.connect(api_key=key) as client:
+        client.upload_model(identity_model("float32"), model_id="ok")
+        time.sleep(0.5)  # let the bucket refill after the upload
+        start = time.monotonic()
+        for _ in range(4):  # one from the burst, then one every 0.2 s
+            client.predict("ok", X)
+        assert time.monotonic() - start >= 0.5

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import ssl
+import time
 import warnings
 from collections.abc import Iterator, Mapping
 from datetime import datetime
@@ -57,6 +59,7 @@ from veil.errors import (
     BindingError,
     EvidenceUnavailableError,
     PolicyError,
+    ServiceUnavailableError,
     SimulationModeWarning,
     TransportError,
     api_error_for_status,
@@ -82,6 +85,29 @@ def _simulated_policy() -> Policy:
     from veil.providers.measurement import simulated_measurement
 
     return Policy(sgx=SgxPolicy(mr_enclave=(simulated_measurement(),)))
+
+
+def _retry_after(value: str | None) -> float | None:
+    """A ``Retry-After`` in seconds; None if absent, a date, or nonsense (then no retry)."""
+    if value is None or not value.strip().isdigit() or len(value) > 6:
+        return None
+    return float(value)
+
+
+def busy_retry_delay(
+    attempt: int, retry_after: float | None, retries: int, max_delay: float
+) -> float | None:
+    """Seconds to wait before retry number ``attempt + 1`` of a busy refusal, or None to give up.
+
+    Only a refusal that says when to come back (``Retry-After``) is retried: the server's
+    delay, doubled at each attempt, capped at `max_delay`, and jittered down by up to half so
+    that clients refused together do not all come back together.
+    """
+    if retry_after is None or attempt >= retries:
+        return None
+    delay = min(max_delay, retry_after * 2.0**attempt)
+    jitter: float = random.uniform(0.5, 1.0)  # noqa: S311 - spreading retries, not a secret
+    return delay * jitter
 
 
 def _host(addr: str) -> str:
@@ -126,6 +152,11 @@ class Connection:
         collateral: where the collateral comes from: ``"server"`` (default, BlindAI's way),
             `veil.CollateralServices` (the client fetches it from Intel PCS/PCCS or AMD KDS),
             or the `pathlib.Path` of a bundle written by ``veil collateral fetch``.
+        busy_retries: how many times a request the server refused as busy (503 with
+            ``Retry-After``: its queue was full) is sent again; ``0`` never retries. Uploads
+            streamed from a file are not retried.
+        busy_retry_max_delay: the longest wait, in seconds, before one retry: the server's
+            ``Retry-After``, doubled at each retry, jittered, and capped by this.
 
     Raises:
         AttestationError: (or a subclass) the server could not prove what it runs; nothing
@@ -149,6 +180,8 @@ class Connection:
         now: datetime | None = None,
         trust: TrustStore | None = None,
         collateral: CollateralChoice = SERVER,
+        busy_retries: int = 4,
+        busy_retry_max_delay: float = 4.0,
     ) -> None:
         check_choice(collateral)
         ports = {"unattested_port": 9923, "attested_port": 9924, "management_port": 9925}
@@ -164,6 +197,13 @@ class Connection:
         unattested_port = unattested_port or ports["unattested_port"]
         attested_port = attested_port or ports["attested_port"]
         management_port = management_port or ports["management_port"]
+        if busy_retries < 0 or not busy_retry_max_delay >= 0:
+            raise ValueError(
+                f"busy_retries {busy_retries}, busy_retry_max_delay {busy_retry_max_delay}: "
+                "expected both >= 0"
+            )
+        self._busy_retries = busy_retries
+        self._busy_retry_max_delay = busy_retry_max_delay
         if trust is not None and simulation:
             raise ValueError("trust= and simulation=True: got both, expected at most one")
         if trust is not None and trust.simulated:
@@ -298,6 +338,30 @@ class Connection:
         timeout: httpx.Timeout | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> bytes:
+        """One call; a busy refusal (503 + ``Retry-After``) is retried if the body can be
+        sent again."""
+        attempt = 0
+        while True:
+            try:
+                return self._request_once(method, url, body, timeout, headers)
+            except ServiceUnavailableError as exc:
+                replayable = body is None or isinstance(body, bytes)
+                delay = busy_retry_delay(
+                    attempt, exc.retry_after, self._busy_retries, self._busy_retry_max_delay
+                )
+                if delay is None or not replayable:
+                    raise
+                time.sleep(delay)
+                attempt += 1
+
+    def _request_once(
+        self,
+        method: str,
+        url: str,
+        body: bytes | Iterator[bytes] | None = None,
+        timeout: httpx.Timeout | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> bytes:
         total = self._upload_total if timeout is not None else self._total
         try:
             with (
@@ -312,6 +376,7 @@ class Connection:
                 ) as response,
             ):
                 status = response.status_code
+                retry_after = response.headers.get("retry-after")
                 # Errors are short CBOR texts: no reason to read a long one.
                 limit = self._max_response_bytes if status < 400 else 64 << 10
                 content = read_capped(response, limit, url)
@@ -327,7 +392,10 @@ class Connection:
         except httpx.HTTPError as exc:
             raise TransportError(f"{url}: {type(exc).__name__}: {exc}") from None
         if status >= 400:
-            raise api_error_for_status(status, wire.decode_error(content))
+            error = api_error_for_status(status, wire.decode_error(content))
+            if isinstance(error, ServiceUnavailableError):
+                error.retry_after = _retry_after(retry_after)
+            raise error
         return content
 
     # ---- models -----------------------------------------------------------------------------

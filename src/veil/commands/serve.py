@@ -145,7 +145,7 @@ def _add_hardening_arguments(parser: argparse.ArgumentParser) -> None:
         help="on a platform with no sealing key, store models as UNENCRYPTED files instead of "
         "refusing to start",
     )
-    limits = parser.add_argument_group("limits (exceeding one answers 413, 422 or 429)")
+    limits = parser.add_argument_group("limits (exceeding one answers 413, 422, 429 or 503)")
     defaults = Limits()
     for f in fields(Limits):
         default = getattr(defaults, f.name)

@@ -18,8 +18,9 @@ with a 504 past ``request_timeout_s``.
 Every request on the attested and management ports goes through, in this order: a request id
 (``X-Request-Id`` on the response, one log line when it ends: id, port, route, status, duration,
 model id, key id, never inputs, outputs or keys); authentication (401,
-`veil.server.keys.AuthGate`); the per-key rate limit (429); the body limit and the body read
-time-out while reading (413, 408); the concurrency limit once the body is complete (429,
+`veil.server.keys.AuthGate`); the per-key rate limit (delayed up to ``max_rate_delay_s``, then
+429); the body limit and the body read time-out while reading (413, 408); a request slot once
+the body is complete (queued; 503 with ``Retry-After`` when the queue is full,
 `veil.server.connections.RequestGate`); decoding (400); then per route: tensor limits (422)
 and the model lookup (404) for a run; role and ownership (403, or 404 where the key may not
 even see the model); model and storage limits (413) and `check_model` (422) for an upload,
@@ -36,8 +37,10 @@ keys, and ``public`` when it runs without authentication.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
+import math
 import re
 import time
 import uuid
@@ -58,6 +61,7 @@ from veil.errors import (
     ApiError,
     BadRequestError,
     SealedStateError,
+    ServiceUnavailableError,
     TensorError,
     api_error_for_status,
 )
@@ -77,7 +81,7 @@ from veil.server.keys import (
     can_predict,
     can_upload,
 )
-from veil.server.limits import ConcurrencyLimiter, RateLimiter, limit_error
+from veil.server.limits import AdmissionQueue, RateLimiter, limit_error
 from veil.server.models import ModelRegistry
 from veil.server.store import ModelStoreProtocol, StoredModel
 from veil.tensors import numpy_dtype
@@ -141,7 +145,13 @@ def error_response(exc: BaseException) -> Response:
         # Unexpected: log the type only (a message could quote model or tensor content).
         _log.error("internal error: %s", type(exc).__name__)
         status, message = 500, "internal server error"
-    return Response(wire.encode_error(message), status_code=status, media_type=_CBOR)
+    headers = None
+    if isinstance(exc, ServiceUnavailableError) and exc.retry_after is not None:
+        # Only a busy server says when to come back; a broken state does not invite retries.
+        headers = {"retry-after": str(max(1, math.ceil(exc.retry_after)))}
+    return Response(
+        wire.encode_error(message), status_code=status, media_type=_CBOR, headers=headers
+    )
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -295,7 +305,7 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
     registry = state.registry
     access = state.access
     auth = state.auth
-    limiter = ConcurrencyLimiter(limits.max_concurrent_requests)
+    limiter = AdmissionQueue.from_limits(limits)
     rates = RateLimiter.from_limits(limits)
     # Requests with no key: a bucket per client address, and one for all of them together.
     anonymous_rates = RateLimiter(
@@ -372,7 +382,10 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
             _note(request, key_id=principal.key_id)
             # Per key: with authentication off there is no key to count by; the concurrency
             # limit still holds.
-            rates.acquire(principal.key_id)
+            delay = rates.reserve(principal.key_id, max_delay=limits.max_rate_delay_s)
+            if delay > 0:
+                # Over its rate but within the bound: slowed to the rate, not refused.
+                await asyncio.sleep(delay)
         return principal
 
     def not_found(model_id: str | None, model_hash: str | None) -> ApiError:

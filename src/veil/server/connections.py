@@ -14,8 +14,8 @@ and never outlive their purpose (defaults in `veil.server.limits.Limits`):
   from its opening); uvicorn closes idle keep-alive connections
   (``keep_alive_timeout_s``) and caps header bytes (``max_header_bytes``).
 - `RequestGate` (ASGI) answers 408 when a body being read stalls for ``body_read_timeout_s``,
-  and takes a ``max_concurrent_requests`` slot only once a body is complete: slow senders wait
-  without holding what other tenants need.
+  and takes a ``max_concurrent_requests`` slot (waiting in the bounded queue if none is free)
+  only once a body is complete: slow senders wait without holding what other tenants need.
 - `LogThrottle` keeps floods from filling the log: a few lines per message per interval, then
   one line counting the rest; the loop's exception handler logs one line, no traceback.
 """
@@ -36,7 +36,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from veil.errors import ApiError
-from veil.server.limits import ConcurrencyLimiter, Limits, limit_error
+from veil.server.limits import AdmissionQueue, Limits, limit_error
 
 __all__ = [
     "ConnectionCaps",
@@ -409,12 +409,13 @@ class RequestGate:
 
     While the application waits for the next piece of a body, more than ``body_read_timeout_s``
     without one raises a 408 (the response then closes the connection). A ``POST`` takes a slot
-    of `limiter` when its last body piece arrives (429 when none is free), and gives it back
-    when its response is done: a request still sending holds no slot.
+    of `limiter` when its last body piece arrives (waiting in its queue, counted with its body's
+    size; 503 when the queue is full), and gives it back when its response is done: a request
+    still sending holds no slot.
     """
 
     def __init__(
-        self, app: ASGIApp, *, limiter: ConcurrencyLimiter | None, body_read_timeout_s: float
+        self, app: ASGIApp, *, limiter: AdmissionQueue | None, body_read_timeout_s: float
     ) -> None:
         self._app = app
         self._limiter = limiter
@@ -426,11 +427,12 @@ class RequestGate:
             return
         limiter = self._limiter if scope.get("method") == "POST" else None
         body_done = holding = timed_out = False
+        received = 0
         # The last piece of a body refused a slot: handed out again to whoever drains the body.
         refused: Message | None = None
 
         async def gated_receive() -> Message:
-            nonlocal body_done, holding, timed_out, refused
+            nonlocal body_done, holding, timed_out, refused, received
             if timed_out:  # the rest of the body is not waited for again
                 return {"type": "http.disconnect"}
             if refused is not None:
@@ -446,11 +448,13 @@ class RequestGate:
                 raise limit_error(
                     408, f"request body: nothing received for body_read_timeout_s={self._timeout:g}"
                 ) from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
             if message["type"] != "http.request" or not message.get("more_body", False):
                 body_done = True
                 if limiter is not None and message["type"] == "http.request":
                     try:
-                        limiter.acquire()
+                        await limiter.acquire(received)
                     except ApiError:
                         refused = message
                         raise

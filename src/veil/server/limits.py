@@ -8,26 +8,32 @@ error-to-status mapping applies, with a message naming the limit and its value::
     429 rate limit exceeded: requests_per_second=50.0 (burst 100) for this key
 
 413 is for sizes of bodies, models and storage; 422 for tensors that do not fit the limits; 429 for
-rate and concurrency; 400 for malformed input. The defaults keep a 24 GiB machine alive under
-hostile load: at most `max_concurrent_requests` requests each holding at most `max_request_bytes`
-of body and their tensors.
+a key over its rate; 503 with ``Retry-After`` when the request queue is full; 400 for malformed
+input. The defaults keep a 24 GiB machine alive under hostile load: at most
+`max_concurrent_requests` requests each holding at most `max_request_bytes` of body and their
+tensors, and at most `max_queued_bytes` of bodies waiting for them.
+
+Busy is not an error: a request beyond what runs at once waits in a bounded queue
+(`AdmissionQueue`), and a key over its rate is delayed up to ``max_rate_delay_s``
+(`RateLimiter.reserve`); only a full queue or a longer delay is refused.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, fields
 
-from veil.errors import ApiError, api_error_for_status
+from veil.errors import ApiError, ServiceUnavailableError, api_error_for_status
 
 __all__ = [
     "LOAD_RATIO_FLOOR_BYTES",
-    "ConcurrencyLimiter",
+    "AdmissionQueue",
     "Limits",
     "RateLimiter",
     "iter_body_limited",
@@ -62,10 +68,18 @@ class Limits:
         max_inputs: tensors in one request (422).
         max_initializer_bytes: one ONNX initializer / constant, by its declared shape (422).
         max_initializers_total_bytes: all initializers of a model, by declared shape (422).
-        request_timeout_s: wall time of one inference (the server answers 503 or 504 past it).
-        max_concurrent_requests: requests processed at once; more are refused with 429.
-        requests_per_second: sustained request rate per API key (429).
+        request_timeout_s: wall time of one inference (the server answers 503 or 504 past it),
+            and the longest a request waits in the queue (503 with ``Retry-After`` past it).
+        max_concurrent_requests: requests processed at once (decoding, waiting in their
+            model's batcher, running); sized to fill one batch of 32.
+        max_queued_requests: requests waiting for one of those slots; one more is refused with
+            503 and ``Retry-After``.
+        max_queued_bytes: request bodies waiting in the queue, together (503 past it).
+        retry_after_s: the ``Retry-After`` a full queue answers with.
+        requests_per_second: sustained request rate per API key.
         burst: requests a key may send at once before the rate applies.
+        max_rate_delay_s: a request over its key's rate waits until the rate allows it, at
+            most this long; a longer wait is refused at once with 429.
         max_tracked_keys: rate-limiter buckets kept in memory (least recently used dropped).
         anonymous_requests_per_second: sustained rate of requests with no key (public models
             only) per client address (429).
@@ -113,9 +127,15 @@ class Limits:
     max_initializer_bytes: int = 1 * _GiB
     max_initializers_total_bytes: int = 1 * _GiB
     request_timeout_s: float = 60.0
-    max_concurrent_requests: int = 8
-    requests_per_second: float = 50.0
-    burst: int = 100
+    max_concurrent_requests: int = 32
+    max_queued_requests: int = 256
+    max_queued_bytes: int = 256 * _MiB
+    retry_after_s: float = 1.0
+    # One service key drives a whole application: 64 clients of a small model on 2 cores make
+    # a few hundred requests a second, which must be slowed at most, not refused.
+    requests_per_second: float = 500.0
+    burst: int = 1000
+    max_rate_delay_s: float = 1.0
     max_tracked_keys: int = 10_000
     anonymous_requests_per_second: float = 2.0
     anonymous_burst: int = 10
@@ -249,62 +269,159 @@ class RateLimiter:
             limits.requests_per_second, limits.burst, now=now, max_keys=limits.max_tracked_keys
         )
 
-    def try_acquire(self, key: str, cost: float = 1.0) -> bool:
-        """Take `cost` tokens from `key`'s bucket; False (and nothing taken) if too few."""
+    def reserve(self, key: str, cost: float = 1.0, *, max_delay: float = 0.0) -> float:
+        """Take `cost` tokens from `key`'s bucket and return how long to wait before going on.
+
+        The bucket may go into debt by what it refills in `max_delay` seconds: a request over
+        the rate is delayed until its tokens would have arrived, so a key is slowed to its
+        rate rather than refused. Waits run in arrival order because each takes its tokens
+        now.
+
+        Raises:
+            RateLimitError: (429) the wait would exceed `max_delay`; nothing is taken.
+        """
         t = self._now()
         with self._lock:
             tokens, last = self._buckets.pop(key, (self._burst, t))
             tokens = min(self._burst, tokens + max(0.0, t - last) * self._rate)
-            ok = tokens >= cost
+            wait = max(0.0, (cost - tokens) / self._rate)
+            ok = wait <= max_delay
             if ok:
                 tokens -= cost
             self._buckets[key] = (tokens, t)
             while len(self._buckets) > self._max_keys:
                 self._buckets.popitem(last=False)
-        return ok
-
-    def acquire(self, key: str, cost: float = 1.0) -> None:
-        """Like `try_acquire`, but raise `RateLimitError` (429) when the bucket is empty."""
-        if not self.try_acquire(key, cost):
+        if not ok:
             raise limit_error(
                 429,
                 f"rate limit exceeded: requests_per_second={self._rate:g} "
                 f"(burst {self._burst:g}) for this key",
             )
+        return wait
+
+    def try_acquire(self, key: str, cost: float = 1.0) -> bool:
+        """Take `cost` tokens from `key`'s bucket; False (and nothing taken) if too few."""
+        try:
+            self.reserve(key, cost)
+        except ApiError:
+            return False
+        return True
 
 
-class ConcurrencyLimiter:
-    """At most `limit` requests inside at once; the next one is refused at once with 429.
+class AdmissionQueue:
+    """At most `limit` requests in progress; the next ones wait, in arrival order, in a queue
+    bounded in requests and in body bytes; only a full queue refuses (503 + ``Retry-After``).
 
-    Refusing instead of queueing keeps memory bounded: a queued request still holds its body.
-    Use ``async with limiter.slot(): ...``.
+    A queued request holds only its body (counted in `max_queued_bytes`), never a slot: slots
+    are what the batcher and ONNX Runtime work through. A request waits at most `max_wait_s`.
+    A slot given back goes straight to the oldest waiter, so a burst cannot overtake the
+    queue. Single event loop: no lock, no await between a check and its update. Use
+    ``async with queue.slot(nbytes): ...`` or `acquire` / `release`.
     """
 
-    def __init__(self, limit: int) -> None:
-        if limit < 1:
-            raise ValueError(f"limit: got {limit}, expected >= 1")
+    def __init__(
+        self,
+        limit: int,
+        *,
+        max_queued: int,
+        max_queued_bytes: int,
+        retry_after_s: float,
+        max_wait_s: float,
+    ) -> None:
+        if limit < 1 or max_queued < 0 or max_queued_bytes < 0:
+            raise ValueError(
+                f"limit {limit}, max_queued {max_queued}, max_queued_bytes {max_queued_bytes}: "
+                "expected limit >= 1 and no negative bound"
+            )
         self._limit = limit
+        self._max_queued = max_queued
+        self._max_queued_bytes = max_queued_bytes
+        self._retry_after = retry_after_s
+        self._max_wait = max_wait_s
         self._active = 0
+        self._waiters: deque[tuple[asyncio.Future[None], int]] = deque()
+        self._queued_bytes = 0
+        self.refused = 0
+        """Requests refused with 503 since the queue was made (full, or waited too long)."""
+
+    @classmethod
+    def from_limits(cls, limits: Limits) -> AdmissionQueue:
+        return cls(
+            limits.max_concurrent_requests,
+            max_queued=limits.max_queued_requests,
+            max_queued_bytes=limits.max_queued_bytes,
+            retry_after_s=limits.retry_after_s,
+            max_wait_s=limits.request_timeout_s,
+        )
 
     @property
     def active(self) -> int:
+        """Requests holding a slot."""
         return self._active
 
-    def acquire(self) -> None:
-        """Take a slot, or raise `RateLimitError` (429); every success needs one `release`."""
-        # Single event loop: the check and the increment happen with no await between them.
-        if self._active >= self._limit:
-            raise limit_error(
-                429, f"server busy: max_concurrent_requests={self._limit} requests in progress"
-            )
-        self._active += 1
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a slot."""
+        return len(self._waiters)
+
+    @property
+    def queued_bytes(self) -> int:
+        """Body bytes of the requests waiting."""
+        return self._queued_bytes
+
+    def _busy(self, why: str) -> ServiceUnavailableError:
+        self.refused += 1
+        return ServiceUnavailableError(503, f"server busy: {why}", retry_after=self._retry_after)
+
+    async def acquire(self, nbytes: int = 0) -> None:
+        """Take a slot, waiting in the queue if none is free; every success needs a `release`.
+
+        Raises:
+            ServiceUnavailableError: (503, with ``retry_after``) the queue is full (in requests
+                or in bytes), or no slot came free within `max_wait_s`.
+        """
+        if self._active < self._limit and not self._waiters:
+            self._active += 1
+            return
+        if len(self._waiters) >= self._max_queued:
+            raise self._busy(f"max_queued_requests={self._max_queued} requests waiting")
+        if self._queued_bytes + nbytes > self._max_queued_bytes:
+            raise self._busy(f"max_queued_bytes={self._max_queued_bytes} of requests waiting")
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (waiter, nbytes)
+        self._waiters.append(entry)
+        self._queued_bytes += nbytes
+        try:
+            async with asyncio.timeout(self._max_wait):
+                await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                # `release` handed this request a slot just as it gave up: pass it on.
+                self.release()
+            else:
+                waiter.cancel()
+                if entry in self._waiters:  # `release` may have dropped it already, cancelled
+                    self._waiters.remove(entry)
+                    self._queued_bytes -= nbytes
+            if isinstance(exc, TimeoutError):
+                raise self._busy(
+                    f"no request slot free within request_timeout_s={self._max_wait:g}"
+                ) from None
+            raise
 
     def release(self) -> None:
+        """Give a slot back: to the oldest waiter if there is one."""
+        while self._waiters:
+            waiter, nbytes = self._waiters.popleft()
+            self._queued_bytes -= nbytes
+            if not waiter.done():
+                waiter.set_result(None)  # the slot changes hands: `active` stays
+                return
         self._active -= 1
 
     @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        self.acquire()
+    async def slot(self, nbytes: int = 0) -> AsyncIterator[None]:
+        await self.acquire(nbytes)
         try:
             yield
         finally:

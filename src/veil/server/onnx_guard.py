@@ -439,6 +439,11 @@ def session_options(*, intra_op_threads: int = 0) -> Any:
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Intra-op threads spin after each run by default: on a small machine they steal the cores
+    # the event loop needs to decode the next request (DistilBERT seq 8 on 2 busy cores:
+    # 23.9 ms spinning, 12.6 ms not).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return so
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from veil.errors import ApiError, RateLimitError
+from veil.errors import ApiError, ServiceUnavailableError
 from veil.server.connections import (
     ConnectionCaps,
     ConnectionGuard,
@@ -17,7 +17,7 @@ from veil.server.connections import (
     RequestGate,
     connection_caps,
 )
-from veil.server.limits import ConcurrencyLimiter, Limits
+from veil.server.limits import AdmissionQueue, Limits
 
 
 @pytest.mark.parametrize(
@@ -108,6 +108,10 @@ async def _reader(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b""})
 
 
+def _no_queue(limit: int = 1) -> AdmissionQueue:
+    return AdmissionQueue(limit, max_queued=0, max_queued_bytes=0, retry_after_s=1, max_wait_s=5)
+
+
 def _scope(method: str = "POST") -> dict[str, Any]:
     return {"type": "http", "method": method, "path": "/run", "headers": []}
 
@@ -115,7 +119,7 @@ def _scope(method: str = "POST") -> dict[str, Any]:
 def test_stalled_body_is_408_and_closes_the_connection() -> None:
     async def main() -> _Peer:
         peer = _Peer()
-        gate = RequestGate(_reader, limiter=ConcurrencyLimiter(1), body_read_timeout_s=0.05)
+        gate = RequestGate(_reader, limiter=_no_queue(), body_read_timeout_s=0.05)
         await peer.queue.put({"type": "http.request", "body": b"x", "more_body": True})
         await asyncio.wait_for(gate(_scope(), peer.receive, peer.send), 5)
         return peer
@@ -128,7 +132,7 @@ def test_stalled_body_is_408_and_closes_the_connection() -> None:
 
 def test_slot_taken_only_once_the_body_is_complete() -> None:
     async def main() -> None:
-        limiter = ConcurrencyLimiter(1)
+        limiter = _no_queue()
         gate = RequestGate(_reader, limiter=limiter, body_read_timeout_s=5)
         slow = _Peer()
         await slow.queue.put({"type": "http.request", "body": b"x", "more_body": True})
@@ -165,15 +169,15 @@ def test_slot_taken_only_once_the_body_is_complete() -> None:
     asyncio.run(main())
 
 
-def test_no_free_slot_when_the_body_completes_is_429() -> None:
+def test_no_free_slot_and_no_queue_room_is_503() -> None:
     async def main() -> None:
-        limiter = ConcurrencyLimiter(1)
-        limiter.acquire()  # someone else's request in progress
+        limiter = _no_queue()
+        await limiter.acquire()  # someone else's request in progress
         gate = RequestGate(_reader, limiter=limiter, body_read_timeout_s=5)
         peer = _Peer()
         await peer.queue.put({"type": "http.request", "body": b"x", "more_body": False})
         await gate(_scope(), peer.receive, peer.send)
-        assert peer.sent[0]["status"] == 429
+        assert peer.sent[0]["status"] == 503
         assert limiter.active == 1
         # GETs are not counted at all.
         get = _Peer()
@@ -184,10 +188,37 @@ def test_no_free_slot_when_the_body_completes_is_429() -> None:
     asyncio.run(main())
 
 
-def test_the_429_is_a_rate_limit_error() -> None:
-    limiter = ConcurrencyLimiter(1)
-    limiter.acquire()
-    with pytest.raises(RateLimitError, match="max_concurrent_requests=1"):
-        limiter.acquire()
-    limiter.release()
-    limiter.acquire()
+def test_the_busy_refusal_is_a_503_with_retry_after() -> None:
+    async def main() -> None:
+        limiter = _no_queue()
+        await limiter.acquire()
+        with pytest.raises(ServiceUnavailableError, match="max_queued_requests=0") as info:
+            await limiter.acquire()
+        assert info.value.retry_after == 1
+        limiter.release()
+        await limiter.acquire()
+
+    asyncio.run(main())
+
+
+def test_a_queued_body_waits_for_the_slot_counted_by_its_size() -> None:
+    async def main() -> None:
+        limiter = AdmissionQueue(
+            1, max_queued=1, max_queued_bytes=10, retry_after_s=1, max_wait_s=5
+        )
+        await limiter.acquire()
+        gate = RequestGate(_reader, limiter=limiter, body_read_timeout_s=5)
+        peer = _Peer()
+        await peer.queue.put({"type": "http.request", "body": b"abc", "more_body": True})
+        await peer.queue.put({"type": "http.request", "body": b"de", "more_body": False})
+        task = asyncio.create_task(gate(_scope(), peer.receive, peer.send))
+        while limiter.queued < 1:
+            await asyncio.sleep(0)
+        assert limiter.queued_bytes == 5
+        assert not peer.sent
+        limiter.release()
+        await task
+        assert peer.sent[0]["status"] == 200
+        assert (limiter.active, limiter.queued) == (0, 0)
+
+    asyncio.run(main())

@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator, Iterable
 
 import pytest
 
-from veil.errors import BadRequestError, RateLimitError
+from veil.errors import BadRequestError, RateLimitError, ServiceUnavailableError
 from veil.server.limits import (
-    ConcurrencyLimiter,
+    AdmissionQueue,
     Limits,
     RateLimiter,
     iter_body_limited,
@@ -30,7 +30,9 @@ async def _stream(
 def test_defaults_fit_24_gib() -> None:
     lim = Limits()
     worst = lim.max_concurrent_requests * (lim.max_request_bytes + 2 * lim.max_tensor_bytes)
-    assert worst < 4 << 30
+    # Requests in progress with their tensors, and the bodies waiting in the queue, leave
+    # two thirds of 24 GiB to the models.
+    assert worst + lim.max_queued_bytes < 8 << 30
     assert lim.max_request_bytes == 64 << 20
 
 
@@ -101,9 +103,25 @@ def test_rate_limiter_token_bucket() -> None:
     t[0] += 100.0  # refills only up to the burst
     assert [rl.try_acquire("a") for _ in range(4)] == [True, True, True, False]
     with pytest.raises(RateLimitError) as info:
-        rl.acquire("a")
+        rl.reserve("a")
     assert info.value.status == 429
     assert "requests_per_second=2 (burst 3)" in info.value.message
+
+
+def test_rate_limiter_delays_within_its_bound_then_refuses() -> None:
+    t = [0.0]
+    rl = RateLimiter(rate=10.0, burst=2, now=lambda: t[0])
+    assert rl.reserve("a", max_delay=0.25) == 0.0
+    assert rl.reserve("a", max_delay=0.25) == 0.0
+    # Over the rate: each next request waits for its own token, in arrival order.
+    assert rl.reserve("a", max_delay=0.25) == pytest.approx(0.1)
+    assert rl.reserve("a", max_delay=0.25) == pytest.approx(0.2)
+    # The next would wait 0.3 s > 0.25 s: refused, and nothing is taken for it.
+    with pytest.raises(RateLimitError, match="requests_per_second=10 "):
+        rl.reserve("a", max_delay=0.25)
+    assert rl.reserve("b", max_delay=0.25) == 0.0  # other keys are not slowed
+    t[0] += 0.1  # one token back: the wait shrinks by as much
+    assert rl.reserve("a", max_delay=0.25) == pytest.approx(0.2)
 
 
 def test_rate_limiter_bounded_memory() -> None:
@@ -120,37 +138,109 @@ def test_rate_limiter_from_limits() -> None:
     assert [rl.try_acquire("k") for _ in range(3)] == [True, True, False]
 
 
-def test_concurrency_limiter() -> None:
+def _queue(
+    limit: int = 1, max_queued: int = 2, max_bytes: int = 100, wait: float = 5.0
+) -> AdmissionQueue:
+    return AdmissionQueue(
+        limit, max_queued=max_queued, max_queued_bytes=max_bytes, retry_after_s=2.0, max_wait_s=wait
+    )
+
+
+def test_admission_queue_waits_in_order_then_refuses_when_full() -> None:
     async def main() -> None:
-        lim = ConcurrencyLimiter(2)
-        gate = asyncio.Event()
-        entered = 0
+        q = _queue(limit=1, max_queued=2)
+        order: list[str] = []
+        await q.acquire()  # runs at once
 
-        async def hold() -> None:
-            nonlocal entered
-            async with lim.slot():
-                entered += 1
-                await gate.wait()
+        async def waiter(name: str) -> None:
+            await q.acquire(10)
+            order.append(name)
 
-        tasks = [asyncio.create_task(hold()) for _ in range(2)]
-        while entered < 2:
+        tasks = [asyncio.create_task(waiter(n)) for n in "ab"]
+        while q.queued < 2:
             await asyncio.sleep(0)
-        assert lim.active == 2
-        with pytest.raises(RateLimitError, match="max_concurrent_requests=2") as info:
-            async with lim.slot():
-                pass
-        assert info.value.status == 429
-        gate.set()
+        assert (q.active, q.queued, q.queued_bytes) == (1, 2, 20)
+        # A third waiter does not fit: 503, saying when to come back.
+        with pytest.raises(ServiceUnavailableError) as info:
+            await q.acquire(10)
+        assert info.value.status == 503
+        assert info.value.retry_after == 2.0
+        assert info.value.message == "server busy: max_queued_requests=2 requests waiting"
+        assert q.refused == 1
+        q.release()  # the slot goes to the oldest waiter; `active` stays 1
+        await asyncio.sleep(0)
+        assert order == ["a"]
+        assert (q.active, q.queued, q.queued_bytes) == (1, 1, 10)
+        q.release()
         await asyncio.gather(*tasks)
-        assert lim.active == 0
-        async with lim.slot():  # a failure inside releases the slot too
-            assert lim.active == 1
-        with pytest.raises(ZeroDivisionError):
-            async with lim.slot():
-                _ = 1 / 0
-        assert lim.active == 0
+        assert order == ["a", "b"]
+        q.release()
+        assert (q.active, q.queued, q.queued_bytes) == (0, 0, 0)
 
     asyncio.run(main())
+
+
+def test_admission_queue_bounded_in_bytes() -> None:
+    async def main() -> None:
+        q = _queue(limit=1, max_queued=10, max_bytes=100)
+        await q.acquire()
+        first = asyncio.create_task(q.acquire(60))
+        while q.queued < 1:
+            await asyncio.sleep(0)
+        with pytest.raises(ServiceUnavailableError, match="max_queued_bytes=100 "):
+            await q.acquire(41)
+        second = asyncio.create_task(q.acquire(40))  # exactly fits
+        while q.queued < 2:
+            await asyncio.sleep(0)
+        assert q.queued_bytes == 100
+        q.release()
+        q.release()
+        await asyncio.gather(first, second)
+        assert (q.active, q.queued_bytes) == (1, 0)
+
+    asyncio.run(main())
+
+
+def test_admission_queue_wait_is_bounded_and_cancel_leaves_no_trace() -> None:
+    async def main() -> None:
+        q = _queue(limit=1, max_queued=4, wait=0.05)
+        await q.acquire()
+        with pytest.raises(ServiceUnavailableError, match=r"request_timeout_s=0\.05") as info:
+            await q.acquire(5)
+        assert info.value.retry_after == 2.0
+        assert (q.queued, q.queued_bytes) == (0, 0)
+        # A waiter whose client went away leaves the queue and takes no slot.
+        gone = asyncio.create_task(q.acquire(7))
+        while q.queued < 1:
+            await asyncio.sleep(0)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        assert (q.queued, q.queued_bytes) == (0, 0)
+        q.release()
+        assert q.active == 0
+
+    asyncio.run(main())
+
+
+def test_admission_queue_slot_released_on_failure() -> None:
+    async def main() -> None:
+        q = _queue(limit=2)
+        async with q.slot():
+            assert q.active == 1
+        with pytest.raises(ZeroDivisionError):
+            async with q.slot():
+                _ = 1 / 0
+        assert q.active == 0
+
+    asyncio.run(main())
+
+
+def test_admission_queue_from_limits() -> None:
+    q = AdmissionQueue.from_limits(Limits())
+    assert (q.active, q.queued) == (0, 0)
+    with pytest.raises(ValueError, match="expected limit >= 1"):
+        AdmissionQueue(0, max_queued=1, max_queued_bytes=1, retry_after_s=1, max_wait_s=1)
 
 
 def test_read_body_limited() -> None:
