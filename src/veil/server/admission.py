@@ -27,6 +27,7 @@ admission time-out, then gets 429): each may use ``max_model_memory_bytes``.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import multiprocessing
@@ -214,6 +215,16 @@ def _address_space_bytes() -> int:
         return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _release_free_memory() -> None:
+    """Give memory freed to the C allocator back to the system (glibc), so that resident
+    memory counts what is in use."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: the measure keeps the allocator's free lists, erring high
+        return
+    libc.malloc_trim(0)
+
+
 def _memory_error(limits: Limits) -> ApiError:
     return api_error_for_status(
         413,
@@ -269,6 +280,7 @@ def _check_and_measure(blob: bytes, limits: Limits) -> tuple[bytes | None, int]:
     # 4. Load exactly as the server will, and measure. A first session in a process also sets
     # up ONNX Runtime itself (~40 MB that the server has paid once): pay it before measuring.
     create_session(_WARM_UP, limits, intra_op_threads=1, checked=True)
+    _release_free_memory()
     before = _resident_bytes()
     try:
         session = create_session(graph or blob, limits, intra_op_threads=1, checked=True)
@@ -276,6 +288,8 @@ def _check_and_measure(blob: bytes, limits: Limits) -> tuple[bytes | None, int]:
         if "alloc" in exc.message.lower():  # std::bad_alloc under RLIMIT_AS
             raise _memory_error(limits) from None
         raise
+    # What the session keeps, not what its construction passed through and freed.
+    _release_free_memory()
     loaded = max(0, _resident_bytes() - before)
     del session
     limits.check_load_ratio(loaded, len(blob), what="loaded, it takes")
