@@ -10,13 +10,18 @@ where upstream used /dev/null (the same bytes).
 from __future__ import annotations
 
 import hashlib
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from veil.attestation.policy import Policy
+from veil.attestation.trust import TrustStore
+from veil.attestation.verifier import verify_evidence
 from veil.cli import main
+from veil.errors import HazmatWarning, PolicyError
+from veil.testing.intel_pki import IntelPki
 from veil.testing.sigstruct import generate_enclave_key, sign_sigstruct
 
 FIXTURES = Path(__file__).resolve().parents[2] / "testdata" / "sev-snp-measure"
@@ -206,3 +211,38 @@ def test_snp_launch_kernel_with_ovmf_lacking_hashes_table(
     )  # fmt: skip
     assert (status, out) == (1, "")
     assert "SNP_KERNEL_HASHES" in err
+
+
+def test_from_sigstruct_policy_accepts_the_enclave_it_describes(
+    key: rsa.RSAPrivateKey, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The printed policy, applied by the verifier to quotes of an Intel-shaped test platform:
+    the enclave the SIGSTRUCT describes passes (either pin), another enclave, signer or older SVN
+    does not."""
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+    pki = IntelPki(now=now, seed=b"sigstruct")
+    platform = pki.sgx_platform()
+    collateral = platform.collateral(now)
+    with pytest.warns(HazmatWarning):
+        trust = TrustStore.hazmat_test_roots(intel_root=pki.root)
+    sig = tmp_path / "veil.sig"
+    sig.write_bytes(sign_sigstruct(key, enclave_hash=ENCLAVE_HASH, isv_prod_id=5, isv_svn=2))
+    mr_signer = hashlib.sha256(key.public_key().public_numbers().n.to_bytes(384, "little")).digest()
+
+    def quote(**fields: object) -> bytes:
+        body: dict[str, object] = {
+            "mr_enclave": ENCLAVE_HASH, "mr_signer": mr_signer, "isv_prod_id": 5, "isv_svn": 2,
+        } | fields  # fmt: skip
+        return platform.quote(b"tls", **body)
+
+    for pin in ("enclave", "signer"):
+        status, out, _ = run(capsys, "from-sigstruct", sig, "--pin", pin)
+        assert status == 0
+        policy = Policy.from_toml(out)
+        verify_evidence(quote(), collateral, policy=policy, trust=trust, now=now)
+        refused = [quote(mr_signer=bytes(32)), quote(isv_svn=1), quote(isv_prod_id=6)]
+        if pin == "enclave":
+            refused = [quote(mr_enclave=bytes(32))]
+        for evidence in refused:
+            with pytest.raises(PolicyError):
+                verify_evidence(evidence, collateral, policy=policy, trust=trust, now=now)
