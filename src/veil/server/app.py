@@ -1,7 +1,8 @@
 """The three ASGI apps of `veil serve`: routes only.
 
 - unattested (plain HTTP): ``GET /`` certificate, ``GET /quote``, ``GET /collateral``,
-  ``GET /keys`` (the key map the report data's second half binds, `veil.keymap`), ``GET /healthz``;
+  ``GET /keys`` (the key map the report data's second half binds, `veil.keymap`), ``GET /healthz``,
+  ``GET /metrics`` (Prometheus, `veil.server.metrics`: no inputs, outputs or model names);
 - attested (HTTPS, attested certificate): ``GET /`` handshake, ``POST /run``, and ``/upload``,
   ``/delete`` for older clients;
 - management (HTTPS, attested certificate): ``POST /upload``, ``POST /delete``, ``GET /models``,
@@ -82,6 +83,7 @@ from veil.server.keys import (
     can_upload,
 )
 from veil.server.limits import AdmissionQueue, RateLimiter, limit_error
+from veil.server.metrics import CONTENT_TYPE, OTHER_ROUTE, Metrics
 from veil.server.models import ModelRegistry
 from veil.server.store import ModelStoreProtocol, StoredModel
 from veil.tensors import numpy_dtype
@@ -166,9 +168,11 @@ class _RequestLog:
     kept when it is a short plain token, so calls can be traced across systems.
     """
 
-    def __init__(self, app: ASGIApp, port: str) -> None:
+    def __init__(self, app: ASGIApp, port: str, metrics: Metrics, routes: frozenset[str]) -> None:
         self._app = app
         self._port = port
+        self._metrics = metrics
+        self._routes = routes  # the paths this app serves: the only route labels of a metric
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -196,6 +200,13 @@ class _RequestLog:
         try:
             await self._app(scope, receive, send_with_id)
         finally:
+            path = str(scope.get("path", ""))
+            self._metrics.observe_request(
+                self._port,
+                path if path in self._routes else OTHER_ROUTE,
+                status,
+                time.perf_counter() - start,
+            )
             if _access_log.isEnabledFor(logging.INFO):
                 _access_log.info(
                     "request id=%s port=%s method=%s route=%r status=%d duration_ms=%.1f "
@@ -306,6 +317,15 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
     access = state.access
     auth = state.auth
     limiter = AdmissionQueue.from_limits(limits)
+    metrics = Metrics()
+    metrics.watch(
+        in_progress=lambda: limiter.active,
+        queued=lambda: limiter.queued,
+        models=lambda: len(registry.all()),
+    )
+    registry.on_run = metrics.observe_batch
+    for loaded in registry.all():  # restored at start, before the metrics existed
+        loaded.batcher.on_run = metrics.observe_batch
     rates = RateLimiter.from_limits(limits)
     # Requests with no key: a bucket per client address, and one for all of them together.
     anonymous_rates = RateLimiter(
@@ -349,6 +369,11 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         }
         status = 503 if collateral.state == "failing" else 200
         return Response(cbor2.dumps(body), status_code=status, media_type=_CBOR)
+
+    async def get_metrics(request: Request) -> Response:
+        # Plain HTTP, like /healthz: counts and timings only (`veil.server.metrics`), nothing a
+        # tenant sent or named.
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     async def handshake(request: Request) -> Response:
         return _cbor(None)
@@ -484,14 +509,19 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
             try:
                 # Admitted (checked, loaded, measured) in a child process first: the server's
                 # ONNX Runtime never sees what it refuses.
-                model = await run_in_threadpool(
-                    registry.admit_and_load,
-                    blob,
-                    model_id=model_id,
-                    model_name=model_name,
-                    threads=config.threads,
-                    batching=config.batching,
-                )
+                try:
+                    model = await run_in_threadpool(
+                        registry.admit_and_load,
+                        blob,
+                        model_id=model_id,
+                        model_name=model_name,
+                        threads=config.threads,
+                        batching=config.batching,
+                    )
+                except ApiError:
+                    metrics.observe_admission(loaded=False)
+                    raise
+                metrics.observe_admission(loaded=True)
                 limits.check_storage(storage["used"] + storage["pending"] - len(blob), model.cost)
                 meta = StoredModel(
                     model_id,
@@ -602,7 +632,9 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         gate = Middleware(
             RequestGate, limiter=limiter, body_read_timeout_s=limits.body_read_timeout_s
         )
-        return Starlette(middleware=[Middleware(_RequestLog, port=port), gate], routes=list(routes))
+        paths = frozenset(r.path for r in routes)
+        log = Middleware(_RequestLog, port=port, metrics=metrics, routes=paths)
+        return Starlette(middleware=[log, gate], routes=list(routes))
 
     handshake_route = route("/", handshake, "GET")
     # BlindAI 0.6 clients manage models on the attested port too; veil's own use the management one.
@@ -614,6 +646,7 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         route("/collateral", get_collateral, "GET"),
         route("/keys", get_key_map, "GET"),
         route("/healthz", get_health, "GET"),
+        route("/metrics", get_metrics, "GET"),
     )
     attested = app("attested", handshake_route, route("/run", run, "POST"), *model_management)
     management = app(

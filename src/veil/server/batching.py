@@ -215,6 +215,8 @@ class DynamicBatcher:
             self._config.enabled and dynamic_batch_axis and self._config.max_batch_size > 1
         )
         self._disabled_after_split_failure = False
+        self.on_run: Callable[[int, int], None] | None = None
+        """Called on the event loop with (requests, rows) of each run (the server's metrics)."""
         self._queue: deque[_Request] = deque()
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
@@ -363,6 +365,8 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         rows = sum(r.rows for r in batch)
         self._count(len(batch), rows, runs=1)
+        if self.on_run is not None:
+            self.on_run(len(batch), rows)
         self._last_requests = len(batch)
         if len(batch) == 1:
             request = batch[0]

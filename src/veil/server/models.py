@@ -374,6 +374,8 @@ class ModelRegistry:
         self._lock = threading.Lock()
         self._models: dict[str, LoadedModel] = {m.model_id: m for m in models}
         self._reserved: set[str] = set()
+        self.on_run: Callable[[int, int], None] | None = None
+        """Given to the batcher of every model added from now on (`DynamicBatcher.on_run`)."""
 
     def admit_and_load(
         self,
@@ -422,6 +424,7 @@ class ModelRegistry:
             self._reserved.discard(model_id)
 
     def add(self, model: LoadedModel) -> None:
+        model.batcher.on_run = self.on_run
         with self._lock:
             self._reserved.discard(model.model_id)
             self._models[model.model_id] = model
