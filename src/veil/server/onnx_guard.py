@@ -290,7 +290,7 @@ def _check_shape_node(node: NodeProto, vector: list[int], limits: Limits) -> Non
     elif any(d < 0 for d in vector):
         return  # ONNX Runtime refuses a negative shape or repeat count itself
     try:
-        limits.check_tensor(dims, itemsize, name=f"{node.op_type} {node.name}")
+        limits.check_tensor(dims, itemsize, name=f"{node.op_type} {node.name}".rstrip())
     except ApiError as exc:
         raise _invalid(exc.message) from None
 
