@@ -26,6 +26,7 @@ _COMMANDS = (
     "demo",
     "export",
     "policy",
+    "proxy",
 )
 
 

@@ -362,6 +362,43 @@ class Connection:
         timeout: httpx.Timeout | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> bytes:
+        status, answer, content = self._exchange(method, url, body, timeout, headers)
+        if status >= 400:
+            error = api_error_for_status(status, wire.decode_error(content))
+            if isinstance(error, ServiceUnavailableError):
+                error.retry_after = _retry_after(answer.get("retry-after"))
+            raise error
+        return content
+
+    def forward(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> tuple[int, httpx.Headers, bytes]:
+        """Send one HTTP request on the attested channel and return the answer as it is.
+
+        For `veil proxy`, which relays the Open Inference Protocol: (status, headers, body),
+        error statuses included; the connection's API key, deadline and response cap apply.
+
+        Raises:
+            BindingError: the server presents another certificate than the attested one (the
+                request was not sent: the TLS handshake failed).
+            TransportError: the network failed.
+        """
+        if not path.startswith("/"):
+            raise ValueError(f"path: got {path[:40]!r}, expected one starting with '/'")
+        return self._exchange(method, f"{self._attested_url}{path}", body, None, headers)
+
+    def _exchange(
+        self,
+        method: str,
+        url: str,
+        body: bytes | Iterator[bytes] | None,
+        timeout: httpx.Timeout | None,
+        headers: Mapping[str, str] | None,
+    ) -> tuple[int, httpx.Headers, bytes]:
         total = self._upload_total if timeout is not None else self._total
         try:
             with (
@@ -376,8 +413,8 @@ class Connection:
                 ) as response,
             ):
                 status = response.status_code
-                retry_after = response.headers.get("retry-after")
-                # Errors are short CBOR texts: no reason to read a long one.
+                answer_headers = response.headers
+                # Errors are short texts: no reason to read a long one.
                 limit = self._max_response_bytes if status < 400 else 64 << 10
                 content = read_capped(response, limit, url)
         except httpx.ConnectError as exc:
@@ -391,12 +428,7 @@ class Connection:
             raise TransportError(f"{url}: {type(exc).__name__}: {exc}") from None
         except httpx.HTTPError as exc:
             raise TransportError(f"{url}: {type(exc).__name__}: {exc}") from None
-        if status >= 400:
-            error = api_error_for_status(status, wire.decode_error(content))
-            if isinstance(error, ServiceUnavailableError):
-                error.retry_after = _retry_after(retry_after)
-            raise error
-        return content
+        return status, answer_headers, content
 
     # ---- models -----------------------------------------------------------------------------
 

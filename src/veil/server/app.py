@@ -1,10 +1,12 @@
 """The three ASGI apps of `veil serve`: routes only.
 
 - unattested (plain HTTP): ``GET /`` certificate, ``GET /quote``, ``GET /collateral``,
-  ``GET /keys`` (the key map the report data's second half binds, `veil.keymap`), ``GET /healthz``,
-  ``GET /metrics`` (Prometheus, `veil.server.metrics`: no inputs, outputs or model names);
+  ``GET /keys`` (the key map the report data's second half binds, `veil.keymap`), ``GET /healthz``
+  (CBOR, BlindAI's), ``GET /livez`` and ``GET /readyz`` (JSON), ``GET /metrics`` (Prometheus,
+  `veil.server.metrics`: no inputs, outputs or model names);
 - attested (HTTPS, attested certificate): ``GET /`` handshake, ``POST /run``, and ``/upload``,
-  ``/delete`` for older clients;
+  ``/delete`` for older clients; the Open Inference Protocol v2 under ``/v2``
+  (`veil.server.oip`: the same models, keys, limits and errors, in JSON);
 - management (HTTPS, attested certificate): ``POST /upload``, ``POST /delete``, ``GET /models``,
   and the admin-key API (``/admin/keys``, ``/admin/keys/revoke``: `veil.server.admin`).
 
@@ -54,13 +56,14 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from veil import wire
 from veil.errors import (
     ApiError,
     BadRequestError,
+    NotFoundError,
     SealedStateError,
     ServiceUnavailableError,
     TensorError,
@@ -84,11 +87,12 @@ from veil.server.keys import (
 )
 from veil.server.limits import AdmissionQueue, RateLimiter, limit_error
 from veil.server.metrics import CONTENT_TYPE, OTHER_ROUTE, Metrics
-from veil.server.models import ModelRegistry
+from veil.server.models import LoadedModel, ModelRegistry
+from veil.server.oip import OipBackend, oip_routes
 from veil.server.store import ModelStoreProtocol, StoredModel
 from veil.tensors import numpy_dtype
 
-__all__ = ["ServerState", "build_apps", "error_response"]
+__all__ = ["ServerState", "build_apps", "error_response", "error_status"]
 
 _log = logging.getLogger("veil.server")
 _access_log = logging.getLogger("veil.server.requests")
@@ -132,8 +136,8 @@ class ServerState:
     key_map: KeyMap = EMPTY_KEY_MAP
 
 
-def error_response(exc: BaseException) -> Response:
-    """The one mapping from exceptions to HTTP statuses; the body is a CBOR text message."""
+def error_status(exc: BaseException) -> tuple[int, str, dict[str, str] | None]:
+    """The one mapping from exceptions to (HTTP status, message, headers), for every codec."""
     if isinstance(exc, ApiError):
         status, message = exc.status, exc.message
     elif isinstance(exc, TensorError):
@@ -151,6 +155,12 @@ def error_response(exc: BaseException) -> Response:
     if isinstance(exc, ServiceUnavailableError) and exc.retry_after is not None:
         # Only a busy server says when to come back; a broken state does not invite retries.
         headers = {"retry-after": str(max(1, math.ceil(exc.retry_after)))}
+    return status, message, headers
+
+
+def error_response(exc: BaseException) -> Response:
+    """`error_status` as BlindAI's routes answer it: the body is a CBOR text message."""
+    status, message, headers = error_status(exc)
     return Response(
         wire.encode_error(message), status_code=status, media_type=_CBOR, headers=headers
     )
@@ -374,6 +384,16 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         # Plain HTTP, like /healthz: counts and timings only (`veil.server.metrics`), nothing a
         # tenant sent or named.
         return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    async def get_live(request: Request) -> Response:
+        return JSONResponse({"live": True})
+
+    async def get_ready(request: Request) -> Response:
+        # Ready while clients accept the server: expired collateral makes them refuse it.
+        collateral = keeper.status()
+        ready = collateral.state != "failing"
+        body = {"ready": ready, "simulated": state.simulated, "collateral": collateral.as_map()}
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     async def handshake(request: Request) -> Response:
         return _cbor(None)
@@ -613,6 +633,29 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
                 listed.append({**entry, "owner": meta.owner, "visibility": meta.visibility})
         return _cbor(listed)
 
+    def runnable(principal: Principal, model_id: str) -> LoadedModel:
+        try:
+            model = registry.get(model_id)
+        except NotFoundError:
+            raise not_found(model_id, None) from None
+        if not visible(principal, meta_of(model.model_id)):
+            raise not_found(model_id, None)
+        return model
+
+    async def authenticate_run(request: Request) -> Principal:
+        # As for /run: a public model may be run without a key (unless --no-anonymous).
+        return await authenticate(request, allow_anonymous=True)
+
+    oip = OipBackend(
+        limits=limits,
+        authenticate=authenticate_run,
+        runnable=runnable,
+        ready=lambda: keeper.status().state != "failing",
+        error_status=error_status,
+        read_body=_read_body,
+        note=_note,
+    )
+
     def route(path: str, handler: Handler, method: str) -> Route:
         return Route(path, _endpoint(handler), methods=[method])
 
@@ -647,8 +690,16 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         route("/keys", get_key_map, "GET"),
         route("/healthz", get_health, "GET"),
         route("/metrics", get_metrics, "GET"),
+        route("/livez", get_live, "GET"),
+        route("/readyz", get_ready, "GET"),
     )
-    attested = app("attested", handshake_route, route("/run", run, "POST"), *model_management)
+    attested = app(
+        "attested",
+        handshake_route,
+        route("/run", run, "POST"),
+        *model_management,
+        *oip_routes(oip),
+    )
     management = app(
         "management",
         handshake_route,

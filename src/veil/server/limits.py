@@ -58,6 +58,8 @@ class Limits:
 
     Attributes:
         max_request_bytes: body of a run/predict request (413).
+        max_json_request_bytes: the JSON of an Open Inference Protocol request (413); parsed
+            JSON takes several times its size in memory, so this is lower than the above.
         max_upload_bytes: body of a model upload request (413).
         max_model_bytes: a decoded ONNX model (413).
         max_total_stored_bytes: all stored models together (413).
@@ -117,6 +119,7 @@ class Limits:
     """
 
     max_request_bytes: int = 64 * _MiB
+    max_json_request_bytes: int = 16 * _MiB
     max_upload_bytes: int = 1 * _GiB
     max_model_bytes: int = 1 * _GiB
     max_total_stored_bytes: int = 8 * _GiB
