@@ -39,12 +39,16 @@ def register(subparsers: Any) -> None:
         ),
     )
     parser.add_argument("--server", required=True, metavar="HOST", help="the veil server")
-    trust = parser.add_mutually_exclusive_group(required=True)
-    trust.add_argument("--policy", type=Path, help="TOML policy naming the measurements to accept")
-    trust.add_argument(
+    parser.add_argument(
+        "--policy",
+        type=Path,
+        help="TOML policy naming the measurements to accept (required unless --simulation)",
+    )
+    parser.add_argument(
         "--simulation",
         action="store_true",
-        help="accept a simulated server (NO SECURITY: development only)",
+        help="accept a simulated server (NO SECURITY: development only); without --policy it "
+        "pins this veil version's simulated measurement",
     )
     parser.add_argument(
         "--api-key-env",
@@ -131,6 +135,9 @@ def _proxy(args: argparse.Namespace) -> int:
     from veil.client.connection import Connection
     from veil.proxy import AttestedUpstream, ProxySettings, build_proxy_app
 
+    if args.policy is None and not args.simulation:
+        print("veil proxy: --policy FILE is required (or --simulation, insecure)", file=sys.stderr)
+        return 2
     try:
         host, port = parse_listen(args.listen)
         collateral = _collateral(args)
