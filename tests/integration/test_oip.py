@@ -236,10 +236,15 @@ def test_json_body_limit(oip: Oip) -> None:
 
 
 def test_keys_and_unknown_models(oip: Oip) -> None:
-    reply = oip.post("/v2/models/dense/infer", {"inputs": [GOOD_X]}, key=False)
+    wrong = {"X-Veil-Api-Key": "veil_0123456789abcdef_" + "0" * 64}
+    reply = oip.post("/v2/models/dense/infer", {"inputs": [GOOD_X]}, headers=wrong)
     assert reply.status_code == 401
     assert "API key" in reply.json()["error"]
-    assert oip.get("/v2/models/dense", key=False).status_code == 401
+    assert oip.get("/v2/models/dense", key=False).status_code == 404
+    # No key at all is anonymous, as on /run: public models only, a restricted one is unknown.
+    reply = oip.post("/v2/models/dense/infer", {"inputs": [GOOD_X]}, key=False)
+    assert reply.status_code == 404
+    assert reply.json() == {"error": "unknown model id 'dense'"}
     for path in ("/v2/models/ghost", "/v2/models/ghost/ready"):
         reply = oip.get(path)
         assert reply.status_code == 404
