@@ -27,6 +27,7 @@ _COMMANDS = (
     "export",
     "policy",
     "proxy",
+    "portal",
 )
 
 
