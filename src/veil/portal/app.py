@@ -108,6 +108,7 @@ def _environment() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,
     )
     env.filters["time"] = _time
+    env.filters["hex"] = lambda value: value.hex() if isinstance(value, bytes) else str(value)
     return env
 
 

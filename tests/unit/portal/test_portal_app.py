@@ -48,7 +48,7 @@ class FakeAdmin:
 
 
 def model(model_id: str, owner: str | None, visibility: str = "public") -> ModelInfo:
-    return ModelInfo(model_id, model_id, "ab" * 32, 123, (), (), owner, visibility)
+    return ModelInfo(model_id, model_id, bytes(range(32)), 123, (), (), owner, visibility)
 
 
 @pytest.fixture
@@ -239,7 +239,7 @@ def test_pages_need_login(app: TestClient) -> None:
 
 def test_everything_shown_is_escaped(app: TestClient, admin: FakeAdmin) -> None:
     evil = "<script>alert(1)</script>"
-    admin.models.append(ModelInfo(evil, evil, "ab" * 32, 1, (), (), None, "public"))
+    admin.models.append(ModelInfo(evil, evil, bytes(32), 1, (), (), None, "public"))
     page = app.get("/").text
     assert evil not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
@@ -273,6 +273,7 @@ def test_catalogue_lists_public_models_only(app: TestClient, admin: FakeAdmin) -
     admin.models += [model("open", "k1"), model("closed", "k1", "restricted")]
     page = app.get("/").text
     assert "open" in page
+    assert bytes(range(32)).hex() in page  # the hash in hex
     assert "closed" not in page
 
 
