@@ -261,3 +261,10 @@ def test_a_restricted_model_is_invisible_to_another_key(oip: Oip) -> None:
     )
     assert reply.status_code == 404
     assert reply.json() == {"error": "unknown model id 'dense'"}
+
+
+def test_metrics_count_oip_routes_by_template(oip: Oip) -> None:
+    assert oip.post("/v2/models/dense/infer", {"inputs": [GOOD_X]}).status_code == 200
+    metrics = httpx.get(oip.plain + "/metrics").text
+    assert 'route="/v2/models/{name}/infer"' in metrics
+    assert "dense" not in metrics

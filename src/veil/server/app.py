@@ -211,9 +211,14 @@ class _RequestLog:
             await self._app(scope, receive, send_with_id)
         finally:
             path = str(scope.get("path", ""))
+            # A route with parameters (OIP's /v2/models/{name}/infer) is counted by its
+            # template, as routing matched it: a model name never becomes a label.
+            template = getattr(scope.get("route"), "path", None)
+            if path not in self._routes:
+                path = template if template in self._routes else OTHER_ROUTE
             self._metrics.observe_request(
                 self._port,
-                path if path in self._routes else OTHER_ROUTE,
+                path,
                 status,
                 time.perf_counter() - start,
             )

@@ -275,6 +275,32 @@ def test_service_gone_is_degraded_before_clients_refuse(tmp_path: Path, clock: C
     assert _get(unattested, "/healthz")[1]["status"] == "ok"
 
 
+def test_json_readiness_follows_the_collateral(tmp_path: Path, clock: Clock) -> None:
+    # /readyz (plain port) and OIP's /v2/health/ready (attested port) turn 503 exactly when
+    # clients would refuse the served collateral; /livez stays 200.
+    service = Service(SimulatedSgxProvider(tmp_path / "data", clock=clock))
+    service.down = True
+    state = _server(tmp_path, clock, service)
+    unattested, attested, _ = build_apps(state)
+    expires = state.collateral.status().expires
+    clock.advance(timedelta(days=2))
+    assert not state.collateral.refresh_if_due()
+
+    def ready() -> tuple[int, Any, int, Any]:
+        with TestClient(unattested) as plain, TestClient(attested) as oip:
+            first, second = plain.get("/readyz"), oip.get("/v2/health/ready")
+            assert plain.get("/livez").json() == {"live": True}
+        return first.status_code, first.json(), second.status_code, second.json()
+
+    status, body, oip_status, oip_body = ready()
+    assert (status, body["ready"], body["collateral"]["state"]) == (200, True, "degraded")
+    assert (oip_status, oip_body) == (200, {"ready": True})
+    clock.now = expires + timedelta(seconds=1)
+    status, body, oip_status, oip_body = ready()
+    assert (status, body["ready"], body["collateral"]["state"]) == (503, False, "failing")
+    assert (oip_status, oip_body) == (503, {"ready": False})
+
+
 def test_failed_refresh_waits_the_retry_delay(tmp_path: Path, clock: Clock) -> None:
     service = Service(SimulatedSgxProvider(tmp_path / "data", clock=clock))
     service.down = True
