@@ -18,6 +18,8 @@
     ├── TransportError                   the network failed: refused, reset, timed out
     ├── ExportError                      a model did not export to ONNX, or ONNX Runtime disagrees with PyTorch
     ├── SealedStateError                 the server's sealed state is tampered with, rolled back or incomplete
+    ├── ReceiptError                     a receipt or proof file does not prove what it claims
+    │   └── LogError                     the transparency log does not include it, or was rewritten
     └── ApiError                         the server answered with an error status
         ├── BadRequestError              400 / 413 / 422: malformed request, limits, wrong inputs
         ├── AuthenticationError          401: missing or unknown API key
@@ -50,7 +52,9 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "PolicyError",
+    "LogError",
     "RateLimitError",
+    "ReceiptError",
     "RevokedError",
     "SealedStateError",
     "ServiceUnavailableError",
@@ -127,6 +131,16 @@ class ExportError(VeilError):
 
 class SealedStateError(VeilError):
     """The server's state at rest (manifest, model blobs, key records) is inconsistent: refused."""
+
+
+class ReceiptError(VeilError):
+    """A receipt or proof file does not verify: malformed, a bad signature, a key the evidence
+    does not bind, or a field that differs from what was sent or received."""
+
+
+class LogError(ReceiptError):
+    """An inclusion proof does not lead to the tree head, or two tree heads are inconsistent
+    (the transparency log was rewritten)."""
 
 
 class ApiError(VeilError):
