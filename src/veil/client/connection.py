@@ -14,10 +14,16 @@
 
 Inputs, models and outputs travel only on step 5's channels; they are verified once per
 connection and kept alive for every request.
+
+Receipts (``receipt=True``): the server signs what it did with the receipt key the evidence
+binds; before returning, the client checks the signature, that the receipt names the evidence
+verified in step 3, the digests of the inputs it sent and the outputs it received, and the
+receipt's inclusion in the server's signed log head (`veil.receipts`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import random
@@ -58,13 +64,18 @@ from veil.errors import (
     AttestationError,
     BindingError,
     EvidenceUnavailableError,
+    LogError,
     PolicyError,
+    ReceiptError,
     ServiceUnavailableError,
     SimulationModeWarning,
     TransportError,
     api_error_for_status,
 )
-from veil.keymap import KeyMap, check_binding
+from veil.keymap import EMPTY_KEY_MAP, RECEIPT_KEY, KeyMap, check_binding
+from veil.receipts.merkle import verify_consistency
+from veil.receipts.payload import TreeHead, tensors_digest
+from veil.receipts.proof import Receipt, SignedTreeHead, check_receipt, decode_bundle
 from veil.tensors import encode_inputs
 from veil.tls import SERVER_NAME, pinned_client_context
 from veil.wire import admin as admin_wire
@@ -72,6 +83,7 @@ from veil.wire import admin as admin_wire
 __all__ = ["API_KEY_HEADER", "MAX_EVIDENCE_RESPONSE_BYTES", "Connection", "connect"]
 
 API_KEY_HEADER = "X-Veil-Api-Key"
+_RECEIPT_HEADER = "X-Veil-Receipt"
 _SNI = {"sni_hostname": SERVER_NAME}
 _UPLOAD_CHUNK = 1 << 20
 # Certificate, evidence and collateral each fit in a few dozen KiB; this leaves room for long
@@ -108,6 +120,10 @@ def busy_retry_delay(
     delay = min(max_delay, retry_after * 2.0**attempt)
     jitter: float = random.uniform(0.5, 1.0)  # noqa: S311 - spreading retries, not a secret
     return delay * jitter
+
+
+def _shown(value: object) -> str:
+    return value.hex() if isinstance(value, bytes) else repr(value)
 
 
 def _host(addr: str) -> str:
@@ -264,6 +280,9 @@ class Connection:
         """The server's other public keys (receipt key…), vouched for by the evidence."""
         self.verified: VerifiedEvidence = verified
         """The verified evidence of the server (measurements, TCB status, report data)."""
+        # Kept for receipts: a proof file embeds the evidence and collateral as verified here.
+        self._evidence, self._collateral, self._key_map_encoded = quote, chosen, key_map
+        self._receipt_key = self.key_map.get(RECEIPT_KEY)
         self.certificate_der = certificate
         # Step 5: channels that trust only the attested certificate.
         try:
@@ -338,8 +357,18 @@ class Connection:
         timeout: httpx.Timeout | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> bytes:
-        """One call; a busy refusal (503 + ``Retry-After``) is retried if the body can be
-        sent again."""
+        return self._call(method, url, body, timeout, headers)[0]
+
+    def _call(
+        self,
+        method: str,
+        url: str,
+        body: bytes | Iterator[bytes] | None = None,
+        timeout: httpx.Timeout | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> tuple[bytes, httpx.Headers]:
+        """One call, (body, response headers); a busy refusal (503 + ``Retry-After``) is
+        retried if the body can be sent again."""
         attempt = 0
         while True:
             try:
@@ -361,14 +390,14 @@ class Connection:
         body: bytes | Iterator[bytes] | None = None,
         timeout: httpx.Timeout | None = None,
         headers: Mapping[str, str] | None = None,
-    ) -> bytes:
+    ) -> tuple[bytes, httpx.Headers]:
         status, answer, content = self._exchange(method, url, body, timeout, headers)
         if status >= 400:
             error = api_error_for_status(status, wire.decode_error(content))
             if isinstance(error, ServiceUnavailableError):
                 error.retry_after = _retry_after(answer.get("retry-after"))
             raise error
-        return content
+        return content, answer
 
     def forward(
         self,
@@ -430,6 +459,113 @@ class Connection:
             raise TransportError(f"{url}: {type(exc).__name__}: {exc}") from None
         return status, answer_headers, content
 
+    # ---- receipts ---------------------------------------------------------------------------
+
+    def _receipt_headers(self, receipt: bool) -> dict[str, str] | None:
+        if not receipt:
+            return None
+        if self._receipt_key is None:
+            raise ReceiptError("the server's evidence binds no receipt key: it issues no receipts")
+        return {_RECEIPT_HEADER: "1"}
+
+    def _check_receipt(
+        self,
+        headers: httpx.Headers,
+        op: str,
+        *,
+        model_id: str | None,
+        model_hash: bytes | None,
+        inputs: bytes | None = None,
+        outputs: bytes | None = None,
+    ) -> Receipt:
+        """The receipt of the call just made, checked against what was sent and received."""
+        value = headers.get(_RECEIPT_HEADER)
+        if value is None or self._receipt_key is None:
+            raise ReceiptError("the server answered without the receipt asked for")
+        message, head, path = decode_bundle(value)
+        payload, tree = check_receipt(
+            message, head, path, public_key=self._receipt_key, evidence=self._evidence
+        )
+        for name, got, expected in (
+            ("op", payload.op, op),
+            ("model_id", payload.model_id, model_id),
+            ("model_hash", payload.model_hash, model_hash),
+            ("inputs", payload.inputs, inputs),
+            ("outputs", payload.outputs, outputs),
+        ):
+            if expected is not None and got != expected:
+                raise ReceiptError(
+                    f"receipt.{name}: got {_shown(got)}, expected {_shown(expected)}"
+                )
+        return Receipt(
+            payload=payload,
+            tree_head=tree,
+            message=message,
+            head=head,
+            path=path,
+            evidence=self._evidence,
+            certificate_der=self.certificate_der,
+            key_map=self._key_map_encoded or EMPTY_KEY_MAP.encoded,
+            collateral=self._collateral,
+        )
+
+    def log_head(self) -> SignedTreeHead:
+        """The server's current signed log head, verified with the bound receipt key; keep it
+        (``.save(path)``) to check later that the log was never rewritten (`check_consistency`).
+        """
+        if self._receipt_key is None:
+            raise ReceiptError("the server's evidence binds no receipt key: it keeps no log")
+        reply = wire.decode_reply(self._request("GET", f"{self._attested_url}/log/head"), "log")
+        head = reply.get("head") if isinstance(reply, dict) else None
+        if not isinstance(head, bytes):
+            raise ReceiptError("log head: malformed reply")
+        return SignedTreeHead.verify(head, self._receipt_key)
+
+    def _log_path(self, query: str) -> list[bytes]:
+        reply = wire.decode_reply(self._request("GET", f"{self._attested_url}/log/{query}"), "log")
+        path = reply.get("path") if isinstance(reply, dict) else None
+        if not isinstance(path, list) or not all(isinstance(p, bytes) for p in path):
+            raise ReceiptError("log proof: malformed reply")
+        return path
+
+    def check_consistency(self, older: TreeHead) -> SignedTreeHead:
+        """The current log head, after checking it extends `older` (a head kept earlier).
+
+        Raises:
+            LogError: the log was rewritten (or shrank) since `older`.
+        """
+        newer = self.log_head()
+        if older.size > newer.head.size:
+            raise LogError(
+                f"consistency: the log has {newer.head.size} entries, fewer than the "
+                f"{older.size} of the head kept: it was cut"
+            )
+        path = self._log_path(f"consistency?first={older.size}&second={newer.head.size}")
+        verify_consistency(older.size, newer.head.size, older.root, newer.head.root, path)
+        return newer
+
+    def prove_inclusion(self, receipt: Receipt, head: SignedTreeHead) -> Receipt:
+        """`receipt` with its inclusion proof moved to `head` (a later head of this server),
+        e.g. one an auditor keeps for ``veil verify-receipt --log-head``.
+
+        Raises:
+            LogError: the log at `head` does not hold the receipt.
+        """
+        size = head.head.size
+        path = self._log_path(f"inclusion?index={receipt.payload.seq}&size={size}")
+        if self._receipt_key is None:
+            raise ReceiptError("the server's evidence binds no receipt key")
+        payload, tree = check_receipt(
+            receipt.message,
+            head.message,
+            path,
+            public_key=self._receipt_key,
+            evidence=receipt.evidence,
+        )
+        return dataclasses.replace(
+            receipt, payload=payload, tree_head=tree, head=head.message, path=tuple(path)
+        )
+
     # ---- models -----------------------------------------------------------------------------
 
     def upload_model(
@@ -440,6 +576,7 @@ class Connection:
         model_name: str | None = None,
         visibility: str | None = None,
         allowed_keys: list[str] | tuple[str, ...] | None = None,
+        receipt: bool = False,
     ) -> UploadResponse:
         """Send an ONNX model over the attested channel (needs an ``owner`` or ``admin`` key).
 
@@ -452,6 +589,7 @@ class Connection:
                 default, restricted when it asks for keys, public when it runs ``--no-auth``.
             allowed_keys: key ids (the 16 hex digits after ``veil_``) that may run a restricted
                 model besides the uploader; giving them implies ``"restricted"``.
+            receipt: ask for a signed receipt of the upload (`UploadResponse.receipt`).
 
         Raises:
             ConflictError: `model_id` is taken. BadRequestError: not a model the server can load.
@@ -506,18 +644,21 @@ class Connection:
                     yield piece
 
         url = f"{self._management_url}/upload"
-        reply = self._request(
-            "POST",
-            url,
-            body(),
-            self._upload_timeout,
-            headers={"content-length": str(len(head) + size)},
+        request_headers = {"content-length": str(len(head) + size)}
+        request_headers.update(self._receipt_headers(receipt) or {})
+        reply, reply_headers = self._call(
+            "POST", url, body(), self._upload_timeout, headers=request_headers
         )
         got_id, got_hash = wire.decode_upload_reply(reply)
         expected = digest.digest()
         if got_hash != expected:
             raise ApiError(200, f"upload: server hash {got_hash.hex()}, expected {expected.hex()}")
-        return UploadResponse(model_id=got_id, hash=got_hash)
+        signed = None
+        if receipt:
+            signed = self._check_receipt(
+                reply_headers, "upload", model_id=got_id, model_hash=expected
+            )
+        return UploadResponse(model_id=got_id, hash=got_hash, receipt=signed)
 
     def predict(
         self,
@@ -526,6 +667,7 @@ class Connection:
         *,
         dtype: Any = None,
         shape: Any = None,
+        receipt: bool = False,
     ) -> PredictResponse:
         """Run a model on `inputs` inside the TEE.
 
@@ -534,12 +676,15 @@ class Connection:
             inputs: a numpy array, a torch tensor, a flat list (with `dtype` and `shape`), a
                 list of those (fed to the model's inputs in order), or a dict by input name.
             dtype, shape: for flat lists: the element type and dimensions (one, or one per input).
+            receipt: ask for a signed receipt (`PredictResponse.receipt`), checked before this
+                returns: signature, bound key, the digests of these inputs and the outputs.
 
         Raises:
             TensorError: an input cannot be encoded. NotFoundError: no such model.
             BadRequestError: the inputs do not fit the model (type, shape, count).
+            ReceiptError: a receipt was asked for and does not verify.
         """
-        return self._run(model_id, None, inputs, dtype, shape)
+        return self._run(model_id, None, inputs, dtype, shape, receipt)
 
     def run_model(
         self,
@@ -555,24 +700,50 @@ class Connection:
         return self._run(model_id or None, model_hash or None, input_tensors, dtypes, shapes)
 
     def _run(
-        self, model_id: str | None, model_hash: str | None, inputs: Any, dtype: Any, shape: Any
+        self,
+        model_id: str | None,
+        model_hash: str | None,
+        inputs: Any,
+        dtype: Any,
+        shape: Any,
+        receipt: bool = False,
     ) -> PredictResponse:
         tensors = encode_inputs(inputs, dtype=dtype, shape=shape)
         body = wire.encode_run_request(
             model_id=model_id, model_hash=model_hash, inputs=tensors, client_info=_CLIENT_INFO
         )
-        reply = self._request("POST", f"{self._attested_url}/run", body)
-        return PredictResponse([Tensor.from_wire(t) for t in wire.decode_run_reply(reply)])
+        reply, headers = self._call(
+            "POST", f"{self._attested_url}/run", body, headers=self._receipt_headers(receipt)
+        )
+        outputs = wire.decode_run_reply(reply)
+        signed = None
+        if receipt:
+            signed = self._check_receipt(
+                headers,
+                "predict",
+                model_id=model_id,
+                model_hash=bytes.fromhex(model_hash) if model_hash else None,
+                inputs=tensors_digest(tensors),
+                outputs=tensors_digest(outputs),
+            )
+        return PredictResponse([Tensor.from_wire(t) for t in outputs], receipt=signed)
 
-    def delete_model(self, model_id: str) -> None:
-        """Delete a model from the server (its uploader's key or an admin key).
+    def delete_model(self, model_id: str, *, receipt: bool = False) -> Receipt | None:
+        """Delete a model from the server (its uploader's key or an admin key); with `receipt`,
+        return the signed receipt of the deletion.
 
         Raises NotFoundError if it has no such model (or none this key may see),
         PermissionDeniedError if this key may not delete it.
         """
-        self._request(
-            "POST", f"{self._management_url}/delete", wire.encode_delete_request(model_id)
+        _, headers = self._call(
+            "POST",
+            f"{self._management_url}/delete",
+            wire.encode_delete_request(model_id),
+            headers=self._receipt_headers(receipt),
         )
+        if not receipt:
+            return None
+        return self._check_receipt(headers, "delete", model_id=model_id, model_hash=None)
 
     def list_models(self) -> list[ModelInfo]:
         """The models this key manages (veil extension): its own uploads; an admin's: all."""

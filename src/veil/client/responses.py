@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from veil.receipts.proof import Receipt
 from veil.tensors import DatumType, WireTensor, decode_array, numpy_dtype
 
 __all__ = ["ModelInfo", "PredictResponse", "RunModelResponse", "Tensor", "UploadResponse"]
@@ -61,17 +62,21 @@ class Tensor:
 
 @dataclass(frozen=True, slots=True)
 class UploadResponse:
-    """The result of an upload: the id to run the model by and SHA-256 of its bytes."""
+    """The result of an upload: the id to run the model by and SHA-256 of its bytes, and the
+    signed receipt when one was asked for."""
 
     model_id: str
     hash: bytes
+    receipt: Receipt | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class PredictResponse:
-    """The outputs of one inference, in the model's output order."""
+    """The outputs of one inference, in the model's output order, and the signed receipt
+    (``receipt=True``; ``result.receipt.save(path)`` writes a proof file)."""
 
     output: list[Tensor]
+    receipt: Receipt | None = None
 
 
 RunModelResponse = PredictResponse

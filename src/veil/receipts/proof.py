@@ -18,6 +18,7 @@ valid when the receipt was made", not "is it valid now".
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import os
 from collections.abc import Mapping, Sequence
@@ -45,7 +46,9 @@ __all__ = [
     "SignedTreeHead",
     "VerifiedReceipt",
     "check_receipt",
+    "decode_bundle",
     "decode_collateral",
+    "encode_bundle",
     "encode_collateral",
     "read_log_head",
     "verify_proof",
@@ -54,6 +57,29 @@ __all__ = [
 MAX_PROOF_BYTES = 8 << 20
 _PROOF_VERSION = 1
 _MAX_PATH = 64
+
+
+def encode_bundle(receipt: bytes, head: bytes, path: Sequence[bytes]) -> str:
+    """The ``X-Veil-Receipt`` response header: base64url (unpadded) of CBOR
+    ``{"receipt": COSE_Sign1, "head": COSE_Sign1, "path": [bytes(32), ...]}``."""
+    bundle = cbor2.dumps({"receipt": receipt, "head": head, "path": list(path)})
+    return base64.urlsafe_b64encode(bundle).decode().rstrip("=")
+
+
+def decode_bundle(value: str) -> tuple[bytes, bytes, tuple[bytes, ...]]:
+    """(receipt, head, path) of an ``X-Veil-Receipt`` header. Raises ReceiptError if malformed."""
+    if len(value) > 1 << 16:
+        raise ReceiptError("receipt header: longer than any receipt")
+    try:
+        bundle = cbor2.loads(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
+        receipt, head, path = bundle["receipt"], bundle["head"], bundle["path"]
+    except (ValueError, TypeError, KeyError, OverflowError, cbor2.CBORDecodeError):
+        raise ReceiptError("receipt header: malformed") from None
+    if not (isinstance(receipt, bytes) and isinstance(head, bytes)):
+        raise ReceiptError("receipt header: receipt and head must be bytes")
+    if not isinstance(path, list | tuple) or not all(isinstance(p, bytes) for p in path):
+        raise ReceiptError("receipt header: path must be an array of bytes")
+    return receipt, head, tuple(path)
 
 
 def encode_collateral(collateral: Any) -> dict[str, Any]:

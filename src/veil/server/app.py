@@ -7,6 +7,8 @@
 - attested (HTTPS, attested certificate): ``GET /`` handshake, ``POST /run``, and ``/upload``,
   ``/delete`` for older clients; the Open Inference Protocol v2 under ``/v2``
   (`veil.server.oip`: the same models, keys, limits and errors, in JSON);
+  the transparency log of receipts: ``GET /log/head``,
+  ``GET /log/inclusion?index=I&size=N``, ``GET /log/consistency?first=M&second=N``;
 - management (HTTPS, attested certificate): ``POST /upload``, ``POST /delete``, ``GET /models``,
   and the admin-key API (``/admin/keys``, ``/admin/keys/revoke``: `veil.server.admin`).
 
@@ -28,6 +30,10 @@ the body is complete (queued; 503 with ``Retry-After`` when the queue is full,
 and the model lookup (404) for a run; role and ownership (403, or 404 where the key may not
 even see the model); model and storage limits (413) and `check_model` (422) for an upload,
 before ONNX Runtime sees it.
+
+Receipts (veil extension): a run, upload or delete sent with ``X-Veil-Receipt: 1`` is answered
+with an ``X-Veil-Receipt`` header holding a signed receipt, the signed log head that includes it
+and the inclusion path (`veil.server.receipts`); the body is what it always is.
 
 Access rules (`veil.server.keys`): uploads need an ``owner`` or ``admin`` key; a model is
 deleted by its uploader or an admin; it is listed to its uploader (admins: all); it is run by
@@ -70,6 +76,7 @@ from veil.errors import (
     api_error_for_status,
 )
 from veil.keymap import EMPTY_KEY_MAP, KeyMap
+from veil.receipts.payload import tensors_digest
 from veil.server.admin import admin_handlers
 from veil.server.collateral import CollateralKeeper
 from veil.server.config import ServerConfig
@@ -89,8 +96,9 @@ from veil.server.limits import AdmissionQueue, RateLimiter, limit_error
 from veil.server.metrics import CONTENT_TYPE, OTHER_ROUTE, Metrics
 from veil.server.models import LoadedModel, ModelRegistry
 from veil.server.oip import OipBackend, oip_routes
+from veil.server.receipts import RECEIPT_HEADER, ReceiptIssuer
 from veil.server.store import ModelStoreProtocol, StoredModel
-from veil.tensors import numpy_dtype
+from veil.tensors import WireTensor, numpy_dtype
 
 __all__ = ["ServerState", "build_apps", "error_response", "error_status"]
 
@@ -122,6 +130,7 @@ class ServerState:
         auth: who is asking (API keys, or nobody checked with ``--no-auth``).
         access: owner, visibility and allowed keys of every loaded model, by id.
         key_map: the server's other public keys, bound by the evidence's report data.
+        receipts: signs receipts and keeps the transparency log (None: no receipts).
     """
 
     certificate_der: bytes
@@ -134,6 +143,7 @@ class ServerState:
     auth: AuthGate
     access: dict[str, StoredModel]
     key_map: KeyMap = EMPTY_KEY_MAP
+    receipts: ReceiptIssuer | None = None
 
 
 def error_status(exc: BaseException) -> tuple[int, str, dict[str, str] | None]:
@@ -403,6 +413,50 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
     async def handshake(request: Request) -> Response:
         return _cbor(None)
 
+    def receipts_wanted(request: Request) -> ReceiptIssuer | None:
+        """The issuer when the request asks for a receipt (refused before any work if the
+        server issues none), else None."""
+        if request.headers.get(RECEIPT_HEADER) != "1":
+            return None
+        if state.receipts is None:
+            raise BadRequestError(400, "this server issues no receipts")
+        return state.receipts
+
+    def with_receipt(response: Response, header: str | None) -> Response:
+        if header is not None:
+            response.headers[RECEIPT_HEADER] = header
+        return response
+
+    def log_issuer() -> ReceiptIssuer:
+        if state.receipts is None:
+            raise api_error_for_status(404, "this server keeps no receipt log")
+        return state.receipts
+
+    def int_param(request: Request, name: str) -> int:
+        value = request.query_params.get(name, "")
+        if not value.isdigit() or len(value) > 18:
+            raise BadRequestError(400, f"{name}: got {value[:20]!r}, expected a whole number")
+        return int(value)
+
+    async def log_head(request: Request) -> Response:
+        return _cbor({"head": log_issuer().head()})
+
+    async def log_inclusion(request: Request) -> Response:
+        issuer = log_issuer()
+        index, size = int_param(request, "index"), int_param(request, "size")
+        try:
+            return _cbor({"path": list(issuer.inclusion(index, size))})
+        except ValueError as exc:
+            raise BadRequestError(400, str(exc)) from None
+
+    async def log_consistency(request: Request) -> Response:
+        issuer = log_issuer()
+        first, second = int_param(request, "first"), int_param(request, "second")
+        try:
+            return _cbor({"path": list(issuer.consistency(first, second))})
+        except ValueError as exc:
+            raise BadRequestError(400, str(exc)) from None
+
     async def authenticate(request: Request, *, allow_anonymous: bool = False) -> Principal:
         """Step 3 and 4 of the order above: who asks (401), and their rate (429)."""
         if not auth.enabled():
@@ -513,6 +567,7 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
                 "uploading models needs an owner or admin key; "
                 f"this key's role is {principal.role}",
             )
+        issuer = receipts_wanted(request)
         message = await read_upload(request)
         # ONNX Runtime takes only bytes: one copy, transient, before it loads the model.
         blob = bytes(message.model)
@@ -566,10 +621,13 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         finally:
             registry.release(model_id)
         _log.info("model %s uploaded (%d bytes)", model_id, model.size)
-        return Response(wire.encode_upload_reply(model.model_hash, model_id), media_type=_CBOR)
+        receipt = issuer.issue("upload", model_id, model.model_hash) if issuer else None
+        reply = Response(wire.encode_upload_reply(model.model_hash, model_id), media_type=_CBOR)
+        return with_receipt(reply, receipt)
 
     async def run(request: Request) -> Response:
         principal = await authenticate(request, allow_anonymous=True)
+        issuer = receipts_wanted(request)
         body = await _read_body(request, limits.max_request_bytes, "max_request_bytes")
         # Off the event loop: a body of the largest allowed size must not stall other requests.
         message = await run_in_threadpool(wire.decode_run_request, body)
@@ -602,13 +660,29 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
                     f"model {message.model_id!r} does not have hash {message.model_hash[:80]!r}",
                 )
         _note(request, model_id=model.model_id)
-        reply = await model.predict_encoded(
-            message.inputs, limits.request_timeout_s, wire.encode_run_reply
+        digests: dict[str, bytes] = {}
+
+        def encode(outputs: list[WireTensor]) -> bytes:
+            if issuer is not None:  # in the worker thread, with the encoding
+                digests["outputs"] = tensors_digest(outputs)
+            return wire.encode_run_reply(outputs)
+
+        reply = await model.predict_encoded(message.inputs, limits.request_timeout_s, encode)
+        response = Response(reply, media_type=_CBOR)
+        if issuer is None:
+            return response
+        receipt = issuer.issue(
+            "predict",
+            model.model_id,
+            model.model_hash,
+            inputs=tensors_digest(message.inputs),
+            outputs=digests["outputs"],
         )
-        return Response(reply, media_type=_CBOR)
+        return with_receipt(response, receipt)
 
     async def delete(request: Request) -> Response:
         principal = await authenticate(request)
+        issuer = receipts_wanted(request)
         body = await _read_body(request, limits.max_request_bytes, "max_request_bytes")
         message = await run_in_threadpool(wire.decode_delete_request, body)
         model_id = message.model_id
@@ -627,7 +701,8 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         if access.pop(model_id, None) is not None:
             storage["used"] -= removed.cost
         _log.info("model %s deleted", model_id)
-        return _cbor(None)
+        receipt = issuer.issue("delete", model_id, meta.model_hash) if issuer else None
+        return with_receipt(_cbor(None), receipt)
 
     async def list_models(request: Request) -> Response:
         principal = await authenticate(request)
@@ -704,6 +779,9 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         route("/run", run, "POST"),
         *model_management,
         *oip_routes(oip),
+        route("/log/head", log_head, "GET"),
+        route("/log/inclusion", log_inclusion, "GET"),
+        route("/log/consistency", log_consistency, "GET"),
     )
     management = app(
         "management",

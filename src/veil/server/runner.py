@@ -1,10 +1,11 @@
 """Start `veil serve`: identity, evidence, stored models, then three uvicorn servers in one loop.
 
 Order at start (each step inside the TEE):
-1. a fresh TLS key and self-signed certificate (`veil.tls`);
+1. a fresh TLS key and self-signed certificate (`veil.tls`), and a fresh receipt signing key
+   (`veil.server.receipts`);
 2. evidence whose report data is SHA-256 of that certificate, then the digest of the key map
-   (`veil.keymap`: the server's other public keys);
-3. the stored models, unsealed and loaded into ONNX Runtime;
+   (`veil.keymap`: the receipt key made in step 1, and other keys the server is given);
+3. the receipt log and the stored models, checked, unsealed and loaded into ONNX Runtime;
 4. the unattested, attested and management servers; when all three listen, one ready line.
 SIGINT and SIGTERM stop all three cleanly.
 
@@ -43,10 +44,11 @@ from veil import __version__
 from veil.attestation.claims import Platform
 from veil.attestation.verifier import detect_platform
 from veil.errors import ApiError, SealedStateError
-from veil.keymap import KeyMap
+from veil.keymap import RECEIPT_KEY, KeyMap
 from veil.providers import EvidenceProvider, SimulatedSgxProvider, detect_provider
 from veil.providers.devicefs import DeviceFilesystem
 from veil.providers.pcs import collateral_fetcher, kds_collateral_fetcher
+from veil.receipts.cose import Signer
 from veil.server.app import ServerState, build_apps
 from veil.server.collateral import CollateralKeeper
 from veil.server.config import ServerConfig
@@ -60,6 +62,7 @@ from veil.server.connections import (
 from veil.server.keys import NO_AUTH_BANNER, AuthGate, KeyStore
 from veil.server.models import ModelRegistry
 from veil.server.ready import ReadyLine
+from veil.server.receipts import LOG_FILENAME, ReceiptIssuer, ReceiptLog
 from veil.server.sealing import SealedModelStore
 from veil.server.state import SealedState, open_state
 from veil.server.store import ModelStore, ModelStoreProtocol, StoredModel
@@ -165,9 +168,12 @@ def prepare_state(
         )
     else:
         keeper = _collateral_keeper(config, clock)
-    # 1. TLS identity, made here so its key never leaves this process.
+    # 1. TLS identity and receipt key, made here so their private keys never leave this process.
     identity = generate_identity()
-    key_map = KeyMap.build(dict(bound_keys or {}))
+    signer = Signer()
+    if RECEIPT_KEY in (bound_keys or {}):
+        raise ValueError(f"bound_keys: {RECEIPT_KEY!r} is the server's own receipt key")
+    key_map = KeyMap.build({**(bound_keys or {}), RECEIPT_KEY: signer.public_key})
     # 2. Evidence binding SHA-256(certificate DER) and the key map; its collateral is kept fresh
     #    from now on.
     evidence = provider.evidence(binding_report_data(identity.certificate_der, key_map))
@@ -192,6 +198,12 @@ def prepare_state(
     #    is served: a tampered or rolled-back file stops the start (fail closed).
     sealed = open_state(config.data_dir, provider.sealing_key, unsealed=config.unsealed_store)
     store = store or open_store(config, sealed)
+    receipts = ReceiptIssuer(
+        signer,
+        evidence.quote,
+        ReceiptLog(config.data_dir / LOG_FILENAME, sealed.receipt_log_key),
+        clock=clock,
+    )
     registry = ModelRegistry(limits=config.limits)
     registry.admitter.start()
     access: dict[str, StoredModel] = {}
@@ -236,6 +248,7 @@ def prepare_state(
         ),
         access=access,
         key_map=key_map,
+        receipts=receipts,
     )
     return state, identity
 

@@ -242,6 +242,7 @@ class SealedState:
         self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._manifest_key = derive_key(key, b"state manifest")
         self._blob_key = derive_key(key, b"state blobs")
+        self._receipt_log_key = derive_key(key, b"receipt log")
         self._lock = threading.Lock()  # writers in this process (then the flock: other processes)
         self._cache_lock = threading.Lock()
         self._cached: Manifest | None = None
@@ -256,6 +257,11 @@ class SealedState:
     def blob_key(self) -> bytes:
         """The key model blobs are sealed with (`veil.server.sealing`)."""
         return self._blob_key
+
+    @property
+    def receipt_log_key(self) -> bytes:
+        """The key the receipt log's records are authenticated with (`veil.server.receipts`)."""
+        return self._receipt_log_key
 
     @property
     def manifest_path(self) -> Path:
