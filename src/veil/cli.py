@@ -21,6 +21,7 @@ _COMMANDS = (
     "serve",
     "verify_evidence",
     "evidence",
+    "verify_receipt",
     "collateral",
     "keys",
     "demo",
