@@ -14,7 +14,7 @@ from inprocess import listening
 
 import veil
 from veil.errors import BindingError, MalformedEvidenceError, SimulationModeWarning
-from veil.keymap import KeyMap
+from veil.keymap import RECEIPT_KEY, KeyMap
 from veil.server.app import ServerState
 from veil.server.config import ServerConfig
 from veil.server.runner import prepare_state
@@ -76,8 +76,11 @@ def test_a_malformed_map_is_refused(bound: tuple[ServerState, TlsIdentity]) -> N
         connect(ports)
 
 
-def test_a_server_without_keys_serves_the_empty_map(tmp_path: Path) -> None:
+def test_the_server_always_binds_its_receipt_key(tmp_path: Path) -> None:
     state, identity = simulated_state(tmp_path, {})
     with listening(state, identity) as ports, connect(ports) as client:
-        assert client.verified.report_data[32:] == bytes(32)
-        assert client.key_map == KeyMap.build({})
+        assert [name for name, _ in client.key_map.keys] == [RECEIPT_KEY]
+        assert client.verified.report_data[32:] == client.key_map.digest
+    with pytest.raises(ValueError, match="receipt key"):
+        simulated_state(tmp_path, {RECEIPT_KEY: HPKE})
+
