@@ -83,4 +83,3 @@ def test_the_server_always_binds_its_receipt_key(tmp_path: Path) -> None:
         assert client.verified.report_data[32:] == client.key_map.digest
     with pytest.raises(ValueError, match="receipt key"):
         simulated_state(tmp_path, {RECEIPT_KEY: HPKE})
-
