@@ -58,7 +58,8 @@ def test_connection_verifies_and_binds_the_certificate(client: veil.Connection) 
     assert verified.simulated
     assert verified.measurements["mr_enclave"] == simulated_measurement()
     assert verified.report_data[:32] == hashlib.sha256(client.certificate_der).digest()
-    assert verified.report_data[32:] == bytes(32)
+    # The second half binds the key map (the receipt key): veil.keymap.
+    assert verified.report_data[32:] == hashlib.sha256(client.key_map.encoded).digest()
 
 
 def test_simulated_server_refused_without_simulation(server: VeilServer) -> None:
