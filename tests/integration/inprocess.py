@@ -16,11 +16,20 @@ from veil.server.app import ServerState, build_apps
 from veil.tls import TlsIdentity, server_context
 
 
+def _listen() -> socket.socket:
+    # proto=IPPROTO_TCP, as the runner does: asyncio then sets TCP_NODELAY on accepted sockets,
+    # without which each response waits for the peer's delayed ACK (~40 ms).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    return sock
+
+
 @contextmanager
 def listening(state: ServerState, identity: TlsIdentity) -> Iterator[dict[str, int]]:
     """The three apps on loopback ports; yields the ports `veil.connect` takes."""
     apps = build_apps(state)
-    sockets = [socket.create_server(("127.0.0.1", 0)) for _ in apps]
+    sockets = [_listen() for _ in apps]
     servers = []
     # As the runner says it: clients refuse a simulated server unless told to accept one.
     header = [("server", "veil mock" if state.simulated else "veil")]
