@@ -12,21 +12,13 @@ Example::
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-# After __version__: the modules below read it.
-from veil.attestation.claims import Platform, VerifiedEvidence
-from veil.attestation.policy import Policy, SgxPolicy, SnpPolicy, TdxPolicy
-from veil.client import (
-    CollateralServices,
-    Connection,
-    ModelInfo,
-    PredictResponse,
-    RunModelResponse,
-    Tensor,
-    UploadResponse,
-    connect,
-)
+# Errors are light and always needed; the rest is imported on first use, so that `veil --help`
+# and `import veil.errors` do not pay for httpx, numpy and cryptography.
 from veil.errors import (
     ApiError,
     AttestationError,
@@ -53,7 +45,53 @@ from veil.errors import (
     UnsafePolicyWarning,
     VeilError,
 )
-from veil.tensors import DatumType
+
+if TYPE_CHECKING:
+    from veil.attestation.claims import Platform, VerifiedEvidence
+    from veil.attestation.policy import Policy, SgxPolicy, SnpPolicy, TdxPolicy
+    from veil.client import (
+        CollateralServices,
+        Connection,
+        ModelInfo,
+        PredictResponse,
+        RunModelResponse,
+        Tensor,
+        UploadResponse,
+        connect,
+    )
+    from veil.tensors import DatumType
+
+_LAZY = {
+    "CollateralServices": "veil.client",
+    "Connection": "veil.client",
+    "DatumType": "veil.tensors",
+    "ModelInfo": "veil.client",
+    "Platform": "veil.attestation.claims",
+    "Policy": "veil.attestation.policy",
+    "PredictResponse": "veil.client",
+    "RunModelResponse": "veil.client",
+    "SgxPolicy": "veil.attestation.policy",
+    "SnpPolicy": "veil.attestation.policy",
+    "TdxPolicy": "veil.attestation.policy",
+    "Tensor": "veil.client",
+    "UploadResponse": "veil.client",
+    "VerifiedEvidence": "veil.attestation.claims",
+    "connect": "veil.client",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'veil' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # the next access is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "ApiError",
