@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 from onnx_models import (
+    IR_VERSION,
     ONNX_TYPES,
+    OPSET,
     dynamic_batch_model,
     identity_model,
     multi_io_model,
@@ -140,3 +144,54 @@ def test_api_key_header_is_accepted(server: VeilServer) -> None:
         connection.upload_model(identity_model("bool"), model_id="with-key")
         x = np.array([[True, False, True], [False, False, True]])
         np.testing.assert_array_equal(connection.predict("with-key", x).output[0].as_numpy(), x)
+
+
+def test_upload_reports_progress(client: veil.Connection, tmp_path: Path) -> None:
+    from veil.client.connection import _UPLOAD_CHUNK
+
+    # Two pieces (the module's server takes uploads up to 2 MiB): y = x + w, w of 1.5 MiB.
+    n = 3 * _UPLOAD_CHUNK // 8
+    w = numpy_helper.from_array(np.zeros(n, np.float32), "w")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [n])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [n])
+    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g", [x], [y], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    path = tmp_path / "big.onnx"
+    path.write_bytes(model.SerializeToString())
+    size = path.stat().st_size
+    seen: list[tuple[int, int]] = []
+
+    client.upload_model(path, model_id="progress-file", progress=lambda a, b: seen.append((a, b)))
+
+    assert len(seen) == -(-size // _UPLOAD_CHUNK)
+    assert seen[-1] == (size, size)
+    assert [sent for sent, _ in seen] == sorted({sent for sent, _ in seen})
+    seen.clear()
+    client.upload_model(
+        model.SerializeToString(),
+        model_id="progress-bytes",
+        progress=lambda a, b: seen.append((a, b)),
+    )
+    assert seen[-1] == (size, size)
+
+
+def test_progress_bar_only_on_a_terminal(
+    client: veil.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    plain = io.StringIO()
+    monkeypatch.setattr("sys.stderr", plain)
+    client.upload_model(identity_model("uint8"), model_id="bar-plain", progress=True)
+    assert plain.getvalue() == ""
+
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    client.upload_model(identity_model("uint8"), model_id="bar-tty", progress=True)
+    assert "upload bar-tty" in terminal.getvalue()
+    assert "100%" in terminal.getvalue()

@@ -51,6 +51,7 @@ from veil.client.collateral import (
     wants_server_collateral,
 )
 from veil.client.defaults import default_server
+from veil.client.progress import Progress, upload_progress
 from veil.client.responses import (
     ApiKeyInfo,
     ModelInfo,
@@ -577,6 +578,7 @@ class Connection:
         visibility: str | None = None,
         allowed_keys: list[str] | tuple[str, ...] | None = None,
         receipt: bool = False,
+        progress: bool | Progress = False,
     ) -> UploadResponse:
         """Send an ONNX model over the attested channel (needs an ``owner`` or ``admin`` key).
 
@@ -590,6 +592,8 @@ class Connection:
             allowed_keys: key ids (the 16 hex digits after ``veil_``) that may run a restricted
                 model besides the uploader; giving them implies ``"restricted"``.
             receipt: ask for a signed receipt of the upload (`UploadResponse.receipt`).
+            progress: ``True`` for a progress bar on stderr when it is a terminal, or a
+                callable called with (bytes sent, total bytes) as the model is sent.
 
         Raises:
             ConflictError: `model_id` is taken. BadRequestError: not a model the server can load.
@@ -623,7 +627,7 @@ class Connection:
         )
         digest = hashlib.sha256()
 
-        def body() -> Iterator[bytes]:
+        def body(report: Progress) -> Iterator[bytes]:
             # The fields, then the model in pieces: a file is never read whole.
             yield head
             sent = 0
@@ -633,6 +637,8 @@ class Connection:
                     copied = bytes(view[start : start + _UPLOAD_CHUNK])
                     digest.update(copied)
                     yield copied
+                    sent += len(copied)
+                    report(sent, size)
                 return
             with path.open("rb") as f:
                 while sent < size:
@@ -642,13 +648,17 @@ class Connection:
                     digest.update(piece)
                     sent += len(piece)
                     yield piece
+                    report(sent, size)
 
         url = f"{self._management_url}/upload"
         request_headers = {"content-length": str(len(head) + size)}
         request_headers.update(self._receipt_headers(receipt) or {})
-        reply, reply_headers = self._call(
-            "POST", url, body(), self._upload_timeout, headers=request_headers
-        )
+        with upload_progress(
+            progress, size, f"upload {model_name or model_id or 'model'}"
+        ) as report:
+            reply, reply_headers = self._call(
+                "POST", url, body(report), self._upload_timeout, headers=request_headers
+            )
         got_id, got_hash = wire.decode_upload_reply(reply)
         expected = digest.digest()
         if got_hash != expected:
