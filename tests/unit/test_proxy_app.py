@@ -6,6 +6,7 @@ a real server is in tests/integration/test_proxy.py.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,7 +14,7 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
-from veil.commands.proxy import parse_listen
+from veil.commands.proxy import listen, parse_listen
 from veil.errors import BindingError, PolicyError, TransportError
 from veil.proxy import AttestedUpstream, ProxySettings, build_proxy_app
 
@@ -237,3 +238,10 @@ def test_listen_refuses_the_rest(text: str, words: str) -> None:
 def test_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="max_body_bytes=0"):
         ProxySettings(max_body_bytes=0)
+
+
+def test_accepted_connections_send_without_delay() -> None:
+    with listen("127.0.0.1", 0) as listener, socket.create_connection(listener.getsockname()):
+        accepted, _ = listener.accept()
+        with accepted:
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
