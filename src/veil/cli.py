@@ -22,6 +22,10 @@ __all__ = ["main"]
 # A new command: a line here (tests/unit/test_cli.py checks the summary against the module).
 _COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("serve", "run the inference server"),
+    "broker": (
+        "broker",
+        "run the key broker of a cluster (replicas join with 'veil serve --join URL')",
+    ),
     "verify-evidence": (
         "verify_evidence",
         "verify an SGX/TDX quote or SEV-SNP report offline",

@@ -20,6 +20,7 @@
     ├── SealedStateError                 the server's sealed state is tampered with, rolled back or incomplete
     ├── ReceiptError                     a receipt or proof file does not prove what it claims
     │   └── LogError                     the transparency log does not include it, or was rewritten
+    ├── JoinError                        the key broker refused a replica, or its release did not open
     └── ApiError                         the server answered with an error status
         ├── BadRequestError              400 / 413 / 422: malformed request, limits, wrong inputs
         ├── AuthenticationError          401: missing or unknown API key
@@ -48,6 +49,7 @@ __all__ = [
     "ExpiredError",
     "ExportError",
     "HazmatWarning",
+    "JoinError",
     "LogError",
     "MalformedEvidenceError",
     "NotFoundError",
@@ -141,6 +143,8 @@ class ReceiptError(VeilError):
 class LogError(ReceiptError):
     """An inclusion proof does not lead to the tree head, or two tree heads are inconsistent
     (the transparency log was rewritten)."""
+class JoinError(VeilError):
+    """The key broker refused to release the cluster secrets, or its answer did not open."""
 
 
 class ApiError(VeilError):

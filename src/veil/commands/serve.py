@@ -90,6 +90,21 @@ def register(subparsers: Any) -> None:
         help="SEV-SNP product, needed only to fetch a VCEK for a version 2 report (later "
         "reports name their CPU)",
     )
+    cluster = parser.add_argument_group("cluster")
+    cluster.add_argument(
+        "--join",
+        metavar="URL",
+        help="join the cluster of the key broker at URL (veil broker): each side attests the "
+        "other, then this server presents the cluster's certificate and seals its state with "
+        "the cluster's store key",
+    )
+    cluster.add_argument(
+        "--join-policy",
+        type=Path,
+        metavar="FILE",
+        help="policy (TOML) the broker's evidence must satisfy (default: this server's own "
+        "measurement, i.e. the same veil build)",
+    )
     batching = parser.add_argument_group("batching")
     default = BatchingConfig()
     batching.add_argument(
@@ -302,6 +317,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         pccs_url=args.pccs_url,
         kds_url=args.kds_url,
         snp_product=args.snp_product,
+        join=args.join,
+        join_policy=args.join_policy,
         no_auth=args.no_auth,
         no_anonymous=args.no_anonymous,
         unsealed_store=args.unsealed_store,

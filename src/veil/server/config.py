@@ -64,6 +64,11 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     collateral_refresh: RefreshSettings = field(default_factory=RefreshSettings)
+    # join: ``--join URL``: obtain the TLS identity and the store key from this key broker
+    #   (`veil.cluster`); join_policy: what the broker's evidence must satisfy (default: this
+    #   server's own measurement).
+    join: str | None = None
+    join_policy: Path | None = None
 
     def __post_init__(self) -> None:
         for name in ("unattested_port", "attested_port", "management_port"):

@@ -44,6 +44,7 @@ from veil import __version__
 from veil.attestation.claims import Platform
 from veil.attestation.verifier import detect_platform
 from veil.errors import ApiError, SealedStateError
+from veil.cluster.exchange import ClusterSecrets
 from veil.keymap import RECEIPT_KEY, KeyMap
 from veil.providers import EvidenceProvider, SimulatedSgxProvider, detect_provider
 from veil.providers.devicefs import DeviceFilesystem
@@ -143,6 +144,7 @@ def prepare_state(
     provider: EvidenceProvider | None = None,
     clock: Callable[[], datetime] = _utc_now,
     bound_keys: Mapping[str, bytes] | None = None,
+    cluster: ClusterSecrets | None = None,
 ) -> tuple[ServerState, TlsIdentity]:
     """Steps 1-3: the state the apps serve and the TLS identity (blocking).
 
@@ -150,6 +152,8 @@ def prepare_state(
     `clock` is the server's time for collateral freshness (tests advance it).
     `bound_keys`: public keys, by key-map name, that the evidence must vouch for besides the
     server's own (`veil.keymap`).
+    `cluster`: the secrets a key broker released (``--join``): its TLS identity is presented and
+    its store key seals the state in place of the platform's sealing key.
 
     Raises:
         EvidenceUnavailableError: no evidence, or no collateral (the service is down and no
@@ -168,8 +172,9 @@ def prepare_state(
         )
     else:
         keeper = _collateral_keeper(config, clock)
-    # 1. TLS identity and receipt key, made here so their private keys never leave this process.
-    identity = generate_identity()
+    # 1. TLS identity and receipt key, made here so their private keys never leave this process
+    #    (or the cluster's identity, which reached it sealed to a key of this TEE).
+    identity = cluster.identity if cluster is not None else generate_identity()
     signer = Signer()
     if RECEIPT_KEY in (bound_keys or {}):
         raise ValueError(f"bound_keys: {RECEIPT_KEY!r} is the server's own receipt key")
@@ -196,7 +201,8 @@ def prepare_state(
         keeper.refresh()
     # 3. The sealed state (keys, and the manifest of the models), checked whole before anything
     #    is served: a tampered or rolled-back file stops the start (fail closed).
-    sealed = open_state(config.data_dir, provider.sealing_key, unsealed=config.unsealed_store)
+    sealing_key = provider.sealing_key if cluster is None else (lambda: cluster.store_key)
+    sealed = open_state(config.data_dir, sealing_key, unsealed=config.unsealed_store)
     store = store or open_store(config, sealed)
     receipts = ReceiptIssuer(
         signer,
@@ -422,6 +428,20 @@ async def _run(
     return 1 if failed else 0
 
 
+def _join(config: ServerConfig, provider: EvidenceProvider) -> ClusterSecrets:
+    """The cluster secrets from ``--join``'s broker, both sides attested (`veil.cluster`)."""
+    from veil.attestation.policy import Policy
+    from veil.cluster.exchange import own_measurement_policy, peer_trust, verifier
+    from veil.cluster.join import join_cluster
+
+    assert config.join is not None
+    if config.join_policy is not None:
+        policy = Policy.from_toml(config.join_policy)
+    else:
+        policy = own_measurement_policy(provider.evidence(b""))
+    return join_cluster(config.join, provider, policy, verifier(peer_trust(provider), _utc_now))
+
+
 def serve(
     config: ServerConfig,
     *,
@@ -438,7 +458,11 @@ def serve(
     if config.no_auth:
         # Loud, before anything else: stderr and the log.
         print(NO_AUTH_BANNER, file=sys.stderr, flush=True)
-    state, identity = prepare_state(config, provider=provider)
+    cluster = None
+    if config.join is not None:
+        provider = provider or make_provider(config)
+        cluster = _join(config, provider)
+    state, identity = prepare_state(config, provider=provider, cluster=cluster)
 
     def announce(line: str) -> None:
         print(line, flush=True)
