@@ -43,8 +43,8 @@ import uvicorn
 from veil import __version__
 from veil.attestation.claims import Platform
 from veil.attestation.verifier import detect_platform
-from veil.errors import ApiError, SealedStateError
 from veil.cluster.exchange import ClusterSecrets
+from veil.errors import ApiError, SealedStateError
 from veil.keymap import RECEIPT_KEY, KeyMap
 from veil.providers import EvidenceProvider, SimulatedSgxProvider, detect_provider
 from veil.providers.devicefs import DeviceFilesystem
