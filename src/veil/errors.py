@@ -143,6 +143,8 @@ class ReceiptError(VeilError):
 class LogError(ReceiptError):
     """An inclusion proof does not lead to the tree head, or two tree heads are inconsistent
     (the transparency log was rewritten)."""
+
+
 class JoinError(VeilError):
     """The key broker refused to release the cluster secrets, or its answer did not open."""
 
