@@ -137,3 +137,25 @@ def test_verified_connection_keeps_working(client: veil.Connection) -> None:
     x = np.arange(6, dtype=np.uint32).reshape(2, 3)
     for _ in range(5):
         np.testing.assert_array_equal(client.predict("keepalive", x).output[0].as_numpy(), x)
+
+
+def test_a_simulated_server_with_other_sources_says_why(
+    server: VeilServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from veil.providers import measurement
+
+    # This client's veil "differs by one comment" from the server's: another measurement.
+    monkeypatch.setattr(measurement, "simulated_measurement", lambda: bytes(32))
+    with pytest.raises(veil.PolicyError) as info:
+        server.connect()
+    message = str(info.value)
+    assert "mr_enclave: got" in message
+    assert "runs different veil sources" in message
+    assert "same veil installation" in message
+
+
+def test_the_attested_port_given_as_the_plain_one_gets_a_hint(server: VeilServer) -> None:
+    ports = {**server.ports, "unattested_port": server.attested_port}
+    with pytest.raises(veil.TransportError) as info:
+        veil.connect("127.0.0.1", simulation=True, timeout=10, **ports)
+    assert "the server's unattested plain-HTTP port?" in str(info.value)

@@ -100,6 +100,16 @@ def _simulated_policy() -> Policy:
     return Policy(sgx=SgxPolicy(mr_enclave=(simulated_measurement(),)))
 
 
+def _simulated_mismatch(message: str, server: str) -> str:
+    return (
+        f"{message}. A simulated server's mr_enclave is a hash of its veil source files, and "
+        f"this client (veil/{__version__}) pins its own: the server ({server or 'unknown'}) runs "
+        "different veil sources (another version, or any file edited). Run client and server "
+        "from the same veil installation, or pin the server's value with "
+        "policy=veil.Policy(sgx=veil.SgxPolicy(mr_enclave=[...])) and simulation=True"
+    )
+
+
 def _retry_after(value: str | None) -> float | None:
     """A ``Retry-After`` in seconds; None if absent, a date, or nonsense (then no retry)."""
     if value is None or not value.strip().isdigit() or len(value) > 6:
@@ -238,6 +248,8 @@ class Connection:
                 module=__name__,
                 registry=None,  # no once-per-location memory: warn on every connection
             )
+        # A simulated server measures its veil sources: pinned by default to this client's own.
+        simulated_default = policy is None and simulation
         if policy is None:
             if not simulation:
                 raise PolicyError(
@@ -275,7 +287,12 @@ class Connection:
             trust = TrustStore.production()
         # Step 3: evidence, collateral (the server's, the services', or a bundle) and policy.
         chosen = own_collateral(collateral, quote, lambda: served)
-        verified = verify_evidence(quote, chosen, policy=policy, trust=trust, now=now)
+        try:
+            verified = verify_evidence(quote, chosen, policy=policy, trust=trust, now=now)
+        except PolicyError as exc:
+            if simulated_default and "mr_enclave" in str(exc):
+                raise PolicyError(_simulated_mismatch(str(exc), server)) from None
+            raise
         # Step 4: the evidence must bind the certificate the server showed us, and its key map.
         self.key_map: KeyMap = check_binding(verified.report_data, certificate, key_map)
         """The server's other public keys (receipt key…), vouched for by the evidence."""
@@ -325,7 +342,16 @@ class Connection:
                         body = read_capped(response, MAX_EVIDENCE_RESPONSE_BYTES, url)
                         return body, response.headers.get("server", "")
                 except httpx.HTTPError as exc:
-                    raise TransportError(f"{url}: {type(exc).__name__}: {exc}") from None
+                    hint = ""
+                    if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError):
+                        # What a TLS port answers to plain HTTP: often the attested port given
+                        # as the unattested one.
+                        hint = (
+                            f" (is {self._unattested_url.rsplit(':', 1)[1]} the server's "
+                            "unattested plain-HTTP port? "
+                            "the attested and management ports speak TLS; see unattested_port=)"
+                        )
+                    raise TransportError(f"{url}: {type(exc).__name__}: {exc}{hint}") from None
 
             def decode(response: tuple[bytes, str] | None, kind: type, what: str) -> Any:
                 if response is None:

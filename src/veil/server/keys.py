@@ -319,7 +319,10 @@ def principal_from_api_key(api_key: str | None, store: KeyStore) -> Principal:
     The message never repeats the key.
     """
     if not api_key:
-        raise api_error_for_status(401, f"missing API key: send it in the {API_KEY_HEADER} header")
+        raise api_error_for_status(
+            401,
+            f"missing API key: pass api_key= to veil.connect (or send the {API_KEY_HEADER} header)",
+        )
     info = store.authenticate(api_key.strip())
     if info is None:
         raise api_error_for_status(401, "invalid or revoked API key")

@@ -217,6 +217,11 @@ def test_principal_from_api_key(store: KeyStore) -> None:
     assert API_KEY_HEADER == CLIENT_HEADER  # the header the SDK sends
     key_id, secret = store.create("user")
     assert principal_from_api_key(secret, store) == Principal(key_id, "user")
+    with pytest.raises(AuthenticationError) as missing:
+        principal_from_api_key(None, store)
+    assert missing.value.message == (
+        "missing API key: pass api_key= to veil.connect (or send the X-Veil-Api-Key header)"
+    )
     for value, msg in [(None, "missing API key"), ("", "missing"), ("veil_x", "invalid")]:
         with pytest.raises(AuthenticationError, match=msg) as info:
             principal_from_api_key(value, store)
