@@ -3,6 +3,7 @@ public models (and every refusal), its rate limits, and the default server from 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -74,6 +75,8 @@ def test_admin_creates_lists_and_revokes_keys(setup: tuple[VeilServer, str, str]
         models = {m.model_id: m for m in client.list_models()}
         assert models["pub"].visibility == "public"
         assert models["priv"].visibility == "restricted"
+        assert models["pub"].created_at is not None
+        assert abs(models["pub"].created_at - time.time()) < 600
 
 
 def test_admin_api_refuses_unknown_key_id_and_role(setup: tuple[VeilServer, str, str]) -> None:

@@ -137,6 +137,10 @@ def _shown(value: object) -> str:
     return value.hex() if isinstance(value, bytes) else repr(value)
 
 
+def _opt_time(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
 def _host(addr: str) -> str:
     return f"[{addr}]" if ":" in addr and not addr.startswith("[") else addr
 
@@ -796,6 +800,7 @@ class Connection:
                     outputs=tuple(item["outputs"]),
                     owner=item.get("owner"),
                     visibility=item.get("visibility", "public"),
+                    created_at=_opt_time(item.get("created_at")),
                 )
                 for item in items
             ]

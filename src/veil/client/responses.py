@@ -96,6 +96,8 @@ class ModelInfo:
     """Key id of the uploader (None: uploaded with authentication off)."""
     visibility: str = "public"
     """``public`` or ``restricted``."""
+    created_at: float | None = None
+    """Upload time, seconds since the epoch (None: the server does not say)."""
 
 
 @dataclass(frozen=True, slots=True)

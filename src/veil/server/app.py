@@ -611,6 +611,7 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
                     owner=principal.key_id,
                     visibility=visibility,
                     allowed_keys=allowed,
+                    created_at=time.time(),
                 )
                 await store_model(meta, blob)
             finally:
@@ -710,7 +711,14 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         for entry in registry.describe():
             meta = access.get(str(entry["model_id"]))
             if meta is not None and can_list(principal, meta.owner):
-                listed.append({**entry, "owner": meta.owner, "visibility": meta.visibility})
+                listed.append(
+                    {
+                        **entry,
+                        "owner": meta.owner,
+                        "visibility": meta.visibility,
+                        "created_at": meta.created_at,
+                    }
+                )
         return _cbor(listed)
 
     def runnable(principal: Principal, model_id: str) -> LoadedModel:

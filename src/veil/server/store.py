@@ -44,6 +44,8 @@ class StoredModel:
         visibility: ``public`` (any valid key may predict) or ``restricted`` (only the owner
             and `allowed_keys`).
         allowed_keys: key ids that may predict a restricted model, besides its owner.
+        created_at: when it was uploaded (seconds since the epoch); None for records written
+            before uploads were dated.
 
     Records written before owners existed read back as owner None, public: that is how such
     models were served.
@@ -56,6 +58,7 @@ class StoredModel:
     owner: str | None = None
     visibility: str = "public"
     allowed_keys: tuple[str, ...] = ()
+    created_at: float | None = None
 
     def __post_init__(self) -> None:
         if self.visibility not in _VISIBILITIES:
@@ -70,6 +73,7 @@ class StoredModel:
             "owner": self.owner,
             "visibility": self.visibility,
             "allowed_keys": list(self.allowed_keys),
+            "created_at": self.created_at,
         }
 
     @classmethod
@@ -90,8 +94,20 @@ class StoredModel:
             raise ValueError("metadata has a bad visibility")
         if not isinstance(allowed, list) or not all(isinstance(k, str) for k in allowed):
             raise ValueError("metadata has bad allowed_keys")
+        created = value.get("created_at")
+        if created is not None and (
+            isinstance(created, bool) or not isinstance(created, int | float)
+        ):
+            raise ValueError("metadata has a bad created_at")
         return cls(
-            model_id, bytes.fromhex(model_hash), model_name, size, owner, visibility, tuple(allowed)
+            model_id,
+            bytes.fromhex(model_hash),
+            model_name,
+            size,
+            owner,
+            visibility,
+            tuple(allowed),
+            None if created is None else float(created),
         )
 
 

@@ -80,13 +80,14 @@ def test_metadata_json_shape(tmp_path: Path) -> None:
         "owner": None,
         "visibility": "public",
         "allowed_keys": [],
+        "created_at": None,
     }
 
 
 def test_owner_and_visibility_round_trip(tmp_path: Path) -> None:
     blob = b"blob"
     meta = StoredModel(
-        "m", hashlib.sha256(blob).digest(), "n", 4, "a" * 16, "restricted", ("b" * 16,)
+        "m", hashlib.sha256(blob).digest(), "n", 4, "a" * 16, "restricted", ("b" * 16,), 1.5e9
     )
     ModelStore(tmp_path).put(meta, blob)
     assert list(ModelStore(tmp_path).load_all()) == [(meta, blob)]
@@ -96,6 +97,7 @@ def test_old_metadata_reads_as_public_without_owner() -> None:
     old = {"model_id": "m", "model_hash": "00" * 32, "model_name": "", "size": 1}
     meta = StoredModel.from_json(old)
     assert (meta.owner, meta.visibility, meta.allowed_keys) == (None, "public", ())
+    assert meta.created_at is None
 
 
 @pytest.mark.parametrize(
@@ -106,6 +108,8 @@ def test_old_metadata_reads_as_public_without_owner() -> None:
         ("owner", 5, "bad owner"),
         ("allowed_keys", "abc", "bad allowed_keys"),
         ("allowed_keys", [1], "bad allowed_keys"),
+        ("created_at", "yesterday", "bad created_at"),
+        ("created_at", True, "bad created_at"),
     ],
 )
 def test_bad_access_metadata_refused(field: str, value: object, match: str) -> None:
