@@ -609,6 +609,7 @@ class Connection:
         allowed_keys: list[str] | tuple[str, ...] | None = None,
         receipt: bool = False,
         progress: bool | Progress = False,
+        optimization: str | None = None,
     ) -> UploadResponse:
         """Send an ONNX model over the attested channel (needs an ``owner`` or ``admin`` key).
 
@@ -624,6 +625,10 @@ class Connection:
             receipt: ask for a signed receipt of the upload (`UploadResponse.receipt`).
             progress: ``True`` for a progress bar on stderr when it is a terminal, or a
                 callable called with (bytes sent, total bytes) as the model is sent.
+            optimization: (veil extension) ``"graph"``: serve a graph-optimized copy if its
+                outputs match and it is not slower; ``"int8"``: serve an int8-quantized copy
+                (outputs change: the reply's `UploadResponse.optimization` says by how much);
+                ``"off"``; None: the server's default.
 
         Raises:
             ConflictError: `model_id` is taken. BadRequestError: not a model the server can load.
@@ -654,6 +659,7 @@ class Connection:
             client_info=_CLIENT_INFO,
             visibility=visibility,
             allowed_keys=allowed_keys,
+            optimization=optimization,
         )
         digest = hashlib.sha256()
 
@@ -698,7 +704,12 @@ class Connection:
             signed = self._check_receipt(
                 reply_headers, "upload", model_id=got_id, model_hash=expected
             )
-        return UploadResponse(model_id=got_id, hash=got_hash, receipt=signed)
+        return UploadResponse(
+            model_id=got_id,
+            hash=got_hash,
+            receipt=signed,
+            optimization=wire.decode_upload_optimization(reply),
+        )
 
     def predict(
         self,

@@ -63,11 +63,17 @@ class Tensor:
 @dataclass(frozen=True, slots=True)
 class UploadResponse:
     """The result of an upload: the id to run the model by and SHA-256 of its bytes, and the
-    signed receipt when one was asked for."""
+    signed receipt when one was asked for.
+
+    `optimization` (veil servers, when the upload was optimized): ``mode``, ``kept`` (whether
+    the optimized graph is served), ``reason`` (why not), ``max_abs_diff`` of the outputs on a
+    probe, ``speedup``, and for ``int8`` ``top1_agreement`` over the probe set.
+    """
 
     model_id: str
     hash: bytes
     receipt: Receipt | None = None
+    optimization: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)

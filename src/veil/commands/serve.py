@@ -129,6 +129,15 @@ def register(subparsers: Any) -> None:
         help="longest wait for more requests before a run, once requests are being merged "
         f"(default {default.max_delay_ms:g})",
     )
+    parser.add_argument(
+        "--optimize",
+        choices=("off", "graph"),
+        default="off",
+        help="what an upload's 'optimize' flag (BlindAI's, veil's client sends it) does: 'graph' "
+        "optimizes the graph at upload (fusions, constant folding) and keeps it only if its "
+        "outputs match and it is not slower; default off. A veil client may ask for 'graph' or "
+        "'int8' itself (upload_model(optimization=...))",
+    )
     _add_hardening_arguments(parser)
     parser.set_defaults(handler=run, parser=parser)
 
@@ -323,6 +332,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         no_anonymous=args.no_anonymous,
         unsealed_store=args.unsealed_store,
         limits=_limits(args),
+        optimization=args.optimize,
         batching=BatchingConfig(
             enabled=args.batching,
             max_batch_size=args.max_batch_size,

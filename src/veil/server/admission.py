@@ -11,8 +11,9 @@ threads). The child:
    ``max_model_memory_bytes`` plus room for the model's bytes, and a lower scheduling priority,
    so that serving keeps the CPU;
 2. runs the structural guard (`veil.server.onnx_guard.check_model_lean`);
-3. optimizes the graph: no step yet; an optimization pass returns another graph here, and the
-   server then runs that graph, measured by step 4;
+3. optimizes the graph when the upload asked for it (`veil.server.optimize`: ``graph`` or
+   ``int8``); a kept graph is what the server then runs (and stores), measured by step 4, and
+   the outcome is reported in the upload's reply;
 4. builds the ONNX Runtime session exactly as the server will and measures the resident memory
    it added; above ``max_model_memory_bytes`` the model is refused (413);
 5. answers with a small JSON header (never a pickle: a child compromised by a hostile model must
@@ -44,6 +45,7 @@ from typing import Any
 from veil.errors import ApiError, api_error_for_status
 from veil.server.limits import Limits
 from veil.server.onnx_guard import check_model_lean, create_session
+from veil.server.optimize import MODES, optimize_graph
 
 __all__ = ["AdmittedModel", "Admitter"]
 
@@ -59,14 +61,17 @@ class AdmittedModel:
     """What the child accepted: the graph the server will run and what it costs loaded.
 
     Attributes:
-        graph: the ONNX bytes to load (the upload itself until an optimize step changes it).
+        graph: the ONNX bytes to load (the upload itself unless an optimization was kept).
         loaded_bytes: resident memory the ONNX Runtime session added in the child.
         seconds: wall time of the admission, child start to answer.
+        optimization: what the optimization step did (`veil.server.optimize.optimize_graph`'s
+            report), None when none was asked for.
     """
 
     graph: bytes
     loaded_bytes: int
     seconds: float
+    optimization: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
         return f"AdmittedModel({len(self.graph)} bytes, loaded_bytes={self.loaded_bytes})"
@@ -100,7 +105,7 @@ class Admitter:
         wait for ONNX Runtime to be imported (blocking, a second or two)."""
         self.admit(_WARM_UP)
 
-    def admit(self, blob: bytes) -> AdmittedModel:
+    def admit(self, blob: bytes, optimization: str = "off") -> AdmittedModel:
         """Admit `blob` or raise (blocking: call it from a worker thread).
 
         Raises:
@@ -114,18 +119,25 @@ class Admitter:
                 429, "server busy: another model is being admitted (admission_timeout_s)"
             )
         try:
-            return _admit(blob, limits)
+            return _admit(blob, limits, optimization)
         finally:
             self._one_at_a_time.release()
 
 
-def _admit(blob: bytes, limits: Limits) -> AdmittedModel:
+def _admit(blob: bytes, limits: Limits, optimization: str = "off") -> AdmittedModel:
+    if optimization not in MODES:
+        raise api_error_for_status(
+            400, f"optimization: got {optimization[:40]!r}, expected one of {', '.join(MODES)}"
+        )
     started = time.monotonic()
     deadline = started + limits.admission_timeout_s
     ctx = _context()
     ours, theirs = ctx.Pipe(duplex=True)
     process = ctx.Process(
-        target=_child_main, args=(theirs, limits), name="veil-admission", daemon=True
+        target=_child_main,
+        args=(theirs, limits, optimization),
+        name="veil-admission",
+        daemon=True,
     )
     try:
         process.start()
@@ -148,7 +160,9 @@ def _admit(blob: bytes, limits: Limits) -> AdmittedModel:
         process.close()
     if header["status"] != 200:
         raise api_error_for_status(header["status"], header["message"])
-    return AdmittedModel(graph, header["loaded_bytes"], time.monotonic() - started)
+    return AdmittedModel(
+        graph, header["loaded_bytes"], time.monotonic() - started, header["optimization"]
+    )
 
 
 def _receive(conn: Connection, deadline: float, max_bytes: int, limits: Limits) -> bytes:
@@ -183,7 +197,39 @@ def _parse_header(raw: bytes) -> dict[str, Any]:
         "message": message[:_MESSAGE_MAX],
         "loaded_bytes": loaded,
         "graph": graph,
+        "optimization": _parse_report(header.get("optimization")),
     }
+
+
+# The optimization report's fields and their types: nothing else passes from the child.
+_REPORT_FIELDS: dict[str, tuple[type, ...]] = {
+    "mode": (str,),
+    "kept": (bool,),
+    "reason": (str,),
+    "max_abs_diff": (float, int, type(None)),
+    "speedup": (float, int, type(None)),
+    "top1_agreement": (float, int, type(None)),
+}
+
+
+def _parse_report(report: Any) -> dict[str, Any] | None:
+    if not report:
+        return None
+    if not isinstance(report, dict) or report.get("mode") not in MODES:
+        raise api_error_for_status(422, "invalid ONNX model: admission gave no answer")
+    parsed: dict[str, Any] = {}
+    for key, types in _REPORT_FIELDS.items():
+        if key not in report:
+            continue
+        value = report[key]
+        if key == "kept":
+            ok = type(value) is bool
+        else:
+            ok = isinstance(value, types) and not isinstance(value, bool)
+        if not ok:
+            raise api_error_for_status(422, "invalid ONNX model: admission gave no answer")
+        parsed[key] = value[:_MESSAGE_MAX] if isinstance(value, str) else value
+    return parsed
 
 
 def _death(process: Any, limits: Limits) -> ApiError:
@@ -233,7 +279,7 @@ def _memory_error(limits: Limits) -> ApiError:
     )
 
 
-def _child_main(conn: Connection, limits: Limits) -> None:
+def _child_main(conn: Connection, limits: Limits, optimization: str = "off") -> None:
     # Step 1: limits first, before a byte of the model is looked at.
     cpu = math.ceil(limits.admission_cpu_s)
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
@@ -244,7 +290,9 @@ def _child_main(conn: Connection, limits: Limits) -> None:
     header: dict[str, Any] = {"status": 200, "message": "", "loaded_bytes": 0, "graph": False}
     graph: bytes | None = None
     try:
-        graph, header["loaded_bytes"] = _check_and_measure(blob, limits)
+        graph, header["loaded_bytes"], header["optimization"] = _check_and_measure(
+            blob, limits, optimization
+        )
         header["graph"] = graph is not None
     except ApiError as exc:
         header.update(status=exc.status, message=exc.message)
@@ -271,12 +319,15 @@ def _identity_model() -> bytes:
 _WARM_UP = _identity_model()
 
 
-def _check_and_measure(blob: bytes, limits: Limits) -> tuple[bytes | None, int]:
-    """Steps 2-4: the graph to run (None: the upload unchanged) and its measured size."""
+def _check_and_measure(
+    blob: bytes, limits: Limits, optimization: str = "off"
+) -> tuple[bytes | None, int, dict[str, Any]]:
+    """Steps 2-4: the graph to run (None: the upload unchanged), its measured size, and the
+    optimization report (empty when none was asked for)."""
     # 2. The structural guard.
     check_model_lean(blob, limits)
-    # 3. Optimization: none yet; a pass returning a new graph goes here.
-    graph: bytes | None = None
+    # 3. Optimization, when asked for; its sessions are gone before step 4 measures.
+    graph, report = optimize_graph(blob, optimization, limits)
     # 4. Load exactly as the server will, and measure. A first session in a process also sets
     # up ONNX Runtime itself (~40 MB that the server has paid once): pay it before measuring.
     create_session(_WARM_UP, limits, intra_op_threads=1, checked=True)
@@ -299,4 +350,4 @@ def _check_and_measure(blob: bytes, limits: Limits) -> tuple[bytes | None, int]:
             f"invalid ONNX model: loaded, it takes {loaded} bytes, exceeds "
             f"max_model_memory_bytes={limits.max_model_memory_bytes}",
         )
-    return graph, loaded
+    return graph, loaded, report

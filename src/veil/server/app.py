@@ -574,6 +574,10 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         blob = bytes(message.model)
         model_id, model_name = message.model_id or str(uuid.uuid4()), message.model_name
         visibility, allowed = _upload_access(message, auth_on=principal.key_id is not None)
+        # Named by a veil client, else BlindAI's flag asks for the server's default.
+        optimization = message.optimization or (
+            config.optimization if message.optimize is not False else "off"
+        )
         del message
         if not _MODEL_ID.fullmatch(model_id):
             raise BadRequestError(
@@ -591,13 +595,14 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
                 # Admitted (checked, loaded, measured) in a child process first: the server's
                 # ONNX Runtime never sees what it refuses.
                 try:
-                    model = await run_in_threadpool(
-                        registry.admit_and_load,
+                    model, admitted = await run_in_threadpool(
+                        registry.admit_optimize_and_load,
                         blob,
                         model_id=model_id,
                         model_name=model_name,
                         threads=config.threads,
                         batching=config.batching,
+                        optimization=optimization,
                     )
                 except ApiError:
                     metrics.observe_admission(loaded=False)
@@ -608,13 +613,17 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
                     model_id,
                     model.model_hash,
                     model_name,
-                    model.size,
+                    len(blob),  # what is stored: the upload, not an optimized graph
                     owner=principal.key_id,
                     visibility=visibility,
                     allowed_keys=allowed,
                     created_at=time.time(),
                 )
+                # The upload itself is stored: the store binds each blob to the hash the client
+                # pins. A restart admits it again, unoptimized (see docs/hardening.md).
                 await store_model(meta, blob)
+                report = admitted.optimization
+                del admitted
             finally:
                 storage["pending"] -= len(blob)
             storage["used"] += model.cost
@@ -623,8 +632,17 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         finally:
             registry.release(model_id)
         _log.info("model %s uploaded (%d bytes)", model_id, model.size)
+        if report is not None:
+            _log.info(
+                "model %s optimization %s: %s",
+                model_id,
+                report.get("mode"),
+                "kept" if report.get("kept") else "not kept",
+            )
         receipt = issuer.issue("upload", model_id, model.model_hash) if issuer else None
-        reply = Response(wire.encode_upload_reply(model.model_hash, model_id), media_type=_CBOR)
+        reply = Response(
+            wire.encode_upload_reply(model.model_hash, model_id, report), media_type=_CBOR
+        )
         return with_receipt(reply, receipt)
 
     async def run(request: Request) -> Response:

@@ -63,6 +63,10 @@ class ServerConfig:
     unsealed_store: bool = False
     limits: Limits = field(default_factory=Limits)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    # optimization: what an upload's ``optimize`` flag means when the upload names no
+    #   optimization itself: ``off`` or ``graph`` (`veil.server.optimize`; never ``int8``,
+    #   which changes outputs and must be asked for by name).
+    optimization: str = "off"
     collateral_refresh: RefreshSettings = field(default_factory=RefreshSettings)
     # join: ``--join URL``: obtain the TLS identity and the store key from this key broker
     #   (`veil.cluster`); join_policy: what the broker's evidence must satisfy (default: this
@@ -75,5 +79,7 @@ class ServerConfig:
             port = getattr(self, name)
             if not 0 <= port <= 65535:
                 raise ValueError(f"{name}: got {port}, expected 0..65535")
+        if self.optimization not in ("off", "graph"):
+            raise ValueError(f"optimization: got {self.optimization!r}, expected off or graph")
         if self.threads < 1:
             raise ValueError(f"threads: got {self.threads}, expected at least 1")

@@ -36,7 +36,7 @@ from veil.errors import (
     TensorError,
     api_error_for_status,
 )
-from veil.server.admission import Admitter
+from veil.server.admission import AdmittedModel, Admitter
 from veil.server.batching import BatchingConfig, DynamicBatcher, has_dynamic_batch_axis
 from veil.server.limits import Limits
 from veil.server.onnx_guard import create_session
@@ -395,8 +395,31 @@ class ModelRegistry:
         Raises:
             ApiError: 413 / 422 / 429 from admission (`veil.server.admission`), 422 from loading.
         """
-        admitted = self.admitter.admit(blob)
-        return load_model(
+        return self.admit_optimize_and_load(
+            blob,
+            model_id=model_id,
+            model_name=model_name,
+            threads=threads,
+            model_hash=model_hash,
+            batching=batching,
+        )[0]
+
+    def admit_optimize_and_load(
+        self,
+        blob: bytes,
+        *,
+        model_id: str,
+        model_name: str,
+        threads: int,
+        model_hash: bytes | None = None,
+        batching: BatchingConfig | None = None,
+        optimization: str = "off",
+    ) -> tuple[LoadedModel, AdmittedModel]:
+        """`admit_and_load`, optimizing the graph in the admission child first
+        (`veil.server.optimize`); also returns what admission did (the graph to store, the
+        optimization report)."""
+        admitted = self.admitter.admit(blob, optimization)
+        loaded = load_model(
             admitted.graph,
             model_id=model_id,
             model_name=model_name,
@@ -407,6 +430,7 @@ class ModelRegistry:
             limits=self.limits,
             loaded_bytes=admitted.loaded_bytes,
         )
+        return loaded, admitted
 
     def reserve(self, model_id: str) -> None:
         """Claim an id for an upload in progress.

@@ -40,6 +40,7 @@ __all__ = [
     "decode_reply",
     "decode_run_reply",
     "decode_run_request",
+    "decode_upload_optimization",
     "decode_upload_reply",
     "decode_upload_request",
     "encode_delete_request",
@@ -75,6 +76,9 @@ class UploadRequest:
         visibility: veil extension: ``public`` or ``restricted``; None (BlindAI clients) lets
             the server choose its default.
         allowed_keys: veil extension: key ids that may run a restricted model.
+        optimize: BlindAI's flag: optimize as the server's default says (None: absent).
+        optimization: veil extension: ``off``, ``graph`` or ``int8`` by name
+            (`veil.server.optimize`); it overrides `optimize`.
     """
 
     model: bytes | bytearray
@@ -83,6 +87,8 @@ class UploadRequest:
     length: int | None
     visibility: str | None = None
     allowed_keys: tuple[str, ...] = ()
+    optimize: bool | None = None
+    optimization: str | None = None
 
     def __repr__(self) -> str:
         return f"UploadRequest(model_id={self.model_id!r}, {len(self.model)} bytes)"
@@ -239,6 +245,14 @@ def _upload_from_fields(message: Mapping[Any, Any]) -> UploadRequest:
             f"UploadModel.allowed_keys: expected at most {_MAX_ALLOWED_KEYS} key ids "
             "(16 hex digits each)"
         )
+    optimize = message.get("optimize")
+    if optimize is not None and not isinstance(optimize, bool):
+        raise _bad(f"UploadModel.optimize: got {type(optimize).__name__}, expected a bool")
+    optimization = _opt_str(message, "optimization", "UploadModel")
+    if optimization is not None and optimization not in _OPTIMIZATIONS:
+        raise _bad(
+            f"UploadModel.optimization: got {optimization[:40]!r}, expected off, graph or int8"
+        )
     return UploadRequest(
         model=model,
         model_name=name,
@@ -246,7 +260,12 @@ def _upload_from_fields(message: Mapping[Any, Any]) -> UploadRequest:
         length=length,
         visibility=visibility,
         allowed_keys=tuple(dict.fromkeys(allowed)),
+        optimize=optimize,
+        optimization=optimization,
     )
+
+
+_OPTIMIZATIONS = ("off", "graph", "int8")
 
 
 def encode_upload_head(
@@ -257,12 +276,13 @@ def encode_upload_head(
     client_info: Mapping[str, Any],
     visibility: str | None = None,
     allowed_keys: Sequence[str] | None = None,
+    optimization: str | None = None,
 ) -> bytes:
     """The start of veil's upload body: every field, then the header of the ``model`` bytes.
 
     The body is these bytes followed by the model's `model_size` bytes, so a client can send a
-    file in pieces without holding it. `visibility` and `allowed_keys` (veil extensions) are
-    sent only when given.
+    file in pieces without holding it. `visibility`, `allowed_keys` and `optimization` (veil
+    extensions) are sent only when given.
     """
     fields: dict[str, Any] = {
         "length": model_size,
@@ -276,6 +296,8 @@ def encode_upload_head(
         fields["visibility"] = visibility
     if allowed_keys is not None:
         fields["allowed_keys"] = list(allowed_keys)
+    if optimization is not None:
+        fields["optimization"] = optimization
     encoded = cbor2.dumps(fields)
     # cbor2 wrote a map header for len(fields) pairs: replace it with one counting the model too.
     pairs_end = len(_encode_map_header(len(fields)))
@@ -309,6 +331,7 @@ def encode_upload_request(
     client_info: Mapping[str, Any],
     visibility: str | None = None,
     allowed_keys: Sequence[str] | None = None,
+    optimization: str | None = None,
 ) -> bytes:
     """veil's upload: the model as one byte string, last (`encode_upload_head` + the model)."""
     head = encode_upload_head(
@@ -318,12 +341,19 @@ def encode_upload_request(
         client_info=client_info,
         visibility=visibility,
         allowed_keys=allowed_keys,
+        optimization=optimization,
     )
     return head + bytes(model)
 
 
-def encode_upload_reply(model_hash: bytes, model_id: str) -> bytes:
-    return bytes(cbor2.dumps({"hash": model_hash, "model_id": model_id}))
+def encode_upload_reply(
+    model_hash: bytes, model_id: str, optimization: Mapping[str, Any] | None = None
+) -> bytes:
+    """The upload's answer; `optimization` (veil extension) reports what optimizing did."""
+    reply: dict[str, Any] = {"hash": model_hash, "model_id": model_id}
+    if optimization:
+        reply["optimization"] = dict(optimization)
+    return bytes(cbor2.dumps(reply))
 
 
 def decode_upload_reply(body: bytes, status: int = 200) -> tuple[str, bytes]:
@@ -335,6 +365,16 @@ def decode_upload_reply(body: bytes, status: int = 200) -> tuple[str, bytes]:
     if not isinstance(model_id, str) or not isinstance(model_hash, bytes):
         raise ApiError(status, "upload reply: expected model_id (text) and hash (bytes)")
     return model_id, model_hash
+
+
+def decode_upload_optimization(body: bytes, status: int = 200) -> dict[str, Any] | None:
+    """The optimization report of an upload reply (veil extension), None when absent."""
+    report = _reply_map(body, status, "upload reply").get("optimization")
+    if report is None:
+        return None
+    if not isinstance(report, dict) or not all(isinstance(k, str) for k in report):
+        raise ApiError(status, "upload reply: optimization is not a map of names")
+    return dict(report)
 
 
 # ---- RunModel -----------------------------------------------------------------------------------

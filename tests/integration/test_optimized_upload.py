@@ -1,0 +1,84 @@
+"""Uploads that ask for an optimized graph: checked against the original, reported, stored."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import ModelProto, TensorProto, helper, numpy_helper
+from server_process import ServerFactory
+
+import veil
+
+
+def mlp() -> ModelProto:
+    """x[batch, 64] → MatMul, Add, Relu, × Sqrt(4) (a constant to fold), MatMul → y[batch, 10]."""
+    rng = np.random.default_rng(0)
+    weights = {
+        "w1": rng.standard_normal((64, 256)).astype(np.float32),
+        "b1": rng.standard_normal(256).astype(np.float32),
+        "w2": rng.standard_normal((256, 10)).astype(np.float32),
+        "four": np.array([4.0], np.float32),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"]),
+        helper.make_node("Add", ["h", "b1"], ["h2"]),
+        helper.make_node("Relu", ["h2"], ["h3"]),
+        helper.make_node("Sqrt", ["four"], ["s"]),
+        helper.make_node("Mul", ["h3", "s"], ["h4"]),
+        helper.make_node("MatMul", ["h4", "w2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10])],
+        initializer=[numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_graph_and_int8_optimizations_are_checked_reported_and_stored_as_uploaded(
+    server_factory: ServerFactory,
+) -> None:
+    model = mlp()
+    x = np.random.default_rng(1).standard_normal((3, 64)).astype(np.float32)
+    expected = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    running = server_factory()
+    with running.connect() as client:
+        plain = client.upload_model(model, model_id="plain", optimization="off")
+        assert plain.optimization is None
+        graph = client.upload_model(model, model_id="graph", optimization="graph")
+        report = graph.optimization
+        assert report is not None
+        assert report["mode"] == "graph"
+        # Kept only if the probe matched within 1e-4 and it was not slower; either way, said so.
+        assert report["max_abs_diff"] <= 1e-4
+        assert report["kept"] is (report["reason"] == "")
+        assert graph.hash == plain.hash  # the upload's hash, whatever graph is served
+        got = client.predict("graph", x).output[0].as_numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+        int8 = client.upload_model(model, model_id="int8", optimization="int8")
+        report = int8.optimization
+        assert report is not None
+        assert report["mode"] == "int8"
+        # The accuracy change is measured and reported: int8 moves the outputs, a little.
+        assert 0 < report["max_abs_diff"] < 0.2 * float(np.abs(expected).max())
+        assert 0.0 <= report["top1_agreement"] <= 1.0
+        got = client.predict("int8", x).output[0].as_numpy()
+        assert got.shape == expected.shape
+        with pytest.raises(veil.BadRequestError, match="expected off, graph or int8"):
+            client.upload_model(model, model_id="bad", optimization="fast")
+    data_dir = running.data_dir
+    assert running.stop() == 0
+    restarted = server_factory(data_dir=data_dir)
+    with restarted.connect() as client:
+        ids = sorted(m.model_id for m in client.list_models())
+        assert ids == ["graph", "int8", "plain"]
+        # The upload itself was stored (bound to its hash): after a restart it is served as
+        # uploaded, the int8 one included.
+        for model_id in ids:
+            got = client.predict(model_id, x).output[0].as_numpy()
+            np.testing.assert_allclose(got, expected, atol=1e-4)

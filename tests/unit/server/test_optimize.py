@@ -1,0 +1,104 @@
+"""Graph optimization in the admission child: refusal paths fall back to the original."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from veil.errors import ApiError
+from veil.server import optimize
+from veil.server.admission import _parse_report
+from veil.server.limits import Limits
+
+
+def _linear(scale: float = 1.0) -> bytes:
+    w = numpy_helper.from_array(np.full((4, 3), 0.5 * scale, np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+        initializer=[w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def test_off_does_nothing_and_unknown_modes_are_refused() -> None:
+    assert optimize.optimize_graph(_linear(), "off", Limits()) == (None, {})
+    with pytest.raises(ValueError, match="expected one of off, graph, int8"):
+        optimize.optimize_graph(_linear(), "fast", Limits())
+
+
+def test_outputs_that_move_past_the_tolerance_keep_the_original(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    moved = _linear(scale=1.001)  # outputs differ by ~1e-3 on normal inputs
+    monkeypatch.setattr(optimize, "_graph_optimized", lambda blob, workdir: moved)
+    graph, report = optimize.optimize_graph(_linear(), "graph", Limits())
+    assert graph is None
+    assert report["kept"] is False
+    assert report["max_abs_diff"] > optimize.GRAPH_TOLERANCE
+    assert report["reason"].startswith("outputs moved by")
+
+
+def test_a_failing_optimization_keeps_the_original(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(blob: bytes, workdir: str) -> bytes:
+        raise MemoryError  # what RLIMIT_AS turns a folding bomb into
+
+    monkeypatch.setattr(optimize, "_graph_optimized", fail)
+    graph, report = optimize.optimize_graph(_linear(), "graph", Limits())
+    assert graph is None
+    assert report == {
+        "mode": "graph",
+        "kept": False,
+        "reason": "optimization failed (MemoryError); serving the original",
+    }
+
+
+def test_probe_inputs_follow_the_declared_inputs() -> None:
+    class Node:
+        def __init__(self, name: str, kind: str, shape: list[Any]) -> None:
+            self.name, self.type, self.shape = name, kind, shape
+
+    class Session:
+        def get_inputs(self) -> list[Node]:
+            return [
+                Node("ids", "tensor(int64)", ["batch", "seq"]),
+                Node("x", "tensor(float)", [None, 5]),
+            ]
+
+    feeds = optimize.probe_inputs(Session(), seed=0)
+    assert feeds["ids"].shape == (1, 8)
+    assert feeds["ids"].dtype == np.int64
+    assert not feeds["ids"].any()  # zeros index any table
+    assert feeds["x"].shape == (1, 5)
+    assert feeds["x"].dtype == np.float32
+    assert np.array_equal(feeds["x"], optimize.probe_inputs(Session(), seed=0)["x"])
+
+
+@pytest.mark.parametrize(
+    "report",
+    [
+        {"mode": "fast", "kept": True},
+        {"mode": "graph", "kept": 1},
+        {"mode": "graph", "kept": True, "speedup": "2x"},
+        {"mode": "graph", "kept": True, "reason": 7},
+        ["graph"],
+    ],
+)
+def test_a_malformed_report_from_the_child_is_refused(report: Any) -> None:
+    with pytest.raises(ApiError, match="admission gave no answer") as info:
+        _parse_report(report)
+    assert info.value.status == 422
+
+
+def test_a_report_keeps_only_known_fields() -> None:
+    parsed = _parse_report({"mode": "int8", "kept": False, "top1_agreement": 1.0, "x": "y"})
+    assert parsed == {"mode": "int8", "kept": False, "top1_agreement": 1.0}
+    assert _parse_report(None) is None
+    assert _parse_report({}) is None
