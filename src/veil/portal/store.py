@@ -34,6 +34,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     csrf TEXT NOT NULL,
     expires_at REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS sessions_expiry ON sessions (expires_at);
 CREATE TABLE IF NOT EXISTS keys (
     key_id TEXT PRIMARY KEY,
     account_id INTEGER NOT NULL REFERENCES accounts(id),
@@ -41,6 +42,9 @@ CREATE TABLE IF NOT EXISTS keys (
 );
 """
 SESSION_LIFETIME_S = 8 * 3600
+# A visitor who is not logged in still gets a session (its CSRF token guards the login and
+# sign-up forms); short-lived, so that cookie-less requests cannot pile rows up for hours.
+ANONYMOUS_SESSION_LIFETIME_S = 1800
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +133,9 @@ class PortalStore:
     def new_session(self, account: Account | None = None) -> Session:
         """A fresh session (new token, new CSRF token)."""
         token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        lifetime = ANONYMOUS_SESSION_LIFETIME_S if account is None else SESSION_LIFETIME_S
         with self._lock:
+            self._db.execute("DELETE FROM sessions WHERE expires_at <= ?", (self._now(),))
             self._db.execute(
                 "INSERT INTO sessions (token_hash, account_id, csrf, expires_at) "
                 "VALUES (?, ?, ?, ?)",
@@ -137,7 +143,7 @@ class PortalStore:
                     _digest(token),
                     None if account is None else account.id,
                     csrf,
-                    self._now() + SESSION_LIFETIME_S,
+                    self._now() + lifetime,
                 ),
             )
         return Session(token, csrf, account)

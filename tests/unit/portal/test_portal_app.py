@@ -281,3 +281,24 @@ def test_static_assets(app: TestClient) -> None:
     assert "clipboard" in app.get("/static/portal.js").text
     assert app.get("/static/portal.css").status_code == 200
     assert app.get("/static/..%2fapp.py").status_code == 404
+
+
+def test_sessions_expire_and_are_pruned() -> None:
+    t = [1000.0]
+    store = PortalStore(
+        ":memory:", now=lambda: t[0], hasher=PasswordHasher(time_cost=1, memory_cost=64)
+    )
+    account = store.create_account("e@example.com", PASSWORD)
+    assert account is not None
+    visitor, user = store.new_session(), store.new_session(account)
+    t[0] += 1801  # past a visitor's lifetime, within a logged-in one
+    assert store.session(visitor.token) is None
+    found = store.session(user.token)
+    assert found is not None
+    assert found.account == account
+    store.new_session()  # prunes the expired visitor row
+    rows = store._db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0]
+    assert rows == 2
+    t[0] += 8 * 3600
+    assert store.session(user.token) is None
+    store.close()
