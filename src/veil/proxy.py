@@ -24,6 +24,7 @@ browser; curl and inference clients send none).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -57,20 +58,23 @@ class ProxySettings:
 
     Attributes:
         max_body_bytes: the largest request body relayed (413 past it).
+        body_read_timeout_s: the longest a caller may take to send its whole body (408).
         retry_s: after a failed verification, later requests get the same error for this long
             before the server is attested again (a failing server is not hammered).
         allowed_hosts: ``Host`` header names accepted besides the loopback ones.
     """
 
     max_body_bytes: int = 64 << 20
+    body_read_timeout_s: float = 30.0
     retry_s: float = 1.0
     allowed_hosts: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
-        if self.max_body_bytes <= 0 or self.retry_s < 0:
+        if self.max_body_bytes <= 0 or self.body_read_timeout_s <= 0 or self.retry_s < 0:
             raise ValueError(
                 f"proxy settings: got max_body_bytes={self.max_body_bytes}, "
-                f"retry_s={self.retry_s}, expected a positive size and a non-negative delay"
+                f"body_read_timeout_s={self.body_read_timeout_s}, retry_s={self.retry_s}, "
+                "expected a positive size and time-out and a non-negative delay"
             )
 
 
@@ -191,9 +195,14 @@ def build_proxy_app(upstream: AttestedUpstream, settings: ProxySettings) -> Star
         body: bytes | None = None
         if request.method == "POST":
             try:
-                body = await _read_bounded(request, settings.max_body_bytes)
+                async with asyncio.timeout(settings.body_read_timeout_s):
+                    body = await _read_bounded(request, settings.max_body_bytes)
             except ClientDisconnect:
                 return Response(status_code=400)
+            except TimeoutError:
+                return _error(
+                    408, f"veil proxy: body not received within {settings.body_read_timeout_s:g} s"
+                )
             if body is None:
                 return _error(413, f"veil proxy: body exceeds {settings.max_body_bytes} bytes")
         # Rebuilt from the route matched here, not copied from the request line.

@@ -6,6 +6,7 @@ a real server is in tests/integration/test_proxy.py.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -245,3 +246,36 @@ def test_accepted_connections_send_without_delay() -> None:
         accepted, _ = listener.accept()
         with accepted:
             assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+def test_a_stalled_body_times_out(good: FakeConnection) -> None:
+    app = build_proxy_app(AttestedUpstream(Attester(good)), ProxySettings(body_read_timeout_s=0.1))
+    sent: list[dict[str, Any]] = []
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v2/models/m/infer",
+        "raw_path": b"/v2/models/m/infer",
+        "query_string": b"",
+        "headers": [(b"host", b"127.0.0.1:8000")],
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 8000),
+    }
+    pieces = [{"type": "http.request", "body": b"{", "more_body": True}]
+
+    async def receive() -> dict[str, Any]:
+        if pieces:
+            return pieces.pop()
+        await asyncio.sleep(30)  # the caller stops sending
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 10))
+    assert sent[0]["status"] == 408
+    assert b"body not received within 0.1 s" in sent[1]["body"]
+    assert good.sent == []

@@ -76,7 +76,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--pccs-url", help="with --collateral services: Intel PCS or a PCCS")
     parser.add_argument("--kds-url", help="with --collateral services: AMD KDS or a mirror")
     parser.add_argument(
-        "--timeout", type=float, default=30.0, help="seconds per relayed request (default 30)"
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="seconds per relayed request, and for a caller to send its body (default 30)",
     )
     parser.add_argument(
         "--max-body-bytes",
@@ -164,7 +167,9 @@ def _proxy(args: argparse.Namespace) -> int:
         host, port = parse_listen(args.listen)
         collateral = _collateral(args)
         policy = Policy.from_toml(args.policy.read_text()) if args.policy else None
-        settings = ProxySettings(max_body_bytes=args.max_body_bytes)
+        settings = ProxySettings(
+            max_body_bytes=args.max_body_bytes, body_read_timeout_s=args.timeout
+        )
     except (OSError, ValueError, AttestationError) as exc:
         print(f"veil proxy: {exc}", file=sys.stderr)
         return 2
