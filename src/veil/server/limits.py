@@ -5,7 +5,7 @@ error-to-status mapping applies, with a message naming the limit and its value::
 
     413 request body exceeds max_request_bytes=67108864
     422 tensor 'input' has 20000000 elements, exceeds max_tensor_elements=16777216
-    429 rate limit exceeded: requests_per_second=50.0 (burst 100) for this key
+    429 rate limit exceeded: requests_per_second=500.0 (burst 1000) for this key
 
 413 is for sizes of bodies, models and storage; 422 for tensors that do not fit the limits; 429 for
 a key over its rate; 503 with ``Retry-After`` when the request queue is full; 400 for malformed
