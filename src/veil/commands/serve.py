@@ -169,6 +169,23 @@ def _add_hardening_arguments(parser: argparse.ArgumentParser) -> None:
         help="on a platform with no sealing key, store models as UNENCRYPTED files instead of "
         "refusing to start",
     )
+    group.add_argument(
+        "--database-url",
+        metavar="URL",
+        help="keep model metadata, owners and API keys in this PostgreSQL database "
+        "(postgresql://...), every row authenticated with the sealing key; replicas share it",
+    )
+    group.add_argument(
+        "--store-dir",
+        type=Path,
+        metavar="DIR",
+        help="directory of the sealed model blobs (default DATA_DIR/sealed); replicas share one",
+    )
+    group.add_argument(
+        "--replica-name",
+        metavar="NAME",
+        help="sent as the Veil-Replica header of every response (which replica answered)",
+    )
     limits = parser.add_argument_group("limits (exceeding one answers 413, 422, 429 or 503)")
     defaults = Limits()
     for f in fields(Limits):
@@ -331,6 +348,9 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         no_auth=args.no_auth,
         no_anonymous=args.no_anonymous,
         unsealed_store=args.unsealed_store,
+        database_url=args.database_url,
+        store_dir=args.store_dir,
+        replica_name=args.replica_name,
         limits=_limits(args),
         optimization=args.optimize,
         batching=BatchingConfig(

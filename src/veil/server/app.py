@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import math
 import re
@@ -97,6 +98,7 @@ from veil.server.metrics import CONTENT_TYPE, OTHER_ROUTE, Metrics
 from veil.server.models import LoadedModel, ModelRegistry
 from veil.server.oip import OipBackend, oip_routes
 from veil.server.receipts import RECEIPT_HEADER, ReceiptIssuer
+from veil.server.sealing import SealedModelStore
 from veil.server.store import ModelStoreProtocol, StoredModel
 from veil.tensors import WireTensor, numpy_dtype
 
@@ -189,8 +191,17 @@ class _RequestLog:
     kept when it is a short plain token, so calls can be traced across systems.
     """
 
-    def __init__(self, app: ASGIApp, port: str, metrics: Metrics, routes: frozenset[str]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        port: str,
+        metrics: Metrics,
+        routes: frozenset[str],
+        replica: str | None = None,
+    ) -> None:
         self._app = app
+        # ``Veil-Replica`` on every response when set: which replica behind a balancer answered.
+        self._extra = [] if replica is None else [(b"veil-replica", replica.encode("ascii"))]
         self._port = port
         self._metrics = metrics
         self._routes = routes  # the paths this app serves: the only route labels of a metric
@@ -214,7 +225,11 @@ class _RequestLog:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                headers = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
+                headers = [
+                    *message.get("headers", ()),
+                    (b"x-request-id", request_id.encode()),
+                    *self._extra,
+                ]
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -546,7 +561,9 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
 
     async def store_model(meta: StoredModel, blob: bytes) -> None:
         try:
-            await run_in_threadpool(state.store.put_stream, meta, _slices(blob))
+            await run_in_threadpool(
+                functools.partial(state.store.put_stream, exclusive=True), meta, _slices(blob)
+            )
         except OSError as exc:
             # One line, no traceback: the path and the model stay out of the log.
             _log.error(
@@ -645,6 +662,48 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         )
         return with_receipt(reply, receipt)
 
+    def registry_has(model_id: str | None, model_hash: str | None) -> bool:
+        try:
+            registry.get(model_id, model_hash)
+        except ApiError:
+            return False
+        return True
+
+    adopting = asyncio.Lock()
+
+    async def adopt(model_id: str | None, model_hash: str | None) -> None:
+        """Load, on its first use here, a model another replica committed to the shared state
+        (``--database-url``): admitted and measured as at upload, from its sealed blob."""
+        store = state.store
+        if not isinstance(store, SealedModelStore):
+            return
+        try:
+            by_hash = bytes.fromhex(model_hash) if model_hash and not model_id else None
+        except ValueError:
+            return
+        async with adopting:  # one load at a time: a burst of first uses loads a model once
+            entry = await run_in_threadpool(store.find, model_id, by_hash)
+            if entry is None or entry.meta.model_id in access:
+                return
+            meta = entry.meta
+            blob = await run_in_threadpool(store.load, entry)
+            model = await run_in_threadpool(
+                functools.partial(
+                    registry.admit_and_load,
+                    blob,
+                    model_id=meta.model_id,
+                    model_name=meta.model_name,
+                    threads=config.threads,
+                    model_hash=meta.model_hash,
+                    batching=config.batching,
+                )
+            )
+            del blob
+            storage["used"] += model.cost
+            access[meta.model_id] = meta
+            registry.add(model)
+            _log.info("model %s loaded from the shared store", meta.model_id)
+
     async def run(request: Request) -> Response:
         principal = await authenticate(request, allow_anonymous=True)
         issuer = receipts_wanted(request)
@@ -661,6 +720,8 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         for tensor in message.inputs:
             itemsize = numpy_dtype(tensor.datum_type).itemsize
             limits.check_tensor(tensor.shape, itemsize, name=tensor.name or "")
+        if not registry_has(message.model_id, message.model_hash):
+            await adopt(message.model_id, message.model_hash)
         if message.model_id is None and message.model_hash:
             # By hash (BlindAI): several models may share one; take one this key may run.
             wanted = message.model_hash.lower()
@@ -788,7 +849,9 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
             RequestGate, limiter=limiter, body_read_timeout_s=limits.body_read_timeout_s
         )
         paths = frozenset(r.path for r in routes)
-        log = Middleware(_RequestLog, port=port, metrics=metrics, routes=paths)
+        log = Middleware(
+            _RequestLog, port=port, metrics=metrics, routes=paths, replica=config.replica_name
+        )
         return Starlette(middleware=[log, gate], routes=list(routes))
 
     handshake_route = route("/", handshake, "GET")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,9 @@ __all__ = ["DEFAULT_DATA_DIR", "ServerConfig"]
 
 # `veil serve` and `veil keys` both default to this, relative to the working directory.
 DEFAULT_DATA_DIR = Path("veil-data")
+
+
+_REPLICA_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,8 +77,27 @@ class ServerConfig:
     #   server's own measurement).
     join: str | None = None
     join_policy: Path | None = None
+    # --- shared state, for replicas behind one balancer ---
+    # database_url: ``--database-url``: model metadata, owners and API keys as MACed rows in this
+    #   PostgreSQL database (`veil.server.pgstate`) instead of the sealed manifest file.
+    # store_dir: ``--store-dir``: the directory of the sealed model blobs (default
+    #   ``<data_dir>/sealed``); replicas share one (a network volume).
+    database_url: str | None = None
+    store_dir: Path | None = None
+    # replica_name: ``--replica-name``: sent as the ``Veil-Replica`` header of every response,
+    #   so that tests and operators see which replica behind a balancer answered.
+    replica_name: str | None = None
 
     def __post_init__(self) -> None:
+        if self.replica_name is not None and not _REPLICA_NAME.fullmatch(self.replica_name):
+            raise ValueError(
+                f"replica_name: got {self.replica_name[:80]!r}, expected 1-64 of A-Z a-z 0-9 . _ -"
+            )
+        if self.database_url is not None and self.unsealed_store:
+            raise ValueError(
+                "database_url: got it with unsealed_store, expected sealed storage (the rows are "
+                "authenticated with the sealing or cluster key)"
+            )
         for name in ("unattested_port", "attested_port", "management_port"):
             port = getattr(self, name)
             if not 0 <= port <= 65535:

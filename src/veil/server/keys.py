@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from veil.errors import api_error_for_status
-from veil.server.state import ROLES, KeyRecord, Manifest, Role, SealedState
+from veil.server.state import ROLES, KeyRecord, Manifest, Role, StateBackend
 
 __all__ = [
     "API_KEY_HEADER",
@@ -230,12 +230,12 @@ class KeyStore:
         info = store.authenticate(secret)                       # KeyInfo, or None
     """
 
-    def __init__(self, state: SealedState, *, now: Callable[[], float] = time.time) -> None:
+    def __init__(self, state: StateBackend, *, now: Callable[[], float] = time.time) -> None:
         self._state = state
         self._now = now
 
     @property
-    def state(self) -> SealedState:
+    def state(self) -> StateBackend:
         return self._state
 
     def create(self, role: Role, name: str | None = None) -> tuple[str, str]:

@@ -65,7 +65,7 @@ from veil.server.models import ModelRegistry
 from veil.server.ready import ReadyLine
 from veil.server.receipts import LOG_FILENAME, ReceiptIssuer, ReceiptLog
 from veil.server.sealing import SealedModelStore
-from veil.server.state import SealedState, open_state
+from veil.server.state import StateBackend, open_state
 from veil.server.store import ModelStore, ModelStoreProtocol, StoredModel
 from veil.tls import TlsIdentity, binding_report_data, generate_identity, server_context
 
@@ -79,7 +79,7 @@ UNSEALED_STORE_WARNING = (
 )
 
 
-def open_store(config: ServerConfig, state: SealedState) -> ModelStoreProtocol:
+def open_store(config: ServerConfig, state: StateBackend) -> ModelStoreProtocol:
     """The model store: blobs sealed and named by `state`'s manifest, or plain files only with
     ``unsealed_store``."""
     if config.unsealed_store:
@@ -88,7 +88,7 @@ def open_store(config: ServerConfig, state: SealedState) -> ModelStoreProtocol:
     plain = config.data_dir / "models"
     if plain.is_dir() and any(plain.glob("*.json")):
         _log.warning("plain models in %s are not served: the server now keeps models sealed", plain)
-    return SealedModelStore(config.data_dir / "sealed", state)
+    return SealedModelStore(config.store_dir or config.data_dir / "sealed", state)
 
 
 def _utc_now() -> datetime:
@@ -202,7 +202,13 @@ def prepare_state(
     # 3. The sealed state (keys, and the manifest of the models), checked whole before anything
     #    is served: a tampered or rolled-back file stops the start (fail closed).
     sealing_key = provider.sealing_key if cluster is None else (lambda: cluster.store_key)
-    sealed = open_state(config.data_dir, sealing_key, unsealed=config.unsealed_store)
+    sealed = open_state(
+        config.data_dir,
+        sealing_key,
+        unsealed=config.unsealed_store,
+        database_url=config.database_url,
+        blob_dir=config.store_dir,
+    )
     store = store or open_store(config, sealed)
     receipts = ReceiptIssuer(
         signer,

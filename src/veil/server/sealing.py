@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from veil.errors import SealedStateError
+from veil.errors import ConflictError, SealedStateError
 from veil.server.sealed_file import (
     DEFAULT_CHUNK_SIZE,
     SealedFileError,
@@ -37,7 +37,7 @@ from veil.server.sealed_file import (
     remove_temp_files,
     write_sealed,
 )
-from veil.server.state import Manifest, ModelEntry, SealedState
+from veil.server.state import Manifest, ModelEntry, StateBackend
 from veil.server.store import StoredModel
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ class SealedModelStore:
     """
 
     def __init__(
-        self, directory: Path | str, state: SealedState, *, chunk_size: int = DEFAULT_CHUNK_SIZE
+        self, directory: Path | str, state: StateBackend, *, chunk_size: int = DEFAULT_CHUNK_SIZE
     ) -> None:
         self._dir = Path(directory)
         self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -92,17 +92,23 @@ class SealedModelStore:
         """Store (or atomically replace) a model. Durable once this returns."""
         self.put_stream(meta, (blob,))
 
-    def put_stream(self, meta: StoredModel, chunks: Iterable[bytes]) -> int:
+    def put_stream(
+        self, meta: StoredModel, chunks: Iterable[bytes], *, exclusive: bool = False
+    ) -> int:
         """Store a model whose bytes arrive as `chunks`, holding one chunk at a time.
 
         Returns the number of bytes written. If `chunks` raises, or the bytes do not match
-        ``meta.size`` and ``meta.model_hash``, nothing is stored.
+        ``meta.size`` and ``meta.model_hash``, nothing is stored. With `exclusive`, an id the
+        committed state already names is a `ConflictError` (409), decided in the commit itself,
+        so two replicas uploading one id at once store one model.
         """
         model_id = meta.model_id
         written: list[int] = []
         replaced: list[int] = []
 
         def change(current: Manifest, version: int) -> Manifest:
+            if exclusive and model_id in current.models:
+                raise ConflictError(409, f"model id {model_id!r} is already taken")
             path = self._path(model_id, version)
             digest = hashlib.sha256()
 
@@ -205,6 +211,25 @@ class SealedModelStore:
         for model_id in sorted(manifest.models):
             entry = manifest.models[model_id]
             yield entry.meta, self._load(entry)
+
+    def find(self, model_id: str | None, model_hash: bytes | None) -> ModelEntry | None:
+        """The committed entry of a model by id, else by SHA-256 (the first in id order): what
+        a replica loads on first use of a model another replica stored."""
+        models = self._state.current().models
+        if model_id:
+            return models.get(model_id)
+        if model_hash is not None:
+            return next(
+                (models[i] for i in sorted(models) if models[i].meta.model_hash == model_hash),
+                None,
+            )
+        return None
+
+    def load(self, entry: ModelEntry) -> bytes:
+        """The bytes of `entry`'s blob, unsealed and checked against its size and hash.
+
+        Raises `SealedStateError` when the blob is missing, does not unseal, or differs."""
+        return self._load(entry)
 
     def _load(self, entry: ModelEntry) -> bytes:
         meta, version = entry.meta, entry.blob_version

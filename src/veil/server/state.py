@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, cast, get_args
+from typing import Any, Literal, Protocol, cast, get_args
 
 import cbor2
 
@@ -67,6 +67,7 @@ __all__ = [
     "ModelEntry",
     "Role",
     "SealedState",
+    "StateBackend",
     "open_state",
 ]
 
@@ -227,6 +228,21 @@ class Manifest:
         if any(e.blob_version > version for e in entries):
             raise ValueError("manifest: a blob version is newer than the manifest")
         return cls(version, by_id, by_key)
+
+
+class StateBackend(Protocol):
+    """What the model store and the key store need of the state: `SealedState` (files in the
+    data directory) or `veil.server.pgstate.PostgresState` (rows shared by replicas)."""
+
+    @property
+    def directory(self) -> Path: ...
+    @property
+    def blob_key(self) -> bytes: ...
+    def current(self) -> Manifest: ...
+    def open(self) -> Manifest: ...
+    def is_new(self) -> bool: ...
+    def names_blob(self, model_id: str, blob_version: int) -> bool: ...
+    def update(self, change: Callable[[Manifest, int], Manifest]) -> Manifest: ...
 
 
 class SealedState:
@@ -463,17 +479,25 @@ class SealedState:
 
 
 def open_state(
-    data_dir: Path, sealing_key: Callable[[], bytes], *, unsealed: bool = False
-) -> SealedState:
+    data_dir: Path,
+    sealing_key: Callable[[], bytes],
+    *,
+    unsealed: bool = False,
+    database_url: str | None = None,
+    blob_dir: Path | None = None,
+) -> StateBackend:
     """The state of the server whose data directory is `data_dir`, as the server opens it.
 
     `sealing_key` is the platform's (``provider.sealing_key``); ``veil keys`` must get the same
     key, so it runs where the server runs (simulated: the key file in `data_dir`; SGX: inside
     the same enclave). With `unsealed` (``--unsealed-store``) a platform without a sealing key
     falls back to `UNSEALED_STATE_KEY`, which protects nothing against whoever writes the disk.
+    With `database_url` the state is rows in PostgreSQL (`veil.server.pgstate`) authenticated
+    with the same key, its blobs in `blob_dir` (default ``<data_dir>/sealed``).
 
     Raises:
         EvidenceUnavailableError: no sealing key and not `unsealed`.
+        SealedStateError: the database cannot be reached.
     """
     try:
         key = sealing_key()
@@ -485,4 +509,9 @@ def open_state(
                 "reading the disk reads them, anyone writing it changes them)"
             ) from None
         key = UNSEALED_STATE_KEY
+    if database_url is not None:
+        # Imported here: psycopg is needed only by servers that use PostgreSQL.
+        from veil.server.pgstate import PostgresState
+
+        return PostgresState(database_url, key, blob_dir or Path(data_dir) / "sealed")
     return SealedState(data_dir, key)

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from veil.errors import ConflictError
+
 __all__ = ["ModelStore", "ModelStoreProtocol", "StoredModel"]
 
 _log = logging.getLogger("veil.server.store")
@@ -116,7 +118,9 @@ class ModelStoreProtocol(Protocol):
 
     def put(self, meta: StoredModel, blob: bytes) -> None: ...
 
-    def put_stream(self, meta: StoredModel, chunks: Iterable[bytes]) -> int: ...
+    def put_stream(
+        self, meta: StoredModel, chunks: Iterable[bytes], *, exclusive: bool = False
+    ) -> int: ...
 
     def delete(self, model_id: str) -> None: ...
 
@@ -162,9 +166,14 @@ class ModelStore:
         """Store a model durably: blob first, then its metadata."""
         self.put_stream(meta, (blob,))
 
-    def put_stream(self, meta: StoredModel, chunks: Iterable[bytes]) -> int:
-        """Like `put`, the blob arriving as `chunks`; returns the blob's byte count."""
+    def put_stream(
+        self, meta: StoredModel, chunks: Iterable[bytes], *, exclusive: bool = False
+    ) -> int:
+        """Like `put`, the blob arriving as `chunks`; returns the blob's byte count. With
+        `exclusive`, a stored model of that id is a `ConflictError` (409)."""
         key = _key(meta.model_id)
+        if exclusive and (self.root / f"{key}.json").exists():
+            raise ConflictError(409, f"model id {meta.model_id!r} is already taken")
         written = self._write_atomic(self.root / f"{key}.onnx", chunks)
         self._write_atomic(
             self.root / f"{key}.json", (json.dumps(meta.to_json(), sort_keys=True).encode(),)
