@@ -79,6 +79,8 @@ class PostgresState:
         self._row_key = derive_key(key, b"state rows")
         self._head_key = derive_key(key, b"state head")
         self._blob_key = derive_key(key, b"state blobs")
+        # Each replica keeps its own receipt log in its data directory, under the same key.
+        self._receipt_log_key = derive_key(key, b"receipt log")
         self._lock = threading.Lock()
         self._cached: Manifest | None = None
         self._cached_mac: bytes | None = None
@@ -114,6 +116,11 @@ class PostgresState:
     def blob_key(self) -> bytes:
         """The key model blobs are sealed with (`veil.server.sealing`)."""
         return self._blob_key
+
+    @property
+    def receipt_log_key(self) -> bytes:
+        """The key the receipt log's records are authenticated with (`veil.server.receipts`)."""
+        return self._receipt_log_key
 
     # --- authentication -----------------------------------------------------------------------
 
