@@ -28,7 +28,9 @@ class FailingStore:
     def put(self, meta: StoredModel, blob: bytes) -> None:
         raise OSError(self.code, "write failed", "/somewhere/secret-model-path")
 
-    def put_stream(self, meta: StoredModel, chunks: Iterable[bytes]) -> int:
+    def put_stream(
+        self, meta: StoredModel, chunks: Iterable[bytes], *, exclusive: bool = False
+    ) -> int:
         raise OSError(self.code, "write failed", "/somewhere/secret-model-path")
 
     def delete(self, model_id: str) -> None:
