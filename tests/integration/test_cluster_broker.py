@@ -104,18 +104,38 @@ def test_broker_and_replica_restarts_keep_the_identity_and_the_models(
         again.stop()
 
 
-def test_rotation_gives_rejoining_replicas_a_new_certificate(
+def test_rotation_gives_rejoining_replicas_a_new_certificate_and_clients_re_attest(
     tmp_path: Path, broker: BrokerProcess
 ) -> None:
-    broker.stop()
-    rotated = start_broker(broker.data_dir, tmp_path / "broker-logs-2", "--rotate")
+    replica = _replica(tmp_path, "replica", broker)
+    connection = replica.connect()
     try:
-        assert rotated.generation == broker.generation + 1
-        assert rotated.certificate_sha256 != broker.certificate_sha256
-        replica = _replica(tmp_path, "replica", rotated)
+        connection.upload_model(identity_model("float32"), model_id="m")
+        replica.stop()
+        broker.stop()
+        rotated = start_broker(broker.data_dir, tmp_path / "broker-logs-2", "--rotate")
         try:
-            assert _certificate_sha256(replica) == rotated.certificate_sha256
+            assert rotated.generation == broker.generation + 1
+            assert rotated.certificate_sha256 != broker.certificate_sha256
+            same_ports = [
+                f"--{name.replace('_', '-')}={port}" for name, port in replica.ports.items()
+            ]
+            replica = start_server(
+                replica.data_dir, tmp_path / "replica-logs-2", "--no-auth", "--join", rotated.url,
+                *same_ports,
+            )  # fmt: skip
+            try:
+                assert _certificate_sha256(replica) == rotated.certificate_sha256
+                # The client still pins the old certificate: its next prediction fails over,
+                # attests the server again and goes through under the new one.
+                x = np.ones((2, 3), dtype=np.float32)
+                assert np.array_equal(connection.predict("m", x).output[0].as_numpy(), x)
+                assert connection.reattestations == 1
+                new_digest = hashlib.sha256(connection.certificate_der).hexdigest()
+                assert new_digest == rotated.certificate_sha256
+            finally:
+                replica.stop()
         finally:
-            replica.stop()
+            rotated.stop()
     finally:
-        rotated.stop()
+        connection.close()

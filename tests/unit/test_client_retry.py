@@ -30,3 +30,11 @@ def test_backoff_doubles_is_capped_and_jittered(attempt: int, low: float, high: 
 def test_retry_after_header(header: str | None, seconds: float | None) -> None:
     # HTTP dates and nonsense are not retried: only a plain, short number of seconds.
     assert _retry_after(header) == seconds
+
+
+def test_failover_backoff_doubles_from_a_tenth_of_a_second_and_is_capped() -> None:
+    from veil.client.connection import failover_delay
+
+    for attempt, high in ((0, 0.1), (1, 0.2), (3, 0.8), (10, 2.0)):
+        delays = [failover_delay(attempt) for _ in range(100)]
+        assert all(high / 2 <= d <= high for d in delays)

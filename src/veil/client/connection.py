@@ -71,6 +71,7 @@ from veil.errors import (
     ServiceUnavailableError,
     SimulationModeWarning,
     TransportError,
+    VeilError,
     api_error_for_status,
 )
 from veil.keymap import EMPTY_KEY_MAP, RECEIPT_KEY, KeyMap, check_binding
@@ -133,6 +134,12 @@ def busy_retry_delay(
     return delay * jitter
 
 
+def failover_delay(attempt: int, *, first: float = 0.1, cap: float = 2.0) -> float:
+    """Seconds to wait before failover attempt `attempt` (0-based): doubling, capped, jittered."""
+    jitter: float = random.uniform(0.5, 1.0)  # noqa: S311 - spreading retries, not a secret
+    return min(cap, first * 2.0**attempt) * jitter
+
+
 def _shown(value: object) -> str:
     return value.hex() if isinstance(value, bytes) else repr(value)
 
@@ -188,6 +195,11 @@ class Connection:
             streamed from a file are not retried.
         busy_retry_max_delay: the longest wait, in seconds, before one retry: the server's
             ``Retry-After``, doubled at each retry, jittered, and capped by this.
+        failover_retries: how many times a prediction or a model list whose connection was
+            lost (a replica died, the certificate rotated) is sent again, each time after
+            attesting whichever server now answers (backoff from 0.1 s doubling to 2 s,
+            jittered); ``0`` never. Uploads and deletes are never sent twice: after a lost
+            upload, ask `list_models` whether the model id is there.
 
     Raises:
         AttestationError: (or a subclass) the server could not prove what it runs; nothing
@@ -213,6 +225,7 @@ class Connection:
         collateral: CollateralChoice = SERVER,
         busy_retries: int = 4,
         busy_retry_max_delay: float = 4.0,
+        failover_retries: int = 4,
     ) -> None:
         check_choice(collateral)
         ports = {"unattested_port": 9923, "attested_port": 9924, "management_port": 9925}
@@ -270,6 +283,18 @@ class Connection:
         self._unattested_url = f"http://{host}:{unattested_port}"
         self._attested_url = f"https://{host}:{attested_port}"
         self._management_url = f"https://{host}:{management_port}"
+        if failover_retries < 0:
+            raise ValueError(f"failover_retries: got {failover_retries}, expected >= 0")
+        self._failover_retries = failover_retries
+        self.reattestations = 0
+        """How many times this connection attested a server again after losing one."""
+        self._settings = (api_key, simulation, policy, now, trust, collateral)
+        self._attest()
+
+    def _attest(self) -> None:
+        """Steps 1-5, at connection and again after a lost connection (whichever replica answers
+        must prove itself: nothing is sent on the strength of an earlier verification)."""
+        api_key, simulation, policy, now, trust, collateral = self._settings
         # Compressed answers could expand past any size limit before they are counted.
         headers = {"user-agent": f"veil-python/{__version__}", "accept-encoding": "identity"}
         # Step 1 runs over plain HTTP to a server not yet verified: no API key there.
@@ -311,13 +336,14 @@ class Connection:
             context = pinned_client_context(certificate)
         except ssl.SSLError:
             raise BindingError("the bound server certificate is not a usable certificate") from None
+        previous: httpx.Client | None = getattr(self, "_client", None)
         self._client = httpx.Client(
-            transport=deadline_transport(context),
-            headers=headers,
-            timeout=self._timeout,
+            transport=deadline_transport(context), headers=headers, timeout=self._timeout
         )
+        if previous is not None:
+            previous.close()
         try:
-            self._request("GET", f"{self._attested_url}/")
+            self._call_once("GET", f"{self._attested_url}/")
         except BaseException:
             self._client.close()
             raise
@@ -387,10 +413,48 @@ class Connection:
         body: bytes | Iterator[bytes] | None = None,
         timeout: httpx.Timeout | None = None,
         headers: Mapping[str, str] | None = None,
+        *,
+        idempotent: bool = False,
     ) -> bytes:
-        return self._call(method, url, body, timeout, headers)[0]
+        return self._call(method, url, body, timeout, headers, idempotent=idempotent)[0]
 
     def _call(
+        self,
+        method: str,
+        url: str,
+        body: bytes | Iterator[bytes] | None = None,
+        timeout: httpx.Timeout | None = None,
+        headers: Mapping[str, str] | None = None,
+        *,
+        idempotent: bool = False,
+    ) -> tuple[bytes, httpx.Headers]:
+        """One call, (body, response headers). An `idempotent` call (predict, list) whose
+        connection is lost, or whose server now shows another certificate (a rotation, another
+        replica), is sent again after attesting the server anew, up to `failover_retries` times
+        with bounded backoff. Anything else (an upload, a delete) is never sent twice."""
+        attempt = 0
+        while True:
+            try:
+                return self._call_once(method, url, body, timeout, headers)
+            except (TransportError, BindingError) as exc:
+                replayable = body is None or isinstance(body, bytes)
+                if not idempotent or not replayable or attempt >= self._failover_retries:
+                    raise
+                cause: VeilError = exc
+            # Outside the except block: the first failure is not chained to the next.
+            while attempt < self._failover_retries:
+                time.sleep(failover_delay(attempt))
+                attempt += 1
+                try:
+                    self._attest()
+                    self.reattestations += 1
+                    break
+                except TransportError as exc:  # nobody answers yet: wait longer
+                    cause = exc
+            else:
+                raise cause
+
+    def _call_once(
         self,
         method: str,
         url: str,
@@ -764,7 +828,11 @@ class Connection:
             model_id=model_id, model_hash=model_hash, inputs=tensors, client_info=_CLIENT_INFO
         )
         reply, headers = self._call(
-            "POST", f"{self._attested_url}/run", body, headers=self._receipt_headers(receipt)
+            "POST",
+            f"{self._attested_url}/run",
+            body,
+            headers=self._receipt_headers(receipt),
+            idempotent=True,
         )
         outputs = wire.decode_run_reply(reply)
         signed = None
@@ -798,7 +866,7 @@ class Connection:
 
     def list_models(self) -> list[ModelInfo]:
         """The models this key manages (veil extension): its own uploads; an admin's: all."""
-        reply = self._request("GET", f"{self._management_url}/models")
+        reply = self._request("GET", f"{self._management_url}/models", idempotent=True)
         items = wire.decode_reply(reply, "model list")
         try:
             return [
