@@ -289,6 +289,7 @@ class Connection:
         self.reattestations = 0
         """How many times this connection attested a server again after losing one."""
         self._settings = (api_key, simulation, policy, now, trust, collateral)
+        self._simulated_default = simulated_default
         self._attest()
 
     def _attest(self) -> None:
@@ -319,7 +320,7 @@ class Connection:
         try:
             verified = verify_evidence(quote, chosen, policy=policy, trust=trust, now=now)
         except PolicyError as exc:
-            if simulated_default and "mr_enclave" in str(exc):
+            if self._simulated_default and "mr_enclave" in str(exc):
                 raise PolicyError(_simulated_mismatch(str(exc), server)) from None
             raise
         # Step 4: the evidence must bind the certificate the server showed us, and its key map.
