@@ -116,6 +116,10 @@ class Limits:
         admission_timeout_s: wall time of one admission; the child is then killed (422).
         max_concurrent_runs: ONNX Runtime runs at once, across models (each model runs one at a
             time), so one slow model leaves the others their own threads.
+        demote_runs_after_s: an ONNX Runtime run longer than this is demoted to the lowest CPU
+            priority with its session's worker threads, and its model's later runs from their
+            start: one long operator, which cannot be interrupted, no longer takes the cores
+            from the other models (`veil.server.demotion`).
     """
 
     max_request_bytes: int = 64 * _MiB
@@ -159,6 +163,7 @@ class Limits:
     admission_cpu_s: float = 120.0
     admission_timeout_s: float = 300.0
     max_concurrent_runs: int = 4
+    demote_runs_after_s: float = 0.25
 
     def __post_init__(self) -> None:
         for f in fields(self):

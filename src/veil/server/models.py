@@ -9,7 +9,9 @@ or encoded, and the copy and encoding happen inside the request's time-out, off 
 Isolation: each model runs one ONNX Runtime call at a time (its batcher), on a pool shared by
 all models of ``max_concurrent_runs`` threads, so a model stuck in one long operator (which
 ``RunOptions.terminate`` cannot interrupt: it acts between nodes) holds one thread and the
-other models keep theirs. No tensor content is ever logged or put in an error message.
+other models keep theirs; a run longer than ``demote_runs_after_s`` is demoted to the lowest CPU
+priority, with its session's worker threads (`veil.server.demotion`), so that the other models
+also keep the cores. No tensor content is ever logged or put in an error message.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from veil.errors import (
 )
 from veil.server.admission import AdmittedModel, Admitter
 from veil.server.batching import BatchingConfig, DynamicBatcher, has_dynamic_batch_axis
+from veil.server.demotion import WATCHDOG, HeavyFlag, capture_new_threads
 from veil.server.limits import Limits
 from veil.server.onnx_guard import create_session
 from veil.tensors import (
@@ -122,6 +125,9 @@ class LoadedModel:
     # Resident bytes the session cost when admitted (0: not measured) and the output limits.
     loaded_bytes: int = 0
     limits: Limits = field(default_factory=Limits)
+    # Native ids of the session's intra-op worker threads (demoted with a long run).
+    session_tids: frozenset[int] = frozenset()
+    heavy: HeavyFlag = field(default_factory=HeavyFlag)
     # Made in __post_init__ (frozen: set through object.__setattr__).
     batcher: DynamicBatcher = field(init=False)
     _inflight: list[_InFlight | None] = field(init=False)
@@ -213,7 +219,8 @@ class LoadedModel:
         options = ort.RunOptions()
         self._inflight[0] = _InFlight(options, time.monotonic())
         try:
-            results: list[npt.NDArray[Any]] = self.session.run(names, feeds, options)
+            with WATCHDOG.watch(self.session_tids, self.heavy, self.limits.demote_runs_after_s):
+                results: list[npt.NDArray[Any]] = self.session.run(names, feeds, options)
         except Exception as exc:
             if options.terminate:
                 raise api_error_for_status(504, "inference stopped: request_timeout_s") from None
@@ -339,7 +346,9 @@ def load_model(
             or outputs of a type the protocol cannot carry.
     """
     limits = limits if limits is not None else Limits()
-    session = create_session(blob, limits, intra_op_threads=threads, checked=True)
+    session, session_tids = capture_new_threads(
+        lambda: create_session(blob, limits, intra_op_threads=threads, checked=True)
+    )
     inputs = tuple(_spec(node, "input") for node in session.get_inputs())
     outputs = tuple(_spec(node, "output") for node in session.get_outputs())
     return LoadedModel(
@@ -350,6 +359,7 @@ def load_model(
         inputs=inputs,
         outputs=outputs,
         session=session,
+        session_tids=session_tids,
         batching=batching if batching is not None else BatchingConfig(),
         executor=executor,
         loaded_bytes=loaded_bytes,

@@ -1,0 +1,189 @@
+"""CPU-priority demotion of long runs (`veil.server.demotion`): the mechanism, on real threads.
+
+A run past ``demote_runs_after_s`` gets nice 19 on its run thread and its session's worker
+threads; the run thread gets its priority back when the run ends, the workers keep theirs, and
+the model's later runs are demoted from their start. A short run is left alone.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+from veil.server.demotion import (
+    DEMOTED_NICE,
+    HeavyFlag,
+    Watchdog,
+    capture_new_threads,
+    thread_nice,
+)
+from veil.server.limits import Limits
+from veil.server.models import LoadedModel, load_model
+from veil.tensors import DatumType, WireTensor
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="thread priorities through /proc/self/task"
+)
+SIDE = 1536
+# What every thread starts with: the process's nice value (tests may run under `nice`).
+BASE = os.getpriority(os.PRIO_PROCESS, 0)
+
+
+def _matmul_model() -> bytes:
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [SIDE, SIDE])
+    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, [SIDE, SIDE])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [SIDE, SIDE])
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["y"])], "mm", [a, b], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def _inputs() -> list[WireTensor]:
+    data = np.ones((SIDE, SIDE), np.float32).tobytes()
+    return [WireTensor((SIDE, SIDE), DatumType.F32, name, data) for name in ("a", "b")]
+
+
+def _load(demote_after_s: float) -> LoadedModel:
+    limits = Limits(demote_runs_after_s=demote_after_s)
+    return load_model(_matmul_model(), model_id="mm", model_name="mm", threads=2, limits=limits)
+
+
+def _in_thread(work: Callable[[], None]) -> tuple[threading.Thread, list[int]]:
+    tid: list[int] = []
+
+    def target() -> None:
+        tid.append(threading.get_native_id())
+        work()
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, tid
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.005)
+    return condition()
+
+
+def test_session_worker_threads_are_found_and_pool_threads_are_not() -> None:
+    model = _load(60.0)
+    python_tids = {t.native_id for t in threading.enumerate()}
+    # intra_op_threads=2: the caller and one worker thread ONNX Runtime starts.
+    assert len(model.session_tids) >= 1
+    assert not model.session_tids & python_tids
+    assert all(thread_nice(tid) == BASE for tid in model.session_tids)
+
+
+def test_capture_new_threads_ignores_python_threads() -> None:
+    started = threading.Event()
+    stop = threading.Event()
+
+    def make() -> None:
+        threading.Thread(target=lambda: (started.set(), stop.wait())).start()
+        started.wait()
+
+    try:
+        _, tids = capture_new_threads(make)
+    finally:
+        stop.set()
+    assert tids == frozenset()
+
+
+def test_long_run_demotes_its_threads_then_gives_the_run_thread_back() -> None:
+    model = _load(0.02)
+    seen: dict[str, int] = {}
+    runs = 0
+
+    def work() -> None:
+        nonlocal runs
+        # Repeat until the watchdog (50 ms polls) has caught one run in progress.
+        while not model.heavy.is_set and runs < 50:
+            model.run(_inputs())
+            runs += 1
+
+    thread, tid = _in_thread(work)
+    try:
+
+        def demoted() -> bool:
+            if tid and thread_nice(tid[0]) == DEMOTED_NICE:
+                seen["run"] = DEMOTED_NICE
+                seen["workers"] = min(thread_nice(t) for t in model.session_tids)
+                return True
+            return False
+
+        assert _wait_for(demoted), "the run thread was never demoted"
+    finally:
+        thread.join()
+    assert seen == {"run": DEMOTED_NICE, "workers": DEMOTED_NICE}
+    assert model.heavy.is_set
+    # The run thread was a pool thread: its priority is back once the run ended.
+    assert thread_nice(tid[0]) == BASE
+    # The session's workers only ever run this model: they stay demoted.
+    assert all(thread_nice(t) == DEMOTED_NICE for t in model.session_tids)
+
+
+def test_short_runs_are_not_demoted() -> None:
+    model = _load(60.0)
+    nice_during: list[int] = []
+
+    def work() -> None:
+        model.run(_inputs())
+        nice_during.append(thread_nice(threading.get_native_id()))
+
+    thread, _ = _in_thread(work)
+    thread.join()
+    assert nice_during == [BASE]
+    assert not model.heavy.is_set
+    assert all(thread_nice(t) == BASE for t in model.session_tids)
+
+
+def test_a_heavy_model_runs_demoted_from_the_start() -> None:
+    watchdog = Watchdog(poll_s=0.01)
+    heavy = HeavyFlag()
+    heavy.is_set = True
+    nice: list[int] = []
+
+    def work() -> None:
+        with watchdog.watch(frozenset(), heavy, 60.0):
+            nice.append(thread_nice(threading.get_native_id()))
+        nice.append(thread_nice(threading.get_native_id()))
+
+    thread, _ = _in_thread(work)
+    thread.join()
+    assert nice == [DEMOTED_NICE, BASE]
+
+
+def test_watchdog_demotes_only_past_the_threshold() -> None:
+    watchdog = Watchdog(poll_s=0.01)
+    heavy = HeavyFlag()
+    release = threading.Event()
+    in_run = threading.Event()
+
+    def work() -> None:
+        with watchdog.watch(frozenset(), heavy, 1.0):
+            in_run.set()
+            release.wait()
+
+    thread, tid = _in_thread(work)
+    try:
+        assert in_run.wait(10)
+        # Well before the threshold: still at normal priority.
+        assert thread_nice(tid[0]) == BASE
+        assert not heavy.is_set
+        assert _wait_for(lambda: thread_nice(tid[0]) == DEMOTED_NICE, 10)
+        assert heavy.is_set
+    finally:
+        release.set()
+        thread.join()
