@@ -25,12 +25,11 @@ never counted as a session's, neither then nor when demoting.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TypeVar
 
 __all__ = [
@@ -123,11 +122,11 @@ class Watchdog:
         self._thread: threading.Thread | None = None
         self._restore_refused = False
 
-    @contextlib.contextmanager
-    def watch(
-        self, session_tids: frozenset[int], heavy: HeavyFlag, demote_after_s: float
-    ) -> Iterator[None]:
-        """Watch the run the calling thread makes inside this block."""
+    def start(self, session_tids: frozenset[int], heavy: HeavyFlag, demote_after_s: float) -> _Run:
+        """Watch the run the calling thread is about to make; call `end` with what it returns.
+
+        Two calls rather than a context manager: this is on every run's path.
+        """
         run = _Run(
             threading.get_native_id(), session_tids, heavy, time.monotonic() + demote_after_s
         )
@@ -140,14 +139,15 @@ class Watchdog:
                     target=self._loop, name="veil-run-watchdog", daemon=True
                 )
                 self._thread.start()
-        try:
-            yield
-        finally:
-            with self._lock:
-                run.done = True
-                self._runs.discard(run)
-                if run.demoted:
-                    self._restore(run)
+        return run
+
+    def end(self, run: _Run) -> None:
+        """The run is over: its thread gets its priority back if it was demoted."""
+        with self._lock:
+            run.done = True
+            self._runs.discard(run)
+            if run.demoted:
+                self._restore(run)
 
     def _loop(self) -> None:
         while True:

@@ -218,9 +218,9 @@ class LoadedModel:
         names = [spec.name for spec in self.outputs]
         options = ort.RunOptions()
         self._inflight[0] = _InFlight(options, time.monotonic())
+        watched = WATCHDOG.start(self.session_tids, self.heavy, self.limits.demote_runs_after_s)
         try:
-            with WATCHDOG.watch(self.session_tids, self.heavy, self.limits.demote_runs_after_s):
-                results: list[npt.NDArray[Any]] = self.session.run(names, feeds, options)
+            results: list[npt.NDArray[Any]] = self.session.run(names, feeds, options)
         except Exception as exc:
             if options.terminate:
                 raise api_error_for_status(504, "inference stopped: request_timeout_s") from None
@@ -230,6 +230,7 @@ class LoadedModel:
             detail = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
             raise BadRequestError(422, f"inference failed: {detail}") from None
         finally:
+            WATCHDOG.end(watched)
             self._inflight[0] = None
         return results
 

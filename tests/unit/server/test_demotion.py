@@ -156,8 +156,9 @@ def test_a_heavy_model_runs_demoted_from_the_start() -> None:
     nice: list[int] = []
 
     def work() -> None:
-        with watchdog.watch(frozenset(), heavy, 60.0):
-            nice.append(thread_nice(threading.get_native_id()))
+        run = watchdog.start(frozenset(), heavy, 60.0)
+        nice.append(thread_nice(threading.get_native_id()))
+        watchdog.end(run)
         nice.append(thread_nice(threading.get_native_id()))
 
     thread, _ = _in_thread(work)
@@ -172,9 +173,10 @@ def test_watchdog_demotes_only_past_the_threshold() -> None:
     in_run = threading.Event()
 
     def work() -> None:
-        with watchdog.watch(frozenset(), heavy, 1.0):
-            in_run.set()
-            release.wait()
+        run = watchdog.start(frozenset(), heavy, 1.0)
+        in_run.set()
+        release.wait()
+        watchdog.end(run)
 
     thread, tid = _in_thread(work)
     try:
