@@ -139,6 +139,10 @@ def test_demo_against_an_existing_server_with_a_checkpoint(small_checkpoint: Pat
         )
         assert status == 0, lines
         assert any(line.endswith(" OK") for line in lines)
+        # What was attested is the point of the demo.
+        attested = next(line for line in lines if line.startswith("attested:"))
+        assert "sgx (SIMULATED: no TEE), TCB status UpToDate, debug False" in attested
+        assert any(line.strip().startswith("mr_enclave:") for line in lines)
         # With --addr, the demo leaves the server as it found it.
         with veil.connect(server.host, simulation=True, **server.ports) as client:
             assert client.list_models() == []

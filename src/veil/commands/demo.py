@@ -23,10 +23,14 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from veil.errors import SimulationModeWarning, VeilError
+from veil.commands import error_line
+from veil.errors import AttestationError, SimulationModeWarning, TransportError, VeilError
 from veil.testing.local_server import LocalServer
+
+if TYPE_CHECKING:
+    from veil.attestation.claims import VerifiedEvidence
 
 __all__ = ["register", "run_demo"]
 
@@ -107,6 +111,14 @@ def register(subparsers: Any) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.addr is not None and args.policy is None and not args.simulation:
+        # Before anything slow: without either, the server's evidence could only be refused.
+        print(
+            "veil demo: --addr needs --policy FILE (the measurements to accept) or, for a "
+            "server started with --platform simulated, --simulation",
+            file=sys.stderr,
+        )
+        return 2
     try:
         return run_demo(
             model_dir=args.model_dir,
@@ -128,8 +140,15 @@ def _demo(args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(f"veil demo: {exc}", file=sys.stderr)
         return 3
+    except AttestationError as exc:
+        print(f"veil demo: the server's evidence was refused: {exc}", file=sys.stderr)
+        return 1
+    except TransportError as exc:
+        where = "--addr and the --*-port options" if args.addr else "the embedded server"
+        print(f"veil demo: cannot reach the server: {exc} (check {where})", file=sys.stderr)
+        return 2
     except (VeilError, RuntimeError, ValueError, OSError) as exc:
-        print(f"veil demo: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"veil demo: {error_line(exc)}", file=sys.stderr)
         return 2
 
 
@@ -152,76 +171,89 @@ def run_demo(
     simulated server (no security). Raises `veil.AttestationError` if the evidence is refused;
     nothing is uploaded then.
     """
-    from veil import export
-
-    export.require_transformers()
-    import numpy as np
-    import torch
-    from transformers.utils import logging as hf_logging
-
     import veil
 
     policy = veil.Policy.from_toml(policy_file) if policy_file is not None else None
-    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    # 1. Tokenize with the bert-base-uncased vocabulary (the bundled MiniLM folder has it).
-    own_tokenizer = model_dir is not None and (model_dir / "tokenizer_config.json").is_file()
-    tokenizer = export.load_tokenizer(model_dir if own_tokenizer else None)
-    ids = tokenizer(export.DEMO_SENTENCE, padding="max_length", max_length=8, return_tensors="pt")[
-        "input_ids"
-    ]
-    if not own_tokenizer and tuple(ids[0].tolist()) != export.DEMO_TOKEN_IDS:
-        raise RuntimeError(
-            f"tokenizer: got {ids[0].tolist()}, expected {list(export.DEMO_TOKEN_IDS)}"
-        )
-    # 2. The model and PyTorch's answer.
-    if model_dir is None:
-        model = export.build_demo_distilbert(seed=seed)
-        what = f"DistilBERT, random weights from seed {seed}"
-    else:
-        model = export.load_classifier(model_dir)
-        what = f"checkpoint {model_dir}"
-    with torch.no_grad():
-        expected = np.asarray(model(input_ids=ids).logits[0], dtype=np.float64)
-
-    workdir = Path(tempfile.mkdtemp(prefix="veil-demo-"))
+    workdir: Path | None = None
     server: LocalServer | None = None
     try:
-        # 3. Export, as the tutorial does: opset 11, input "input", output "output".
-        onnx_path = workdir / "distilbert.onnx"
-        with _progress(f"exporting {what} to ONNX (opset {_OPSET})"):
-            report = export.export_transformers_model(
-                model, onnx_path, example_inputs={"input": ids}, opset=_OPSET
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(warnings.catch_warnings())
+            client: veil.Connection | None = None
+            if addr is not None:
+                # First: a wrong address, port or policy fails now, not after a slow export.
+                client = stack.enter_context(
+                    veil.connect(
+                        addr, simulation=simulation, policy=policy, api_key=api_key, **(ports or {})
+                    )
+                )
+                _show_attested(client.verified, out)
+            from veil import export
+
+            export.require_transformers()
+            import numpy as np
+            import torch
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+            # 1. Tokenize with the bert-base-uncased vocabulary (the bundled MiniLM folder has it).
+            own_tokenizer = (
+                model_dir is not None and (model_dir / "tokenizer_config.json").is_file()
             )
-        # 4. A server: an embedded simulated one, or the one at --addr.
-        if addr is None:
-            with _progress("starting veil serve --platform simulated"):
-                server = LocalServer(data_dir=workdir / "server").start()
-            host, connect_ports = server.host, server.ports
-        else:
-            host, connect_ports = addr, dict(ports or {})
-        model_id = f"distilbert-{uuid.uuid4()}"
-        # 5. Connect: the evidence is checked before any byte of the model leaves this machine.
-        with warnings.catch_warnings():
-            if addr is None:
+            tokenizer = export.load_tokenizer(model_dir if own_tokenizer else None)
+            ids = tokenizer(
+                export.DEMO_SENTENCE, padding="max_length", max_length=8, return_tensors="pt"
+            )["input_ids"]
+            if not own_tokenizer and tuple(ids[0].tolist()) != export.DEMO_TOKEN_IDS:
+                raise RuntimeError(
+                    f"tokenizer: got {ids[0].tolist()}, expected {list(export.DEMO_TOKEN_IDS)}"
+                )
+            # 2. The model and PyTorch's answer.
+            if model_dir is None:
+                model = export.build_demo_distilbert(seed=seed)
+                what = f"DistilBERT, random weights from seed {seed}"
+            else:
+                model = export.load_classifier(model_dir)
+                what = f"checkpoint {model_dir}"
+            with torch.no_grad():
+                expected = np.asarray(model(input_ids=ids).logits[0], dtype=np.float64)
+
+            workdir = Path(tempfile.mkdtemp(prefix="veil-demo-"))
+            # 3. Export, as the tutorial does: opset 11, input "input", output "output".
+            onnx_path = workdir / "distilbert.onnx"
+            with _progress(f"exporting {what} to ONNX (opset {_OPSET})"):
+                report = export.export_transformers_model(
+                    model, onnx_path, example_inputs={"input": ids}, opset=_OPSET
+                )
+            # 4. Without --addr, an embedded simulated server.
+            if client is None:
+                with _progress("starting veil serve --platform simulated"):
+                    server = LocalServer(data_dir=workdir / "server").start()
                 # The embedded server is simulated by construction; say it once, plainly.
                 warnings.simplefilter("ignore", SimulationModeWarning)
                 out("note: simulated TEE (no hardware): this shows the flow, not confidentiality")
-            with veil.connect(
-                host, simulation=simulation, policy=policy, api_key=api_key, **connect_ports
-            ) as client:
-                size = report.size_bytes / 2**20
-                with _progress(f"uploading {size:.0f} MiB as {model_id}"):
-                    client.upload_model(onnx_path, model_id=model_id)
-                try:
-                    response = client.predict(model_id, ids.numpy())
-                finally:
-                    if addr is not None:
-                        client.delete_model(model_id)
+                # 5. Connect: the evidence is checked before any byte of the model is sent.
+                client = stack.enter_context(
+                    veil.connect(server.host, simulation=True, api_key=api_key, **server.ports)
+                )
+                _show_attested(client.verified, out)
+            model_id = f"distilbert-{uuid.uuid4()}"
+            size = report.size_bytes / 2**20
+            # A bar on a terminal; elsewhere one line, with the time it took.
+            terminal = sys.stderr.isatty()
+            with _progress(f"uploading {size:.0f} MiB as {model_id}", enabled=not terminal):
+                client.upload_model(onnx_path, model_id=model_id, progress=terminal)
+            try:
+                response = client.predict(model_id, ids.numpy())
+            finally:
+                if addr is not None:
+                    client.delete_model(model_id)
         got = np.asarray(response.output[0].as_flat(), dtype=np.float64)
     finally:
         if server is not None:
             server.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
 
     # 6. Compare.
     diff = float(np.max(np.abs(got - expected))) if got.shape == expected.shape else float("inf")
@@ -231,6 +263,14 @@ def run_demo(
     verdict = "OK" if diff <= atol else "MISMATCH"
     out(f"max |difference|: {diff:.3g} (tolerance {atol:g}) {verdict}")
     return 0 if diff <= atol else 1
+
+
+def _show_attested(verified: VerifiedEvidence, out: Callable[[str], None]) -> None:
+    """What the evidence proved, the point of the demo: platform, measurements, TCB status."""
+    platform = verified.platform.value + (" (SIMULATED: no TEE)" if verified.simulated else "")
+    out(f"attested:        {platform}, TCB status {verified.tcb_status}, debug {verified.debug}")
+    for name, value in verified.measurements.items():
+        out(f"  {name + ':':<14} {value.hex()}")
 
 
 def _fmt(values: Any) -> str:

@@ -112,3 +112,23 @@ def test_cli_warnings_carry_no_source_lines(capsys: pytest.CaptureFixture[str]) 
     with pytest.raises(SystemExit):
         main(["keys", "--help"])
     assert warnings.showwarning is before
+
+
+def test_demo_addr_without_policy_fails_before_anything_slow(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["demo", "--addr", "127.0.0.1"]) == 2
+    assert one_line(capsys) == (
+        "veil demo: --addr needs --policy FILE (the measurements to accept) or, for a server "
+        "started with --platform simulated, --simulation"
+    )
+
+
+def test_demo_wrong_port_fails_before_the_export(capsys: pytest.CaptureFixture[str]) -> None:
+
+    port = str(free_port())
+    status = main(["demo", "--addr", "127.0.0.1", "--simulation", "--unattested-port", port])
+    assert status == 2
+    line = one_line(capsys)
+    assert line.startswith(f"veil demo: cannot reach the server: http://127.0.0.1:{port}/")
+    assert line.endswith("(check --addr and the --*-port options)")
