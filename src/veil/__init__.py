@@ -30,11 +30,13 @@ from veil.errors import (
     ConflictError,
     EvidenceUnavailableError,
     ExpiredError,
+    LogError,
     MalformedEvidenceError,
     NotFoundError,
     PermissionDeniedError,
     PolicyError,
     RateLimitError,
+    ReceiptError,
     RevokedError,
     ServiceUnavailableError,
     SignatureError,
@@ -59,6 +61,7 @@ if TYPE_CHECKING:
         UploadResponse,
         connect,
     )
+    from veil.receipts import Receipt
     from veil.tensors import DatumType
 
 _LAZY = {
@@ -69,6 +72,7 @@ _LAZY = {
     "Platform": "veil.attestation.claims",
     "Policy": "veil.attestation.policy",
     "PredictResponse": "veil.client",
+    "Receipt": "veil.receipts",
     "RunModelResponse": "veil.client",
     "SgxPolicy": "veil.attestation.policy",
     "SnpPolicy": "veil.attestation.policy",
@@ -107,6 +111,7 @@ __all__ = [
     "DatumType",
     "EvidenceUnavailableError",
     "ExpiredError",
+    "LogError",
     "MalformedEvidenceError",
     "ModelInfo",
     "NotFoundError",
@@ -116,6 +121,8 @@ __all__ = [
     "PolicyError",
     "PredictResponse",
     "RateLimitError",
+    "Receipt",
+    "ReceiptError",
     "RevokedError",
     "RunModelResponse",
     "ServiceUnavailableError",

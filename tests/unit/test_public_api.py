@@ -15,6 +15,8 @@ PUBLIC_MODULES = [
     "veil.tensors",
     "veil.wire",
     "veil.tls",
+    "veil.keymap",
+    "veil.receipts",
     "veil.server.store",
     "veil.server.models",
     "veil.server.app",
@@ -37,4 +39,5 @@ def test_top_level_api() -> None:
         assert name in veil.__all__
     assert veil.connect is veil.client.connect
     assert issubclass(veil.BindingError, veil.AttestationError)
+    assert issubclass(veil.LogError, veil.ReceiptError)
     assert veil.__version__ == "0.1.0"

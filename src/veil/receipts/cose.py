@@ -18,11 +18,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from pycose.algorithms import EdDSA
-from pycose.headers import KID, Algorithm
-from pycose.keys.curves import Ed25519
-from pycose.keys.okp import OKPKey
-from pycose.messages.sign1message import Sign1Message
 
 from veil.errors import ReceiptError
 
@@ -43,6 +38,13 @@ class Signer:
     """Signs COSE_Sign1 messages with an Ed25519 key made in this process. Never log it."""
 
     def __init__(self, private_key: Ed25519PrivateKey | None = None) -> None:
+        # pycose is imported when first needed: it costs a third of a second, and a client
+        # that never asks for a receipt should not pay it at ``import veil``.
+        from pycose.algorithms import EdDSA
+        from pycose.headers import KID, Algorithm
+        from pycose.keys.curves import Ed25519
+        from pycose.keys.okp import OKPKey
+
         private_key = private_key or Ed25519PrivateKey.generate()
         self.public_key = private_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
         """The raw 32-byte Ed25519 public key (what the key map binds)."""
@@ -55,6 +57,8 @@ class Signer:
 
     def sign(self, payload: bytes) -> bytes:
         """A tagged COSE_Sign1 over `payload`."""
+        from pycose.messages.sign1message import Sign1Message
+
         message = Sign1Message(phdr=self._protected, payload=payload, key=self._key)
         return bytes(message.encode(tag=True))
 
@@ -97,6 +101,10 @@ def verify_sign1(message: bytes, public_key: bytes) -> bytes:
     Raises:
         ReceiptError: malformed, another algorithm, or the signature does not verify.
     """
+    from pycose.keys.curves import Ed25519
+    from pycose.keys.okp import OKPKey
+    from pycose.messages.sign1message import Sign1Message
+
     structure = _structure(message)
     try:
         Ed25519PublicKey.from_public_bytes(public_key)
