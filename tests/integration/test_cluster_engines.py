@@ -151,3 +151,26 @@ def test_balancer_passes_tls_through_to_the_cluster_certificate(cluster: Cluster
     # The broker's one certificate, from the replicas themselves: the balancer never terminated
     # TLS.
     assert seen == {cluster.broker.certificate_sha256}
+
+
+def test_delete_or_replace_through_one_replica_reaches_the_others(cluster: Cluster) -> None:
+    first, w1 = add_model(16, 4)
+    second, w2 = add_model(16, 5)
+    x = np.ones(16, np.float32)
+    with cluster.replicas[0].connect() as client:
+        client.upload_model(first, model_id="moving")
+    with cluster.replicas[1].connect() as client:
+        assert np.array_equal(client.predict("moving", x).output[0].as_numpy(), x + w1)
+    # Replaced elsewhere while replica 1 holds the first model loaded.
+    with cluster.replicas[0].connect() as client:
+        client.delete_model("moving")
+    with cluster.replicas[2].connect() as client:
+        client.upload_model(second, model_id="moving")
+    with cluster.replicas[1].connect() as client:
+        assert np.array_equal(client.predict("moving", x).output[0].as_numpy(), x + w2)
+    # Deleted elsewhere: gone here too.
+    with cluster.replicas[2].connect() as client:
+        client.delete_model("moving")
+    with cluster.replicas[1].connect() as client, pytest.raises(ApiError) as gone:
+        client.predict("moving", x)
+    assert gone.value.status == 404

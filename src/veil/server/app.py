@@ -704,6 +704,28 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
             registry.add(model)
             _log.info("model %s loaded from the shared store", meta.model_id)
 
+    async def drop_if_superseded(model_id: str) -> None:
+        """Shared state (``--database-url``): a model loaded here that another replica deleted,
+        or replaced under the same id, is dropped here too before it could answer."""
+        store = state.store
+        if config.database_url is None or not isinstance(store, SealedModelStore):
+            return
+        if not registry_has(model_id, None):
+            return
+        entry = await run_in_threadpool(store.find, model_id, None)
+        loaded = registry.get(model_id)
+        if entry is not None and entry.meta.model_hash == loaded.model_hash:
+            return
+        async with adopting:
+            try:
+                removed = registry.remove(model_id)
+            except ApiError:  # dropped meanwhile by another request
+                return
+            await removed.close()
+            if access.pop(model_id, None) is not None:
+                storage["used"] -= removed.cost
+        _log.info("model %s dropped: deleted or replaced through another replica", model_id)
+
     async def run(request: Request) -> Response:
         principal = await authenticate(request, allow_anonymous=True)
         issuer = receipts_wanted(request)
@@ -720,6 +742,8 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         for tensor in message.inputs:
             itemsize = numpy_dtype(tensor.datum_type).itemsize
             limits.check_tensor(tensor.shape, itemsize, name=tensor.name or "")
+        if message.model_id:
+            await drop_if_superseded(message.model_id)
         if not registry_has(message.model_id, message.model_hash):
             await adopt(message.model_id, message.model_hash)
         if message.model_id is None and message.model_hash:
