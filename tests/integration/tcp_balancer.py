@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import itertools
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 
 class TcpBalancer:
@@ -18,6 +18,9 @@ class TcpBalancer:
 
     def __init__(self, backends: Sequence[Sequence[int]]) -> None:
         self._backends = [list(ports) for ports in backends]
+        # (front port index, bytes): the next connection there that has sent that many bytes
+        # loses the server's answer (both sides closed): an acknowledgement lost in flight.
+        self.lose_answer_after: tuple[int, int] | None = None
         self._next = itertools.count()
         self._loop = asyncio.new_event_loop()
         self._servers: list[asyncio.Server] = []
@@ -60,14 +63,39 @@ class TcpBalancer:
             else:
                 writer.close()
                 return
+            armed = self.lose_answer_after
+            if armed is not None and armed[0] == kind:
+                self.lose_answer_after = None
+                sent = [0]
+
+                def count(n: int) -> bool:
+                    sent[0] += n
+                    return True
+
+                def answer(n: int) -> bool:
+                    return sent[0] < armed[1]  # once the request is in, cut the answer
+
+                await asyncio.gather(
+                    _pipe(reader, up_writer, count), _pipe(up_reader, writer, answer, up_writer)
+                )
+                return
             await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
 
         return await asyncio.start_server(handle, "127.0.0.1", 0)
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _pipe(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    allow: Callable[[int], bool] | None = None,
+    other: asyncio.StreamWriter | None = None,
+) -> None:
     try:
         while data := await reader.read(1 << 16):
+            if allow is not None and not allow(len(data)):
+                if other is not None:
+                    other.close()
+                break
             writer.write(data)
             await writer.drain()
     except (ConnectionError, OSError):

@@ -106,3 +106,40 @@ def test_kill_9_of_a_replica_under_load_loses_no_prediction(tmp_path: Path) -> N
         for replica in replicas:
             replica.stop()
         broker.stop()
+
+
+def test_an_upload_whose_answer_is_lost_is_found_by_its_id_not_sent_again(tmp_path: Path) -> None:
+    broker = start_broker(tmp_path / "broker", tmp_path / "broker-logs")
+    replica = start_server(tmp_path / "r", tmp_path / "r-logs", "--no-auth", "--join", broker.url)
+    try:
+        backends = [(replica.unattested_port, replica.attested_port, replica.management_port)]
+        with TcpBalancer(backends) as balancer:
+            ports = dict(zip(("unattested_port", "attested_port", "management_port"),
+                             balancer.ports, strict=True))  # fmt: skip
+            model = _large_model()  # larger than the TLS handshake, so the cut comes after it
+            with veil.connect("127.0.0.1", simulation=True, **ports) as connection:
+                balancer.lose_answer_after = (2, len(model))  # the management port
+                uploaded = connection.upload_model(model, model_id="once")
+                assert uploaded.hash == hashlib.sha256(model).digest()
+                assert connection.reattestations == 1
+                # Stored exactly once; the lost answer did not make the client send it again.
+                assert [m.model_id for m in connection.list_models()] == ["once"]
+    finally:
+        replica.stop()
+        broker.stop()
+
+
+def _large_model() -> bytes:
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = numpy_helper.from_array(
+        np.random.default_rng(0).random((8192, 3), dtype=np.float32), "w"
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "large",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8192, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8192, 3])],
+        [weights],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()

@@ -198,8 +198,10 @@ class Connection:
         failover_retries: how many times a prediction or a model list whose connection was
             lost (a replica died, the certificate rotated) is sent again, each time after
             attesting whichever server now answers (backoff from 0.1 s doubling to 2 s,
-            jittered); ``0`` never. Uploads and deletes are never sent twice: after a lost
-            upload, ask `list_models` whether the model id is there.
+            jittered); ``0`` never. Uploads and deletes are never sent twice: when an upload
+            with a `model_id` loses its answer, the client attests the server again and looks
+            the id up (`list_models`); the upload counts only if that id holds exactly the bytes
+            sent, else `TransportError` says the model is not there.
 
     Raises:
         AttestationError: (or a subclass) the server could not prove what it runs; nothing
@@ -757,9 +759,21 @@ class Connection:
         with upload_progress(
             progress, size, f"upload {model_name or model_id or 'model'}"
         ) as report:
-            reply, reply_headers = self._call(
-                "POST", url, body(report), self._upload_timeout, headers=request_headers
-            )
+            try:
+                reply, reply_headers = self._call(
+                    "POST", url, body(report), self._upload_timeout, headers=request_headers
+                )
+            except TransportError as exc:
+                # Never sent twice: the server may have stored it before the answer was lost.
+                # With an id to look for, ask whichever server now answers (attested anew).
+                if model_id is None or receipt:
+                    raise
+                landed = self._find_upload(model_id, digest.digest(), size)
+                if landed is None:
+                    raise TransportError(
+                        f"{exc}; model {model_id!r} is not on the server"
+                    ) from None
+                return landed
         got_id, got_hash = wire.decode_upload_reply(reply)
         expected = digest.digest()
         if got_hash != expected:
@@ -775,6 +789,21 @@ class Connection:
             receipt=signed,
             optimization=wire.decode_upload_optimization(reply),
         )
+
+    def _find_upload(self, model_id: str, expected: bytes, size: int) -> UploadResponse | None:
+        """After a lost upload answer: the upload, if `model_id` now names exactly these bytes."""
+        for attempt in range(self._failover_retries):
+            time.sleep(failover_delay(attempt))
+            try:
+                self._attest()
+            except TransportError:
+                continue
+            self.reattestations += 1
+            for info in self.list_models():
+                if info.model_id == model_id and info.hash == expected and info.size == size:
+                    return UploadResponse(model_id=model_id, hash=expected)
+            return None
+        return None
 
     def predict(
         self,
