@@ -113,6 +113,7 @@ def test_long_run_demotes_its_threads_then_gives_the_run_thread_back() -> None:
             model.run(_inputs())
             runs += 1
         seen["run after"] = thread_nice(threading.get_native_id())
+        seen["run after idle"] = int(os.sched_getscheduler(0) == os.SCHED_IDLE)
 
     thread, tid = _in_thread(work)
     try:
@@ -121,6 +122,8 @@ def test_long_run_demotes_its_threads_then_gives_the_run_thread_back() -> None:
             if tid and thread_nice(tid[0]) == DEMOTED_NICE:
                 seen["run"] = DEMOTED_NICE
                 seen["workers"] = min(thread_nice(t) for t in model.session_tids)
+                idle = {os.sched_getscheduler(t) == os.SCHED_IDLE for t in model.session_tids}
+                seen["workers idle"] = int(idle == {True})
                 return True
             return False
 
@@ -128,7 +131,13 @@ def test_long_run_demotes_its_threads_then_gives_the_run_thread_back() -> None:
     finally:
         thread.join()
     # The run thread stands for a pool thread: its priority is back once the run ended.
-    assert seen == {"run": DEMOTED_NICE, "workers": DEMOTED_NICE, "run after": BASE}
+    assert seen == {
+        "run": DEMOTED_NICE,
+        "workers": DEMOTED_NICE,
+        "workers idle": 1,
+        "run after": BASE,
+        "run after idle": 0,
+    }
     assert model.heavy.is_set
     # The session's workers only ever run this model: they stay demoted.
     assert all(thread_nice(t) == DEMOTED_NICE for t in model.session_tids)
