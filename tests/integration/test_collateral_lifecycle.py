@@ -9,22 +9,17 @@ server's clock can jump 31 days. What a client does with the served collateral i
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import socket
-import threading
-import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import cbor2
 import pytest
-import uvicorn
 from cryptography.hazmat.primitives.serialization import Encoding
+from inprocess import listening
 from starlette.testclient import TestClient
 
 import veil
@@ -46,7 +41,7 @@ from veil.testing.amd_pki import AmdPki
 from veil.testing.devices import EmulatedDevices, EmulatedTsm
 from veil.testing.intel_pki import IntelPki
 from veil.testing.services import KdsService, PccsService
-from veil.tls import TlsIdentity, server_context
+from veil.tls import TlsIdentity
 
 pytestmark = pytest.mark.slow
 
@@ -103,40 +98,6 @@ def tdx_server_and_identity(
     return prepare_state(
         config, store=ModelStore(tmp_path / "models"), provider=provider, clock=clock
     )
-
-
-@contextmanager
-def listening(state: ServerState, identity: TlsIdentity) -> Iterator[dict[str, int]]:
-    """The three apps on loopback ports, served from a thread (the runner's `serve` owns the
-    main thread's signals); yields the ports `veil.connect` takes."""
-    apps = build_apps(state)
-    sockets = [socket.create_server(("127.0.0.1", 0)) for _ in apps]
-    servers = []
-    for app, tls in zip(apps, (False, True, True), strict=True):
-        config = uvicorn.Config(app, log_level="warning", lifespan="off")
-        config.load()
-        if tls:
-            config.ssl = server_context(identity)
-        servers.append(uvicorn.Server(config))
-
-    async def run() -> None:
-        await asyncio.gather(
-            *(s.serve(sockets=[sock]) for s, sock in zip(servers, sockets, strict=True))
-        )
-
-    thread = threading.Thread(target=asyncio.run, args=(run(),), daemon=True)
-    thread.start()
-    try:
-        while not all(s.started for s in servers):
-            time.sleep(0.01)
-        names = ("unattested_port", "attested_port", "management_port")
-        yield {n: sock.getsockname()[1] for n, sock in zip(names, sockets, strict=True)}
-    finally:
-        for s in servers:
-            s.should_exit = True
-        thread.join(timeout=10)
-        for sock in sockets:
-            sock.close()
 
 
 def get(state: ServerState, path: str) -> tuple[int, Any]:
