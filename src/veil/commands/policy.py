@@ -27,7 +27,7 @@ from veil.attestation.policy import Policy
 from veil.attestation.policy_explain import Check, explain
 from veil.attestation.verifier import hazmat_verify_without_policy
 from veil.attestation.verify.sigstruct import verify_sigstruct
-from veil.commands.verify_evidence import _load_collateral, _parse_time, read_evidence
+from veil.commands.verify_evidence import load_collateral, parse_time, read_evidence
 from veil.errors import AttestationError, HazmatWarning
 
 __all__ = ["register"]
@@ -250,14 +250,14 @@ def _snp_launch(args: argparse.Namespace) -> int:
 def _verified(args: argparse.Namespace, policy: Policy | None = None) -> AuthenticEvidence:
     """Authentic claims, appraised as `policy` would (its grace period and SEV-SNP minimum)."""
     evidence = read_evidence(args.evidence)
-    collateral = _load_collateral(args)
+    collateral = load_collateral(args)
     with warnings.catch_warnings():
         # The caller applies a policy (check) or prints one for the user to review (from-evidence).
         warnings.simplefilter("ignore", HazmatWarning)
         return hazmat_verify_without_policy(
             evidence,
             collateral,
-            now=_parse_time(args.at),
+            now=parse_time(args.at),
             collateral_grace_period=(
                 policy.collateral_grace_period if policy is not None else timedelta(0)
             ),
@@ -287,7 +287,7 @@ def _from_evidence(args: argparse.Namespace) -> int:
             f"the TCB is not up to date (tcb_status {claims.tcb_status}); update the platform, "
             "or pass --accept-observed-tcb to pin it as it is",
         )
-    at = _parse_time(args.at).isoformat()
+    at = parse_time(args.at).isoformat()
     note = _TOFU_NOTE.format(platform=claims.platform.value, at=at)
     print(note, file=sys.stderr)
     print(_checked("\n".join([note, *tcb[0], *body, *tcb[1]]) + "\n"), end="")
@@ -410,7 +410,7 @@ def _check(args: argparse.Namespace) -> int:
     except AttestationError as exc:
         print(f"evidence: REFUSED before any policy field: {type(exc).__name__}: {exc}")
         return 1
-    print(f"evidence: {claims.platform.value}, authentic at {_parse_time(args.at).isoformat()}")
+    print(f"evidence: {claims.platform.value}, authentic at {parse_time(args.at).isoformat()}")
     _print_checks(explain(policy, claims))
     try:
         policy.validate(claims)

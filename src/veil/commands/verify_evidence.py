@@ -121,7 +121,8 @@ def read_evidence(path: Path) -> bytes:
     return data
 
 
-def _parse_time(text: str | None) -> datetime:
+def parse_time(text: str | None) -> datetime:
+    """`--at` as an aware datetime (naive means UTC); now when not given."""
     if text is None:
         return datetime.now(UTC)
     value = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
@@ -143,7 +144,7 @@ def _load_policy(path: Path | None) -> Policy:
     return policy
 
 
-def _load_collateral(
+def load_collateral(
     args: argparse.Namespace,
 ) -> DcapCollateral | SnpCollateral | Mapping[str, Any] | None:
     """The collateral the arguments name.
@@ -188,8 +189,8 @@ def _claims_dict(claims: AuthenticEvidence | UnverifiedClaims) -> dict[str, Any]
 def _run(args: argparse.Namespace) -> int:
     try:
         evidence = read_evidence(args.evidence)
-        at = _parse_time(args.at)
-        collateral = _load_collateral(args)
+        at = parse_time(args.at)
+        collateral = load_collateral(args)
         # Last: its warning is worth printing only once the inputs are known to be readable.
         policy = _load_policy(args.policy)
     except (OSError, ValueError) as exc:
