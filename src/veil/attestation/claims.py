@@ -27,7 +27,32 @@ def _frozen(mapping: Mapping[str, bytes]) -> Mapping[str, bytes]:
 
 
 @dataclass(frozen=True, slots=True)
-class VerifiedEvidence:
+class _Claims:
+    """The fields both results carry; see `VerifiedEvidence` for what each means. The two
+    results stay distinct types so that only a policy-appraised one is ever a `VerifiedEvidence`."""
+
+    platform: Platform
+    report_data: bytes
+    measurements: Mapping[str, bytes]
+    debug: bool
+    tcb_status: str
+    advisory_ids: tuple[str, ...]
+    valid_from: datetime
+    valid_until: datetime
+    simulated: bool = False
+    details: Mapping[str, int | bytes | str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "measurements", _frozen(self.measurements))
+        object.__setattr__(self, "details", MappingProxyType(dict(self.details)))
+
+    def __repr__(self) -> str:
+        return _repr(self)
+
+
+# repr=False: keep the base's repr (no raw details, measurements in hex).
+@dataclass(frozen=True, slots=True, repr=False)
+class VerifiedEvidence(_Claims):
     """Claims of evidence that passed verification and the policy.
 
     Attributes:
@@ -50,27 +75,9 @@ class VerifiedEvidence:
         details: further platform facts (SVNs, attributes, policy bits) as ints or bytes.
     """
 
-    platform: Platform
-    report_data: bytes
-    measurements: Mapping[str, bytes]
-    debug: bool
-    tcb_status: str
-    advisory_ids: tuple[str, ...]
-    valid_from: datetime
-    valid_until: datetime
-    simulated: bool = False
-    details: Mapping[str, int | bytes | str] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "measurements", _frozen(self.measurements))
-        object.__setattr__(self, "details", MappingProxyType(dict(self.details)))
-
-    def __repr__(self) -> str:
-        return _repr(self)
-
-
-@dataclass(frozen=True, slots=True)
-class AuthenticEvidence:
+@dataclass(frozen=True, slots=True, repr=False)
+class AuthenticEvidence(_Claims):
     """Claims of evidence whose signatures, chains and collateral verified, but that NO policy
     appraised: nothing says WHAT runs (measurements, debug, TCB minimum unchecked).
 
@@ -79,26 +86,8 @@ class AuthenticEvidence:
     minimum the caller passed (AMD's default table if none).
     """
 
-    platform: Platform
-    report_data: bytes
-    measurements: Mapping[str, bytes]
-    debug: bool
-    tcb_status: str
-    advisory_ids: tuple[str, ...]
-    valid_from: datetime
-    valid_until: datetime
-    simulated: bool = False
-    details: Mapping[str, int | bytes | str] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "measurements", _frozen(self.measurements))
-        object.__setattr__(self, "details", MappingProxyType(dict(self.details)))
-
-    def __repr__(self) -> str:
-        return _repr(self)
-
-
-def _repr(e: VerifiedEvidence | AuthenticEvidence) -> str:
+def _repr(e: _Claims) -> str:
     shown = ", ".join(f"{k}={v.hex()}" for k, v in e.measurements.items())
     return (
         f"{type(e).__name__}(platform={e.platform.value}, tcb_status={e.tcb_status}, "
