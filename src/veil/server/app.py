@@ -685,8 +685,10 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
             entry = await run_in_threadpool(store.find, model_id, by_hash)
             if entry is None or entry.meta.model_id in access:
                 return
-            meta = entry.meta
-            blob = await run_in_threadpool(store.load, entry)
+            found = await run_in_threadpool(store.load_latest, entry)
+            if found is None:  # deleted through another replica meanwhile
+                return
+            meta, blob = found
             model = await run_in_threadpool(
                 functools.partial(
                     registry.admit_and_load,

@@ -32,7 +32,7 @@ import contextlib
 import hashlib
 import hmac
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import cast
 
@@ -69,7 +69,7 @@ def _digest(macs: Iterable[tuple[str, str, bytes]]) -> bytes:
 class PostgresState:
     """The manifest in the PostgreSQL database at `url`, authenticated under `key`.
 
-    Has `SealedState`'s interface (`current`, `open`, `update`, `is_new`, `names_blob`,
+    Has `SealedState`'s interface (`current`, `open`, `update`, `locked`, `is_new`, `names_blob`,
     `blob_key`, `directory`), so `SealedModelStore` and `KeyStore` use either.
     """
 
@@ -229,6 +229,14 @@ class PostgresState:
             ):
                 self._write_head(0, _digest([]))
             return manifest
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[Manifest]:
+        """Hold the cluster-wide writers' lock and yield the committed manifest: no replica
+        commits until the block exits (`SealedState.locked`)."""
+        with self._lock, self._writer.transaction():
+            self._writer.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_ID,))
+            yield self._read(self._writer)
 
     def _write_head(self, version: int, digest: bytes) -> None:
         self._writer.execute(

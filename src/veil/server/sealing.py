@@ -8,7 +8,8 @@ reveals no model ids, and a blob renamed to another id or version fails authenti
 
 - put: (under the state lock) write the blob of version v+1 → commit manifest v+1 naming it →
   remove the previous blob of that id. A crash before the commit leaves an unnamed new blob; a
-  crash after it an unnamed old blob: `load_all` removes unnamed blobs, which are never served.
+  crash after it an unnamed old blob: `load_all` removes unnamed blobs, which are never served,
+  under the writers' lock, so never the blob of a put in flight on another replica.
 - delete: commit a manifest without the model → remove its blob.
 - load_all, at start: every model the manifest names must have its blob, intact, of the right
   id, version, size and hash; otherwise the server refuses to start (`SealedStateError` names
@@ -49,6 +50,9 @@ _log = logging.getLogger("veil.server.sealing")
 
 _SUFFIX = ".sealed"
 _BLOB_NAME = re.compile(r"[0-9a-f]{64}-[1-9][0-9]{0,19}\.sealed")
+# A blob found missing is looked up again this often: each time another replica replaced the
+# model between the lookup and the read.
+_RELOOKUPS = 4
 
 
 class SealedModelStore:
@@ -178,10 +182,13 @@ class SealedModelStore:
         """Every model the manifest names, as ``(meta, blob)``, in id order. Call at start: it
         opens the state (`SealedState.open`).
 
-        First checks the directory against the manifest: interrupted writes and blobs the
-        manifest does not name (an interrupted put or delete, or a file put back) are removed;
-        a file that is not a blob at all is refused. Raises `SealedStateError` naming the model
-        whose blob is missing, does not unseal, or differs from the manifest's size or hash.
+        First checks the directory against the manifest, under the writers' lock
+        (`SealedState.locked`), so that a replica sharing the directory is never between
+        writing a blob and committing it: interrupted writes and blobs the manifest does not
+        name (a failed put or delete, or a file put back) are removed; a file that is not a
+        blob at all is refused. Raises `SealedStateError` naming the model whose blob is
+        missing, does not unseal, or differs from the manifest's size or hash. A model another
+        replica replaces or deletes meanwhile is read as the state then names it.
         """
         blob_files = [p.name for p in self._dir.iterdir() if _BLOB_NAME.fullmatch(p.name)]
         if self._state.is_new() and blob_files:
@@ -189,7 +196,15 @@ class SealedModelStore:
                 f"{self._dir.name}/: {len(blob_files)} model blob(s) but no state (the manifest "
                 "and its witness are missing): refusing to start with no models and no keys"
             )
-        manifest = self._state.open()
+        self._state.open()
+        with self._state.locked() as manifest:
+            self._remove_unnamed(manifest)
+        for model_id in sorted(manifest.models):
+            found = self.load_latest(manifest.models[model_id])
+            if found is not None:
+                yield found
+
+    def _remove_unnamed(self, manifest: Manifest) -> None:
         for name in remove_temp_files(self._dir):
             _log.warning("removed interrupted write %s", name)
         named = {self._path(i, e.blob_version).name for i, e in manifest.models.items()}
@@ -208,9 +223,6 @@ class SealedModelStore:
                 path.name,
             )
             self._remove(path)
-        for model_id in sorted(manifest.models):
-            entry = manifest.models[model_id]
-            yield entry.meta, self._load(entry)
 
     def find(self, model_id: str | None, model_hash: bytes | None) -> ModelEntry | None:
         """The committed entry of a model by id, else by SHA-256 (the first in id order): what
@@ -225,21 +237,39 @@ class SealedModelStore:
             )
         return None
 
-    def load(self, entry: ModelEntry) -> bytes:
-        """The bytes of `entry`'s blob, unsealed and checked against its size and hash.
+    def load_latest(self, entry: ModelEntry) -> tuple[StoredModel, bytes] | None:
+        """`entry`'s model and bytes, unsealed and checked against its size and hash, as the
+        state names it now: a blob missing because another replica
+        replaced the model (or deleted it: None) since `entry` was read is looked up again; one
+        missing while the state still names it, or one that does not unseal or differs, is a
+        `SealedStateError`."""
+        for _ in range(_RELOOKUPS):
+            blob = self._read(entry)
+            if blob is not None:
+                return entry.meta, blob
+            model_id = entry.meta.model_id
+            if self._state.names_blob(model_id, entry.blob_version):
+                raise self._missing(entry)
+            latest = self._state.current().models.get(model_id)
+            if latest is None:
+                return None
+            entry = latest
+        raise self._missing(entry)
 
-        Raises `SealedStateError` when the blob is missing, does not unseal, or differs."""
-        return self._load(entry)
+    @staticmethod
+    def _missing(entry: ModelEntry) -> SealedStateError:
+        return SealedStateError(
+            f"model {entry.meta.model_id!r}: its blob (version {entry.blob_version}) is missing"
+        )
 
-    def _load(self, entry: ModelEntry) -> bytes:
+    def _read(self, entry: ModelEntry) -> bytes | None:
+        """`load`, None when the blob file does not exist."""
         meta, version = entry.meta, entry.blob_version
         path = self._path(meta.model_id, version)
         try:
             blob = read_sealed(path, self._key, self._context(meta.model_id, version))
         except FileNotFoundError:
-            raise SealedStateError(
-                f"model {meta.model_id!r}: its blob (version {version}) is missing"
-            ) from None
+            return None
         except SealedFileError as exc:
             raise SealedStateError(
                 f"model {meta.model_id!r}: its blob (version {version}) does not unseal: {exc}"

@@ -245,6 +245,7 @@ class StateBackend(Protocol):
     def is_new(self) -> bool: ...
     def names_blob(self, model_id: str, blob_version: int) -> bool: ...
     def update(self, change: Callable[[Manifest, int], Manifest]) -> Manifest: ...
+    def locked(self) -> contextlib.AbstractContextManager[Manifest]: ...
 
 
 class SealedState:
@@ -410,6 +411,15 @@ class SealedState:
                 yield
             finally:
                 os.close(fd)  # releases the flock
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[Manifest]:
+        """Hold the writers' lock (every process using this state) and yield the committed
+        manifest: no commit happens until the block exits. A writer writes its blob under this
+        lock before the commit that names it, so within the block a blob the manifest does not
+        name is left over from a failed write or a removal, never one in flight."""
+        with self._exclusive():
+            yield self._load()
 
     def names_blob(self, model_id: str, blob_version: int) -> bool:
         """Whether the manifest on disk names this blob; True when that cannot be read (after a

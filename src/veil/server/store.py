@@ -5,6 +5,10 @@ not be): ``<key>.onnx`` (the blob) and ``<key>.json`` (its metadata). Both are w
 temporary file, fsynced and renamed; the metadata goes last, so a crash leaves either nothing
 or an orphan blob, which `load_all` removes.
 
+Several servers may share the directory. Each change holds ``.store.lock`` shared (writers do
+not wait for one another) and `load_all` clears leftovers holding it exclusive, so a starting
+server never takes another's blob, written but not yet described, for a crash's orphan.
+
 `ModelStore` keeps plain bytes. Encryption at rest is a separate store with the same interface,
 injected into the app in its place.
 """
@@ -12,6 +16,7 @@ injected into the app in its place.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -28,6 +33,7 @@ __all__ = ["ModelStore", "ModelStoreProtocol", "StoredModel"]
 
 _log = logging.getLogger("veil.server.store")
 _TMP_PREFIX = ".tmp-"
+_LOCK_FILENAME = ".store.lock"
 
 
 _VISIBILITIES = ("public", "restricted")
@@ -146,6 +152,17 @@ class ModelStore:
         self.root = root
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
 
+    @contextlib.contextmanager
+    def _locked(self, operation: int) -> Iterator[None]:
+        """Hold the directory's lock (``fcntl.LOCK_SH``: a change; ``LOCK_EX``: clearing
+        leftovers), across processes and threads (each holder has its own descriptor)."""
+        fd = os.open(self.root / _LOCK_FILENAME, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, operation)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
     def _write_atomic(self, target: Path, data: Iterable[bytes]) -> int:
         fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=self.root)
         written = 0
@@ -172,28 +189,35 @@ class ModelStore:
         """Like `put`, the blob arriving as `chunks`; returns the blob's byte count. With
         `exclusive`, a stored model of that id is a `ConflictError` (409)."""
         key = _key(meta.model_id)
-        if exclusive and (self.root / f"{key}.json").exists():
-            raise ConflictError(409, f"model id {meta.model_id!r} is already taken")
-        written = self._write_atomic(self.root / f"{key}.onnx", chunks)
-        self._write_atomic(
-            self.root / f"{key}.json", (json.dumps(meta.to_json(), sort_keys=True).encode(),)
-        )
-        _fsync_dir(self.root)
+        with self._locked(fcntl.LOCK_SH):
+            if exclusive and (self.root / f"{key}.json").exists():
+                raise ConflictError(409, f"model id {meta.model_id!r} is already taken")
+            written = self._write_atomic(self.root / f"{key}.onnx", chunks)
+            self._write_atomic(
+                self.root / f"{key}.json", (json.dumps(meta.to_json(), sort_keys=True).encode(),)
+            )
+            _fsync_dir(self.root)
         return written
 
     def delete(self, model_id: str) -> None:
         """Forget a model: metadata first, so a crash leaves only an orphan blob."""
         key = _key(model_id)
-        for suffix in (".json", ".onnx"):
-            with contextlib.suppress(FileNotFoundError):
-                (self.root / f"{key}{suffix}").unlink()
-        _fsync_dir(self.root)
+        with self._locked(fcntl.LOCK_SH):
+            for suffix in (".json", ".onnx"):
+                with contextlib.suppress(FileNotFoundError):
+                    (self.root / f"{key}{suffix}").unlink()
+            _fsync_dir(self.root)
 
     def load_all(self) -> Iterator[tuple[StoredModel, bytes]]:
-        """Every stored model; removes temporary files and blobs without metadata."""
-        for path in sorted(self.root.iterdir()):
-            if path.name.startswith(_TMP_PREFIX):
-                path.unlink(missing_ok=True)
+        """Every stored model; first removes temporary files and blobs without metadata, while
+        no change is under way (in this process or another sharing the directory)."""
+        with self._locked(fcntl.LOCK_EX):
+            for path in sorted(self.root.iterdir()):
+                if path.name.startswith(_TMP_PREFIX):
+                    path.unlink(missing_ok=True)
+            for path in sorted(self.root.glob("*.onnx")):
+                if not path.with_suffix(".json").exists():
+                    path.unlink(missing_ok=True)
         for path in sorted(self.root.glob("*.json")):
             blob_path = path.with_suffix(".onnx")
             try:
@@ -206,6 +230,3 @@ class ModelStore:
                 _log.warning("skipping stored model %s: contents do not match", path.name)
                 continue
             yield meta, blob
-        for path in sorted(self.root.glob("*.onnx")):
-            if not path.with_suffix(".json").exists():
-                path.unlink(missing_ok=True)

@@ -16,6 +16,11 @@ def record(model_id: str, blob: bytes) -> StoredModel:
     return StoredModel(model_id, hashlib.sha256(blob).digest(), f"{model_id}.onnx", len(blob))
 
 
+def model_files(directory: Path) -> list[Path]:
+    """The directory's files but the lock writers share (`ModelStore._locked`)."""
+    return [p for p in directory.iterdir() if p.name != ".store.lock"]
+
+
 def test_put_load_delete(tmp_path: Path) -> None:
     store = ModelStore(tmp_path / "models")
     store.put(record("a", b"first"), b"first")
@@ -28,7 +33,7 @@ def test_put_load_delete(tmp_path: Path) -> None:
         "../b": (record("../b", b"second"), b"second"),
     }
     # file names come from the id's hash, never from the id itself
-    assert all(len(p.stem) == 64 for p in (tmp_path / "models").iterdir())
+    assert all(len(p.stem) == 64 for p in model_files(tmp_path / "models"))
     assert (tmp_path / "models").stat().st_mode & 0o777 == 0o700
     store.delete("a")
     store.delete("never-stored")
@@ -42,7 +47,7 @@ def test_partial_writes_are_cleaned(tmp_path: Path) -> None:
     orphan = tmp_path / ("0" * 64 + ".onnx")
     orphan.write_bytes(b"blob whose metadata never landed")
     assert [m.model_id for m, _ in store.load_all()] == ["kept"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+    assert sorted(p.name for p in model_files(tmp_path)) == sorted(
         [hashlib.sha256(b"kept").hexdigest() + s for s in (".json", ".onnx")]
     )
 
@@ -66,7 +71,7 @@ def test_failed_write_leaves_no_temp_file(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(os, "fsync", broken_fsync)
     with pytest.raises(OSError, match="disk full"):
         store.put(record("m", b"blob"), b"blob")
-    assert list(tmp_path.iterdir()) == []
+    assert model_files(tmp_path) == []
 
 
 def test_metadata_json_shape(tmp_path: Path) -> None:
