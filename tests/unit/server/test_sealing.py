@@ -324,8 +324,12 @@ def test_sigkill_during_puts_and_deletes(tmp_path: Path) -> None:
         first = proc.stdout.readline()  # the writer is up (imports done): now kill at random
         time.sleep(rng.uniform(0.0, 0.5))
         proc.send_signal(signal.SIGKILL)
-        out, _ = proc.communicate(timeout=30)
-        out = first + out
+        # Through the same reader as the first line: readline() may have buffered more lines
+        # than it returned, and communicate(timeout=...) reads the pipe beneath that buffer,
+        # so the lines written while this process slept would be lost.
+        out = first + proc.stdout.read()
+        proc.stdout.close()
+        proc.wait(timeout=30)
         kills += proc.returncode == -signal.SIGKILL
         in_flight: tuple[str, str, int] | None = None
         for line in out.splitlines():
