@@ -76,7 +76,9 @@ def test_drip_fed_evidence_ends_at_the_deadline(hostile: Callable[[Behaviour], i
         pytest.raises(TransportError, match=r"timed out|deadline"),
     ):
         veil.connect("127.0.0.1", unattested_port=port, simulation=True, timeout=1.0)
-    assert time.monotonic() - start < 2.5  # each byte came within the per-read time-out
+    # Each byte came within the per-read time-out: only the 1 s total deadline ends this
+    # before the drip's 60 s (the bound leaves room for a loaded machine).
+    assert time.monotonic() - start < 15
 
 
 def test_drip_fed_headers_end_at_the_deadline(hostile: Callable[[Behaviour], int]) -> None:
@@ -88,7 +90,7 @@ def test_drip_fed_headers_end_at_the_deadline(hostile: Callable[[Behaviour], int
         pytest.raises(httpx.ReadTimeout, match=r"timed out|deadline"),
     ):
         client.get(f"http://127.0.0.1:{port}/")
-    assert time.monotonic() - start < 2.5
+    assert time.monotonic() - start < 15  # the drip lasts 60 s
 
 
 def test_endless_evidence_stops_at_the_cap(hostile: Callable[[Behaviour], int]) -> None:

@@ -35,7 +35,7 @@ def test_key_created_elsewhere_is_seen_from_every_thread(tmp_path: Path) -> None
     for t in threads:
         t.start()
     for t in threads:
-        t.join(10)
+        t.join(60)
     assert results == [True] * 4
     assert server.authenticate(secret) is not None
 
