@@ -1,11 +1,21 @@
 """`veil broker`: the key broker, a veil process in a TEE that holds the cluster's secrets.
 
-It keeps the cluster's TLS identity, the model-store key and its own HPKE key sealed to its
-platform (``broker.sealed`` in its data directory, so a restart serves the same identity), and
-answers two requests on one plain-HTTP port; everything that matters is protected by the
+Where its secrets come from (one of three, chosen by the operator, `veil.commands.broker`):
+
+- sealed (the default, SGX and the simulated platform): the cluster's TLS identity, the
+  model-store key and its own HPKE key sealed to its platform (``broker.sealed`` in its data
+  directory), so a restart serves the same identity;
+- from a peer (``--peer URL``, every platform): a live broker releases the cluster secrets to it
+  through the exchange replicas use (`from_peers`); its own HPKE key is fresh, nothing is at rest;
+- new (``--new-cluster``): fresh secrets held in memory only (`new_cluster`); the cluster lives
+  as long as one of its brokers does.
+
+TDX and SEV-SNP guests have no sealing key, so a broker there runs from a peer or new.
+
+It answers two requests on one plain-HTTP port; everything that matters is protected by the
 exchange itself (`veil.cluster.exchange`), not by the channel:
 
-- ``GET /v1/offer``: its evidence, binding its HPKE key;
+- ``GET /v1/offer``: its evidence, binding its HPKE key, with collateral kept fresh (`Offer`);
 - ``POST /v1/join``: a replica's evidence binding a fresh HPKE key; answered 200 with the secrets
   sealed to that key when the evidence passes the broker policy, else 403 (logged, nothing
   released).
@@ -14,13 +24,15 @@ exchange itself (`veil.cluster.exchange`), not by the channel:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import cbor2
 from starlette.applications import Starlette
@@ -33,17 +45,26 @@ from veil.cluster.exchange import (
     BrokerKey,
     ClusterSecrets,
     Verify,
-    broker_report_data,
     encode_message,
     release,
     verify_join,
 )
-from veil.errors import AttestationError, SealedStateError
-from veil.providers.base import EvidenceProvider
+from veil.errors import AttestationError, SealedStateError, TransportError
+from veil.providers.base import Evidence, EvidenceProvider
+from veil.server.collateral import CollateralKeeper, keep_collateral_fresh
 from veil.server.sealed_file import SealedFileError, derive_key, read_sealed, write_sealed
 from veil.tls import certificate_digest, generate_identity
 
-__all__ = ["MAX_JOIN_BYTES", "BrokerState", "broker_app", "load_or_create", "rotate"]
+__all__ = [
+    "MAX_JOIN_BYTES",
+    "BrokerState",
+    "Offer",
+    "broker_app",
+    "from_peers",
+    "load_or_create",
+    "new_cluster",
+    "rotate",
+]
 
 _log = logging.getLogger("veil.broker")
 
@@ -114,15 +135,79 @@ def rotate(data_dir: Path, sealing_key: bytes) -> BrokerState:
     return state
 
 
-def broker_app(
-    state: BrokerState, provider: EvidenceProvider, policy: Policy, verify: Verify
-) -> Starlette:
+def new_cluster() -> BrokerState:
+    """Fresh cluster secrets and broker key, held in memory only (``--new-cluster``).
+
+    Nothing is written: a restart of the last broker holding them makes another identity, and
+    models sealed with the old store key can no longer be read.
+    """
+    return BrokerState(_fresh(1), BrokerKey.generate())
+
+
+def from_peers(
+    urls: Sequence[str],
+    provider: EvidenceProvider,
+    policy: Policy,
+    verify: Verify,
+    *,
+    wait_s: float,
+) -> BrokerState | None:
+    """The cluster secrets from the first live broker of `urls`, or None when none answers.
+
+    A peer releases them as it does to a replica (`veil.cluster.exchange`): each side attests
+    the other against its policy. The broker key is fresh: replicas verify each offer anew.
+
+    Raises:
+        AttestationError / JoinError: a peer answered but did not pass `policy`, or refused us.
+            Never a reason to start a new cluster instead: that would fork the identity.
+    """
+    from veil.cluster.join import join_cluster
+
+    for url in urls:
+        try:
+            secrets = join_cluster(url, provider, policy, verify, wait_s=wait_s)
+        except TransportError as exc:
+            _log.warning("peer broker %s: %s", url, exc)
+            continue
+        _log.info("cluster secrets (generation %d) from peer broker %s", secrets.generation, url)
+        return BrokerState(secrets, BrokerKey.generate())
+    return None
+
+
+class Offer:
+    """The broker's offer: one quote binding its key, with the collateral served now.
+
+    The quote never changes; the collateral comes from `collateral` on each request (the
+    keeper's current copy), so a broker running for months stays verifiable.
+    """
+
+    def __init__(
+        self, quote: bytes, key: BrokerKey, collateral: Callable[[], Mapping[str, Any]]
+    ) -> None:
+        self._quote = quote
+        self._key_map = key.key_map
+        self._collateral = collateral
+        self._encoded: tuple[Mapping[str, Any], bytes] | None = None
+
+    @classmethod
+    def of(cls, key: BrokerKey, evidence: Evidence, keeper: CollateralKeeper) -> Offer:
+        """`evidence` (which binds `key`, `broker_report_data`), its collateral from `keeper`."""
+        return cls(evidence.quote, key, keeper.current)
+
+    def encoded(self) -> bytes:
+        current = self._collateral()
+        cached = self._encoded
+        if cached is None or cached[0] is not current:
+            cached = (current, encode_message(Evidence(self._quote, current), self._key_map))
+            self._encoded = cached
+        return cached[1]
+
+
+def broker_app(state: BrokerState, offer: Offer, policy: Policy, verify: Verify) -> Starlette:
     """The broker's HTTP app: ``GET /v1/offer`` and ``POST /v1/join``."""
-    evidence = provider.evidence(broker_report_data(state.key))
-    offer = encode_message(evidence, state.key.key_map)
 
     async def get_offer(request: Request) -> Response:
-        return Response(offer, media_type=_CBOR)
+        return Response(offer.encoded(), media_type=_CBOR)
 
     async def post_join(request: Request) -> Response:
         body = bytearray()
@@ -164,8 +249,12 @@ def serve_broker(
     port: int,
     log_level: str,
     ready: Callable[[str], None],
+    keeper: CollateralKeeper | None = None,
 ) -> int:
-    """Serve `app` until SIGINT/SIGTERM; `ready` gets the line launchers wait for."""
+    """Serve `app` until SIGINT/SIGTERM; `ready` gets the line launchers wait for.
+
+    `keeper`: the offer's collateral, refreshed in the background while the broker serves.
+    """
     import uvicorn
 
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
@@ -179,16 +268,23 @@ def serve_broker(
 
     async def run() -> None:
         task = asyncio.create_task(server.serve(sockets=[sock]))
-        while not server.started and not task.done():
-            await asyncio.sleep(0.02)
-        if server.started:
-            digest = certificate_digest(state.secrets.identity.certificate_der).hex()
-            ready(
-                f"veil broker: serving on http://{host}:{sock.getsockname()[1]} "
-                f"(generation {state.secrets.generation}, certificate sha256 {digest}, "
-                f"at {datetime.now(UTC).isoformat(timespec='seconds')})"
-            )
-        await task
+        refresher = asyncio.create_task(keep_collateral_fresh(keeper)) if keeper else None
+        try:
+            while not server.started and not task.done():
+                await asyncio.sleep(0.02)
+            if server.started:
+                digest = certificate_digest(state.secrets.identity.certificate_der).hex()
+                ready(
+                    f"veil broker: serving on http://{host}:{sock.getsockname()[1]} "
+                    f"(generation {state.secrets.generation}, certificate sha256 {digest}, "
+                    f"at {datetime.now(UTC).isoformat(timespec='seconds')})"
+                )
+            await task
+        finally:
+            if refresher is not None:
+                refresher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await refresher
 
     asyncio.run(run())
     return 0 if server.started else 1

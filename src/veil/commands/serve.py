@@ -22,6 +22,7 @@ from veil.server.limits import Limits
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from veil.attestation.trust import TrustStore
     from veil.providers import EvidenceProvider
 
 __all__ = ["apply_settings", "register", "render_settings", "run", "server_config"]
@@ -365,8 +366,10 @@ def run(
     args: argparse.Namespace,
     *,
     provider_factory: Callable[[ServerConfig], EvidenceProvider] | None = None,
+    trust: TrustStore | None = None,
 ) -> int:
-    """Run ``veil serve``; `provider_factory` is for the emulated test bed only."""
+    """Run ``veil serve``; `provider_factory` and `trust` (the roots ``--join`` appraises the
+    broker with) are for the emulated test bed only."""
     try:
         apply_settings(args.parser, args, list(args.argv), dict(os.environ))
         config = server_config(args)
@@ -394,7 +397,7 @@ def run(
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         provider = provider_factory(config) if provider_factory else None
-        return serve(config, provider=provider, ready=ready)
+        return serve(config, provider=provider, ready=ready, trust=trust)
     except (VeilError, ValueError, TypeError, OSError) as exc:
         print(f"veil serve: {error_line(exc)}", file=sys.stderr)
         return 2

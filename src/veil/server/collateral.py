@@ -20,6 +20,7 @@ states and exception types only.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -48,11 +49,13 @@ from veil.providers.base import CollateralFetcher
 
 __all__ = [
     "CACHE_DIRNAME",
+    "COLLATERAL_POLL_S",
     "CollateralKeeper",
     "CollateralStatus",
     "RefreshSettings",
     "collateral_expiry",
     "collateral_identity",
+    "keep_collateral_fresh",
 ]
 
 CACHE_DIRNAME = "collateral"
@@ -522,6 +525,24 @@ class CollateralKeeper:
         except OSError as exc:
             # A read-only data dir costs the restart fallback, not the refresh.
             _log.warning("collateral cache not written: %s", type(exc).__name__)
+
+
+COLLATERAL_POLL_S = 60.0
+
+
+async def keep_collateral_fresh(
+    keeper: CollateralKeeper, *, poll_s: float = COLLATERAL_POLL_S
+) -> None:
+    """Forever: every `poll_s` seconds, refresh the collateral if it is due (in a thread).
+
+    Both `veil serve` and `veil broker` run it: whatever serves evidence serves it fresh.
+    """
+    while True:
+        await asyncio.sleep(poll_s)
+        try:
+            await asyncio.to_thread(keeper.refresh_if_due)
+        except Exception as exc:  # never let a refresh bug stop the server; the type says why
+            _log.error("collateral refresh: unexpected %s", type(exc).__name__)
 
 
 def _iso(t: datetime | None) -> str:

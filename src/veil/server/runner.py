@@ -42,16 +42,17 @@ import uvicorn
 
 from veil import __version__
 from veil.attestation.claims import Platform
+from veil.attestation.trust import TrustStore
 from veil.attestation.verifier import detect_platform
 from veil.cluster.exchange import ClusterSecrets
 from veil.errors import ApiError, SealedStateError
 from veil.keymap import RECEIPT_KEY, KeyMap
-from veil.providers import EvidenceProvider, SimulatedSgxProvider, detect_provider
+from veil.providers import Evidence, EvidenceProvider, SimulatedSgxProvider, detect_provider
 from veil.providers.devicefs import DeviceFilesystem
 from veil.providers.pcs import collateral_fetcher, kds_collateral_fetcher
 from veil.receipts.cose import Signer
 from veil.server.app import ServerState, build_apps
-from veil.server.collateral import CollateralKeeper
+from veil.server.collateral import CollateralKeeper, keep_collateral_fresh
 from veil.server.config import ServerConfig
 from veil.server.connections import (
     ConnectionGuard,
@@ -69,7 +70,14 @@ from veil.server.state import StateBackend, open_state
 from veil.server.store import ModelStore, ModelStoreProtocol, StoredModel
 from veil.tls import TlsIdentity, binding_report_data, generate_identity, server_context
 
-__all__ = ["UNSEALED_STORE_WARNING", "make_provider", "open_store", "prepare_state", "serve"]
+__all__ = [
+    "UNSEALED_STORE_WARNING",
+    "collateral_keeper",
+    "make_provider",
+    "open_store",
+    "prepare_state",
+    "serve",
+]
 
 _log = logging.getLogger("veil.server")
 
@@ -137,6 +145,52 @@ def make_provider(
     )
 
 
+def collateral_keeper(
+    config: ServerConfig,
+    provider: EvidenceProvider,
+    evidence: Evidence,
+    *,
+    clock: Callable[[], datetime] = _utc_now,
+) -> CollateralKeeper:
+    """The keeper that serves `evidence`'s collateral from now on and refreshes it.
+
+    `veil serve` and `veil broker` both call it with the evidence they serve: the simulated
+    platform refreshes from itself, an SEV-SNP host's VCEK/VLEK gets AMD's chain and CRL from
+    KDS, every other platform refreshes from PCS/PCCS or KDS through the cache in the data
+    directory.
+    """
+    if isinstance(provider, SimulatedSgxProvider):
+        # The simulated platform issues its own collateral: refreshes come from it, not PCS.
+        simulated = provider
+        keeper = CollateralKeeper(
+            config.data_dir,
+            None,
+            clock=clock,
+            settings=config.collateral_refresh,
+            source=lambda _quote: simulated.collateral_map(),
+        )
+    else:
+        keeper = _collateral_keeper(config, clock)
+    host_key = _host_supplied_snp_key(evidence.quote, evidence.collateral)
+    if host_key is not None:
+        # The host handed over the VCEK/VLEK but AMD's CRL comes only from KDS: fetch the chain
+        # and CRL now and with every refresh. A KDS failure leaves the host's copy served
+        # (clients that require the CRL refuse it) and /healthz degraded.
+        keeper = CollateralKeeper(
+            config.data_dir,
+            None,
+            clock=clock,
+            settings=config.collateral_refresh,
+            source=kds_collateral_fetcher(
+                config.kds_url, product=config.snp_product, endorsement_key=host_key
+            ),
+        )
+    keeper.adopt(evidence.quote, evidence.collateral)
+    if host_key is not None:
+        keeper.refresh()
+    return keeper
+
+
 def prepare_state(
     config: ServerConfig,
     *,
@@ -160,18 +214,6 @@ def prepare_state(
             cached copy is valid).
     """
     provider = provider or make_provider(config, clock=clock)
-    if isinstance(provider, SimulatedSgxProvider):
-        # The simulated platform issues its own collateral: refreshes come from it, not PCS.
-        simulated = provider
-        keeper = CollateralKeeper(
-            config.data_dir,
-            None,
-            clock=clock,
-            settings=config.collateral_refresh,
-            source=lambda _quote: simulated.collateral_map(),
-        )
-    else:
-        keeper = _collateral_keeper(config, clock)
     # 1. TLS identity and receipt key, made here so their private keys never leave this process
     #    (or the cluster's identity, which reached it sealed to a key of this TEE).
     identity = cluster.identity if cluster is not None else generate_identity()
@@ -182,23 +224,7 @@ def prepare_state(
     # 2. Evidence binding SHA-256(certificate DER) and the key map; its collateral is kept fresh
     #    from now on.
     evidence = provider.evidence(binding_report_data(identity.certificate_der, key_map))
-    host_key = _host_supplied_snp_key(evidence.quote, evidence.collateral)
-    if host_key is not None:
-        # The host handed over the VCEK/VLEK but AMD's CRL comes only from KDS: fetch the chain
-        # and CRL now and with every refresh. A KDS failure leaves the host's copy served
-        # (clients that require the CRL refuse it) and /healthz degraded.
-        keeper = CollateralKeeper(
-            config.data_dir,
-            None,
-            clock=clock,
-            settings=config.collateral_refresh,
-            source=kds_collateral_fetcher(
-                config.kds_url, product=config.snp_product, endorsement_key=host_key
-            ),
-        )
-    keeper.adopt(evidence.quote, evidence.collateral)
-    if host_key is not None:
-        keeper.refresh()
+    keeper = collateral_keeper(config, provider, evidence, clock=clock)
     # 3. The sealed state (keys, and the manifest of the models), checked whole before anything
     #    is served: a tampered or rolled-back file stops the start (fail closed).
     sealing_key = provider.sealing_key if cluster is None else (lambda: cluster.store_key)
@@ -326,21 +352,6 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-COLLATERAL_POLL_S = 60.0
-
-
-async def keep_collateral_fresh(
-    keeper: CollateralKeeper, *, poll_s: float = COLLATERAL_POLL_S
-) -> None:
-    """Forever: every `poll_s` seconds, refresh the collateral if it is due (in a thread)."""
-    while True:
-        await asyncio.sleep(poll_s)
-        try:
-            await asyncio.to_thread(keeper.refresh_if_due)
-        except Exception as exc:  # never let a refresh bug stop the server; the type says why
-            _log.error("collateral refresh: unexpected %s", type(exc).__name__)
-
-
 async def _run(
     config: ServerConfig,
     state: ServerState,
@@ -434,8 +445,13 @@ async def _run(
     return 1 if failed else 0
 
 
-def _join(config: ServerConfig, provider: EvidenceProvider) -> ClusterSecrets:
-    """The cluster secrets from ``--join``'s broker, both sides attested (`veil.cluster`)."""
+def _join(
+    config: ServerConfig, provider: EvidenceProvider, trust: TrustStore | None
+) -> ClusterSecrets:
+    """The cluster secrets from ``--join``'s broker, both sides attested (`veil.cluster`).
+
+    `trust` defaults to `peer_trust(provider)`; only the emulated test bed passes test roots.
+    """
     from veil.attestation.policy import Policy
     from veil.cluster.exchange import own_measurement_policy, peer_trust, verifier
     from veil.cluster.join import join_cluster
@@ -445,7 +461,8 @@ def _join(config: ServerConfig, provider: EvidenceProvider) -> ClusterSecrets:
         policy = Policy.from_toml(config.join_policy)
     else:
         policy = own_measurement_policy(provider.evidence(b""))
-    return join_cluster(config.join, provider, policy, verifier(peer_trust(provider), _utc_now))
+    trust = trust or peer_trust(provider)
+    return join_cluster(config.join, provider, policy, verifier(trust, _utc_now))
 
 
 def serve(
@@ -453,10 +470,12 @@ def serve(
     *,
     ready: Callable[[str], None] | None = None,
     provider: EvidenceProvider | None = None,
+    trust: TrustStore | None = None,
 ) -> int:
     """Run the server until SIGINT/SIGTERM; returns the exit status.
 
-    `provider` defaults to `make_provider(config)`; only the emulated test bed passes one.
+    `provider` defaults to `make_provider(config)`; only the emulated test bed passes one, and
+    `trust` (the roots ``--join`` appraises the broker with; default: the vendors').
 
     Raises:
         EvidenceUnavailableError: the platform cannot produce evidence.
@@ -467,7 +486,7 @@ def serve(
     cluster = None
     if config.join is not None:
         provider = provider or make_provider(config)
-        cluster = _join(config, provider)
+        cluster = _join(config, provider, trust)
     state, identity = prepare_state(config, provider=provider, cluster=cluster)
 
     def announce(line: str) -> None:

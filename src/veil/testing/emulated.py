@@ -1,14 +1,19 @@
-"""Run the production ``veil serve`` on emulated TEE devices. TEST HARNESS.
+"""Run the production ``veil serve`` or ``veil broker`` on emulated TEE devices. TEST HARNESS.
 
 Usage::
 
     python -m veil.testing.emulated serve [HARNESS OPTIONS] <the usual veil serve arguments>
+    python -m veil.testing.emulated broker [HARNESS OPTIONS] <the usual veil broker arguments>
 
-Harness options (nothing else differs from ``veil serve``: same parser, same server code):
+Harness options (nothing else differs from the commands: same parsers, same code):
 
 - ``--emulated-state DIR``: the TEE device files (configfs-tsm, Gramine's /dev/attestation) are
   answered by `veil.testing.devices`, built from the state directory a test wrote with
   `veil.testing.state.EmulatedState`; the production providers read them unchanged;
+- ``--hazmat-test-roots PEM``: HAZMAT, warns. A broker, and a replica joining one
+  (``serve --join``), appraise each other's evidence under these test PKI roots instead of
+  Intel's and AMD's (`TrustStore.hazmat_test_roots`): each certificate whose subject CN is
+  ``ARK-<product>`` is an AMD root for that product, any other the Intel root;
 - ``--hazmat-test-tamper-certificate``: the evidence binds a certificate this server does not
   have, so tests can watch clients refuse it.
 """
@@ -22,15 +27,20 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
 from veil.attestation.claims import Platform
+from veil.attestation.trust import TrustStore
 from veil.cli import build_parser
+from veil.commands import broker as broker_command
 from veil.commands import serve as serve_command
 from veil.providers import EvidenceProvider
 from veil.providers.base import Evidence
 from veil.server.config import ServerConfig
 from veil.server.runner import make_provider
 
-__all__ = ["main"]
+__all__ = ["main", "test_trust"]
 
 _log = logging.getLogger("veil.testing")
 
@@ -58,17 +68,39 @@ class _UnboundEvidence:
 
 def _harness_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m veil.testing.emulated", add_help=False)
-    parser.add_argument("command", choices=("serve",))
+    parser.add_argument("command", choices=("serve", "broker"))
     parser.add_argument("--emulated-state", type=Path, default=None)
+    parser.add_argument("--hazmat-test-roots", type=Path, default=None)
     parser.add_argument("--hazmat-test-tamper-certificate", action="store_true")
     return parser
 
 
+def test_trust(path: Path) -> TrustStore:
+    """HAZMAT: the trust store of the test PKI roots in the PEM file `path` (warns)."""
+    intel_root = None
+    arks: dict[str, x509.Certificate] = {}
+    for cert in x509.load_pem_x509_certificates(path.read_bytes()):
+        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        name = str(names[0].value) if names else ""
+        if name.startswith("ARK-"):
+            arks[name.removeprefix("ARK-")] = cert
+        else:
+            intel_root = cert
+    print(
+        f"veil: HAZMAT: --hazmat-test-roots {path.name}: peers are appraised under TEST roots "
+        "instead of Intel's and AMD's; their evidence proves nothing about real hardware",
+        file=sys.stderr,
+        flush=True,
+    )
+    return TrustStore.hazmat_test_roots(intel_root=intel_root, amd_arks=arks)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse the harness options, then run ``veil serve`` with the rest."""
+    """Parse the harness options, then run ``veil serve`` or ``veil broker`` with the rest."""
     harness, rest = _harness_parser().parse_known_args(argv)
     args = build_parser().parse_args([harness.command, *rest])
     args.argv = rest  # as veil.cli.main: the flags given, over VEIL_* and --config
+    trust = None if harness.hazmat_test_roots is None else test_trust(harness.hazmat_test_roots)
 
     def provider_factory(config: ServerConfig) -> EvidenceProvider:
         fs = None
@@ -82,7 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             provider = _UnboundEvidence(provider)
         return provider
 
-    return serve_command.run(args, provider_factory=provider_factory)
+    if harness.command == "broker":
+        return broker_command.run(args, provider_factory=provider_factory, trust=trust)
+    return serve_command.run(args, provider_factory=provider_factory, trust=trust)
 
 
 if __name__ == "__main__":

@@ -52,16 +52,26 @@ def test_the_broker_app_refuses_oversized_and_unattested_joins(
     from starlette.testclient import TestClient
 
     from veil.attestation.trust import TrustStore
-    from veil.cluster.broker import MAX_JOIN_BYTES, broker_app
-    from veil.cluster.exchange import JoinKey, join_request, own_measurement_policy, verifier
+    from veil.cluster.broker import MAX_JOIN_BYTES, Offer, broker_app
+    from veil.cluster.exchange import (
+        JoinKey,
+        broker_report_data,
+        join_request,
+        own_measurement_policy,
+        verifier,
+    )
     from veil.providers import SimulatedSgxProvider
+    from veil.server.config import ServerConfig
+    from veil.server.runner import collateral_keeper
 
     provider = SimulatedSgxProvider(tmp_path)
     state = load_or_create(tmp_path, provider.sealing_key())
     stranger = SimulatedSgxProvider(tmp_path / "stranger", mr_enclave=bytes(32))
+    evidence = provider.evidence(broker_report_data(state.key))
+    config = ServerConfig(data_dir=tmp_path, platform="simulated")
     app = broker_app(
         state,
-        provider,
+        Offer.of(state.key, evidence, collateral_keeper(config, provider, evidence)),
         own_measurement_policy(provider.evidence(b"")),
         verifier(TrustStore.simulated_only(), lambda: datetime.now(UTC)),
     )

@@ -31,9 +31,10 @@ from veil.server.collateral import (
     RefreshSettings,
     collateral_expiry,
     collateral_identity,
+    keep_collateral_fresh,
 )
 from veil.server.config import ServerConfig
-from veil.server.runner import keep_collateral_fresh, prepare_state
+from veil.server.runner import prepare_state
 from veil.server.store import ModelStore
 
 START = datetime(2026, 3, 1, 12, tzinfo=UTC)
