@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import cbor2
+import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -151,11 +152,13 @@ def from_peers(
     verify: Verify,
     *,
     wait_s: float,
+    transport: httpx.BaseTransport | None = None,
 ) -> BrokerState | None:
     """The cluster secrets from the first live broker of `urls`, or None when none answers.
 
     A peer releases them as it does to a replica (`veil.cluster.exchange`): each side attests
     the other against its policy. The broker key is fresh: replicas verify each offer anew.
+    `transport` is for tests only.
 
     Raises:
         AttestationError / JoinError: a peer answered but did not pass `policy`, or refused us.
@@ -165,7 +168,9 @@ def from_peers(
 
     for url in urls:
         try:
-            secrets = join_cluster(url, provider, policy, verify, wait_s=wait_s)
+            secrets = join_cluster(
+                url, provider, policy, verify, wait_s=wait_s, transport=transport
+            )
         except TransportError as exc:
             _log.warning("peer broker %s: %s", url, exc)
             continue
