@@ -43,12 +43,18 @@ class BrokerProcess:
         return self.process.returncode
 
 
-def start_broker(data_dir: Path, log_dir: Path, *extra: str, port: int = 0) -> BrokerProcess:
-    """Start `veil broker` and wait (bounded) for its ready line."""
+def start_broker(
+    data_dir: Path, log_dir: Path, *extra: str, port: int = 0, module: str = "veil.cli"
+) -> BrokerProcess:
+    """Start `veil broker` and wait (bounded) for its ready line.
+
+    `module` is what runs it: ``veil.cli``, or the test bed's ``veil.testing.emulated`` (then
+    `extra` names ``--platform`` and the harness options).
+    """
     log_dir.mkdir(parents=True, exist_ok=True)
     out_path, err_path = log_dir / "stdout.log", log_dir / "stderr.log"
     command = [
-        sys.executable, "-m", "veil.cli", "broker", "--platform", "simulated",
+        sys.executable, "-m", module, "broker", "--platform", "simulated",
         "--data-dir", str(data_dir), "--port", str(port), "--log-level", "info", *extra,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
