@@ -70,6 +70,7 @@ from veil import wire
 from veil.errors import (
     ApiError,
     BadRequestError,
+    ConflictError,
     NotFoundError,
     SealedStateError,
     ServiceUnavailableError,
@@ -99,6 +100,7 @@ from veil.server.models import LoadedModel, ModelRegistry
 from veil.server.oip import OipBackend, oip_routes
 from veil.server.receipts import RECEIPT_HEADER, ReceiptIssuer
 from veil.server.sealing import SealedModelStore
+from veil.server.state import ModelEntry
 from veil.server.store import ModelStoreProtocol, StoredModel
 from veil.tensors import WireTensor, numpy_dtype
 
@@ -673,7 +675,8 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
 
     async def adopt(model_id: str | None, model_hash: str | None) -> None:
         """Load, on its first use here, a model another replica committed to the shared state
-        (``--database-url``): admitted and measured as at upload, from its sealed blob."""
+        (``--database-url``): admitted and measured as at upload, from its sealed blob, within
+        the same model-size and storage limits (413)."""
         store = state.store
         if not isinstance(store, SealedModelStore):
             return
@@ -683,12 +686,29 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
             return
         async with adopting:  # one load at a time: a burst of first uses loads a model once
             entry = await run_in_threadpool(store.find, model_id, by_hash)
-            if entry is None or entry.meta.model_id in access:
+            if entry is None or registry_has(entry.meta.model_id, None):
                 return
-            found = await run_in_threadpool(store.load_latest, entry)
-            if found is None:  # deleted through another replica meanwhile
+            try:
+                registry.reserve(entry.meta.model_id)
+            except ConflictError:  # uploaded here right now: that upload adds it
                 return
-            meta, blob = found
+            try:
+                await adopt_entry(store, entry)
+            finally:
+                registry.release(entry.meta.model_id)
+
+    async def adopt_entry(store: SealedModelStore, entry: ModelEntry) -> None:
+        limits.check_model_bytes(entry.meta.size)
+        limits.check_storage(storage["used"] + storage["pending"], entry.meta.size)
+        found = await run_in_threadpool(store.load_latest, entry)
+        if found is None:  # deleted through another replica meanwhile
+            return
+        meta, blob = found
+        size = len(blob)
+        limits.check_model_bytes(size)  # replaced meanwhile: the bytes read now count
+        limits.check_storage(storage["used"] + storage["pending"], size)
+        storage["pending"] += size
+        try:
             model = await run_in_threadpool(
                 functools.partial(
                     registry.admit_and_load,
@@ -701,22 +721,41 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
                 )
             )
             del blob
-            storage["used"] += model.cost
-            access[meta.model_id] = meta
-            registry.add(model)
-            _log.info("model %s loaded from the shared store", meta.model_id)
+            limits.check_storage(storage["used"] + storage["pending"] - size, model.cost)
+        finally:
+            storage["pending"] -= size
+        storage["used"] += model.cost
+        access[meta.model_id] = meta
+        registry.add(model)
+        _log.info("model %s loaded from the shared store", meta.model_id)
+
+    async def up_to_date(model_id: str | None, model_hash: str | None) -> None:
+        """Before a model answers (BlindAI's /run by id or by hash, OIP by name): drop here
+        what another replica deleted or replaced, and load what it stored that is not loaded
+        here."""
+        if model_id:
+            await drop_if_superseded(model_id)
+        elif model_hash:
+            wanted = model_hash.lower()
+            for loaded in registry.all():
+                if loaded.model_hash.hex() == wanted:
+                    await drop_if_superseded(loaded.model_id)
+        if not registry_has(model_id, model_hash):
+            await adopt(model_id, model_hash)
 
     async def drop_if_superseded(model_id: str) -> None:
         """Shared state (``--database-url``): a model loaded here that another replica deleted,
-        or replaced under the same id, is dropped here too before it could answer."""
+        or replaced under the same id (other bytes, owner or visibility), is dropped here too
+        before it could answer."""
         store = state.store
         if config.database_url is None or not isinstance(store, SealedModelStore):
             return
         if not registry_has(model_id, None):
             return
         entry = await run_in_threadpool(store.find, model_id, None)
-        loaded = registry.get(model_id)
-        if entry is not None and entry.meta.model_hash == loaded.model_hash:
+        # The whole record, not only the hash: the same bytes uploaded again by another owner,
+        # or with other visibility, must not run under the old record's access rules.
+        if entry is not None and entry.meta == access.get(model_id):
             return
         async with adopting:
             try:
@@ -744,10 +783,7 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         for tensor in message.inputs:
             itemsize = numpy_dtype(tensor.datum_type).itemsize
             limits.check_tensor(tensor.shape, itemsize, name=tensor.name or "")
-        if message.model_id:
-            await drop_if_superseded(message.model_id)
-        if not registry_has(message.model_id, message.model_hash):
-            await adopt(message.model_id, message.model_hash)
+        await up_to_date(message.model_id, message.model_hash)
         if message.model_id is None and message.model_hash:
             # By hash (BlindAI): several models may share one; take one this key may run.
             wanted = message.model_hash.lower()
@@ -798,6 +834,7 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         body = await _read_body(request, limits.max_request_bytes, "max_request_bytes")
         message = await run_in_threadpool(wire.decode_delete_request, body)
         model_id = message.model_id
+        await up_to_date(model_id, None)  # the owner as the shared state says now
         registry.get(model_id)
         meta = meta_of(model_id)
         if not can_delete(principal, meta.owner):
@@ -832,7 +869,8 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
                 )
         return _cbor(listed)
 
-    def runnable(principal: Principal, model_id: str) -> LoadedModel:
+    async def runnable(principal: Principal, model_id: str) -> LoadedModel:
+        await up_to_date(model_id, None)
         try:
             model = registry.get(model_id)
         except NotFoundError:

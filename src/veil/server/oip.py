@@ -324,7 +324,8 @@ class OipBackend:
         limits: the server's limits.
         authenticate: who asks (401) and their rate (429).
         runnable: the model `principal` may run by this id, else 404 (the same words whether
-            it does not exist or may not be seen).
+            it does not exist or may not be seen); with a shared state, first brought up to date
+            with it (loaded here on first use, dropped when deleted or replaced elsewhere).
         ready: whether clients accept the server now (collateral not expired).
         error_status: the one mapping from exceptions to (status, message, headers).
         read_body: the request body, refused (413) past a limit (bytes, name of the limit).
@@ -333,7 +334,7 @@ class OipBackend:
 
     limits: Limits
     authenticate: Callable[[Request], Awaitable[Principal]]
-    runnable: Callable[[Principal, str], LoadedModel]
+    runnable: Callable[[Principal, str], Awaitable[LoadedModel]]
     ready: Callable[[], bool]
     error_status: Callable[[BaseException], tuple[int, str, dict[str, str] | None]]
     read_body: Callable[[Request, int, str], Awaitable[bytearray]]
@@ -386,7 +387,7 @@ def oip_routes(backend: OipBackend) -> list[Route]:
         principal = await backend.authenticate(request)
         name = request.path_params["name"]
         backend.note(request, model_id=name[:128])
-        return backend.runnable(principal, name)
+        return await backend.runnable(principal, name)
 
     async def metadata(request: Request) -> Response:
         return _json(model_metadata(await model(request)))

@@ -253,20 +253,23 @@ def prepare_state(
             "stored models have owners or are restricted, but the state holds no API key: "
             "refusing to start with authentication off"
         )
+    used = 0
     for meta, blob in stored:
         try:
             # Admitted again, as at upload: the limits may have changed, and a stored model is
-            # checked and measured like an upload.
-            registry.add(
-                registry.admit_and_load(
-                    blob,
-                    model_id=meta.model_id,
-                    model_name=meta.model_name,
-                    threads=config.threads,
-                    model_hash=meta.model_hash,
-                    batching=config.batching,
-                )
+            # checked and measured like an upload, within the same storage limit.
+            config.limits.check_storage(used, len(blob))
+            model = registry.admit_and_load(
+                blob,
+                model_id=meta.model_id,
+                model_name=meta.model_name,
+                threads=config.threads,
+                model_hash=meta.model_hash,
+                batching=config.batching,
             )
+            config.limits.check_storage(used, model.cost)
+            used += model.cost
+            registry.add(model)
             access[meta.model_id] = meta
         except ApiError as exc:
             _log.warning("stored model %s not loaded: %s", meta.model_id, exc.message)
