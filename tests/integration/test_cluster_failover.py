@@ -12,6 +12,7 @@ import hashlib
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,7 @@ def test_kill_9_of_a_replica_under_load_loses_no_prediction(tmp_path: Path) -> N
             stop = threading.Event()
             counts = {"requests": 0, "ok": 0, "retried": 0, "failed": 0, "wrong": 0}
             after_kill = {"ok": 0}
+            served = [0] * CLIENTS  # answers each client got
             killed = threading.Event()
             lock = threading.Lock()
 
@@ -67,6 +69,7 @@ def test_kill_9_of_a_replica_under_load_loses_no_prediction(tmp_path: Path) -> N
                         with lock:
                             counts["requests"] += 1
                             counts["failed" if failed else "ok" if good else "wrong"] += 1
+                            served[seed] += good
                             if good and killed.is_set():
                                 after_kill["ok"] += 1
                     with lock:
@@ -76,10 +79,13 @@ def test_kill_9_of_a_replica_under_load_loses_no_prediction(tmp_path: Path) -> N
             for thread in threads:
                 thread.start()
             time.sleep(BEFORE_KILL_S)
+            # The kill lands under load: every client has been served (bounded wait).
+            _wait_until(lambda: all(served))
             replicas[1].process.send_signal(signal.SIGKILL)
             replicas[1].process.wait(10)
             killed.set()
             time.sleep(AFTER_KILL_S)
+            _wait_until(lambda: after_kill["ok"] > 0)  # a slow machine takes longer to recover
             stop.set()
             for thread in threads:
                 thread.join(60)
@@ -106,6 +112,12 @@ def test_kill_9_of_a_replica_under_load_loses_no_prediction(tmp_path: Path) -> N
         for replica in replicas:
             replica.stop()
         broker.stop()
+
+
+def _wait_until(condition: Callable[[], bool], timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def test_an_upload_whose_answer_is_lost_is_found_by_its_id_not_sent_again(tmp_path: Path) -> None:

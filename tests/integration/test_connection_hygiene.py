@@ -176,21 +176,27 @@ def test_connections_per_client_and_in_total(capped: VeilServer) -> None:
         held = [stack.enter_context(_open(port, "127.0.0.2")) for _ in range(4)]
         time.sleep(0.2)
         surplus = _open(port, "127.0.0.2")
-        assert _closed_within(surplus, 2) == b""  # refused at once, not left waiting
+        # refused at once, not left waiting (for header_read_timeout_s=10, the default)
+        assert _closed_within(surplus, 5) == b""
         surplus.close()
         # Another address still has room; the TLS ports count too, before any handshake.
         held += [stack.enter_context(_open(capped.attested_port, "127.0.0.3")) for _ in range(4)]
-        time.sleep(0.2)
-        with _open(port, "127.0.0.4") as over_total:
-            assert _closed_within(over_total, 2) == b""
+        # Behind those four in the same port's accept queue, so counted after them however
+        # late the server gets to accept (on the other port it could be accepted first).
+        with _open(capped.attested_port, "127.0.0.4") as over_total:
+            assert _closed_within(over_total, 5) == b""
         assert all(_closed_within(sock, 0.05) is None for sock in held)  # these stay
         held[0].close()
-        time.sleep(0.2)
-        with _open(port, "127.0.0.4") as room:
-            room.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            answer = _closed_within(room, 5)
-            assert answer is not None
-            assert answer.startswith(b"HTTP/1.1 200")
+        # The place comes back once the server has seen the close: ask until it has.
+        deadline = time.monotonic() + 60
+        answer = None
+        while not answer and time.monotonic() < deadline:
+            time.sleep(0.1)
+            with _open(port, "127.0.0.4") as room, contextlib.suppress(OSError):
+                room.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                answer = _closed_within(room, 5)
+        assert answer is not None
+        assert answer.startswith(b"HTTP/1.1 200")
 
 
 def test_failed_handshakes_give_their_place_back(capped: VeilServer) -> None:

@@ -120,7 +120,7 @@ def test_client_disconnect_is_not_an_error(big: VeilServer, raw: RawClient) -> N
             b"POST /run HTTP/1.1\r\nhost: x\r\ncontent-length: 100000\r\n\r\n" + b"\xa1" * 10
         )
         time.sleep(0.3)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while "client disconnected" not in big.stderr() and time.monotonic() < deadline:
         time.sleep(0.1)
     log = big.stderr()

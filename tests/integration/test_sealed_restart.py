@@ -243,7 +243,11 @@ def test_sigkill_during_uploads_loses_nothing_acknowledged(
 
     thread = threading.Thread(target=writer)
     thread.start()
-    time.sleep(2.0)
+    # Kill once uploads are under way (however long connecting took), in the middle of more.
+    deadline = time.monotonic() + 60
+    while not acked and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
     server.stop(signal.SIGKILL)
     thread.join(60)
     assert acked, "no upload was acknowledged before the kill"
