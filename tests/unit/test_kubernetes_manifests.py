@@ -38,10 +38,14 @@ def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
     return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
 
 
+def workloads(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {**by_kind(docs, "Deployment"), **by_kind(docs, "StatefulSet")}
+
+
 @pytest.mark.parametrize("overlay", sorted(RUNTIME))
 def test_overlay_renders_confidential_non_root_workloads(overlay: str) -> None:
     docs = render(overlay)
-    deployments = by_kind(docs, "Deployment")
+    deployments = workloads(docs)
     assert set(deployments) == {"veil-broker", "veil-replica"}
     for d in deployments.values():
         pod = d["spec"]["template"]["spec"]
@@ -73,6 +77,28 @@ def test_replicas_join_the_broker_and_read_the_database_url_from_the_secret() ->
     # kustomize renamed the generated Secret (hash suffix) and the reference with it.
     assert secret_ref == {"name": secret["metadata"]["name"], "key": "url"}
     assert env["VEIL_REPLICA_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+
+
+@pytest.mark.parametrize("overlay", sorted(RUNTIME))
+def test_brokers_keep_nothing_at_rest_and_take_the_secrets_from_a_live_peer(overlay: str) -> None:
+    # TDX and SEV-SNP have no sealing key: a broker without --peer or --new-cluster refuses to
+    # start, and one that made new secrets on every restart would lose the store key.
+    docs = render(overlay)
+    broker = by_kind(docs, "StatefulSet")["veil-broker"]
+    assert broker["spec"]["replicas"] >= 2
+    assert broker["spec"]["podManagementPolicy"] == "OrderedReady"
+    pod = broker["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    args = container["args"]
+    service = by_kind(docs, "Service")["veil-broker"]
+    port = service["spec"]["ports"][0]["port"]
+    assert args[args.index("--peer") + 1] == f"http://veil-broker:{port}"
+    assert "--new-cluster" in args
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v1/offer"
+    assert all("persistentVolumeClaim" not in v for v in pod["volumes"])
+    assert "veil-broker-data" not in by_kind(docs, "PersistentVolumeClaim")
+    budget = by_kind(docs, "PodDisruptionBudget")["veil-broker"]
+    assert budget["spec"]["minAvailable"] == 1
 
 
 def test_service_is_tcp_passthrough_to_the_replicas() -> None:
