@@ -169,8 +169,8 @@ class ConfigfsTsmProvider:
     def sealing_key(self) -> bytes:
         """Not available: configfs-tsm guests have no file-reachable sealing facility."""
         raise EvidenceUnavailableError(
-            f"{self.platform.value}: configfs-tsm exposes no sealing key; "
-            "a TDX/SNP guest needs an explicitly configured key file (not supported yet)"
+            f"{self.platform.value}: configfs-tsm exposes no sealing key; a TDX/SNP guest keeps "
+            "its state under the store key a key broker releases (veil serve --join URL)"
         )
 
     def _report(self, data: bytes) -> tuple[bytes, bytes]:
