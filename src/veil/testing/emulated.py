@@ -40,7 +40,7 @@ from veil.providers.base import Evidence
 from veil.server.config import ServerConfig
 from veil.server.runner import make_provider
 
-__all__ = ["main", "test_trust"]
+__all__ = ["hazmat_test_trust", "main"]
 
 _log = logging.getLogger("veil.testing")
 
@@ -75,7 +75,7 @@ def _harness_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def test_trust(path: Path) -> TrustStore:
+def hazmat_test_trust(path: Path) -> TrustStore:
     """HAZMAT: the trust store of the test PKI roots in the PEM file `path` (warns)."""
     intel_root = None
     arks: dict[str, x509.Certificate] = {}
@@ -100,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     harness, rest = _harness_parser().parse_known_args(argv)
     args = build_parser().parse_args([harness.command, *rest])
     args.argv = rest  # as veil.cli.main: the flags given, over VEIL_* and --config
-    trust = None if harness.hazmat_test_roots is None else test_trust(harness.hazmat_test_roots)
+    roots: Path | None = harness.hazmat_test_roots
+    trust = None if roots is None else hazmat_test_trust(roots)
 
     def provider_factory(config: ServerConfig) -> EvidenceProvider:
         fs = None
