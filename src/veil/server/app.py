@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import functools
 import logging
 import math
 import re
@@ -56,7 +55,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import cbor2
 from starlette.applications import Starlette
@@ -118,6 +117,7 @@ _LOG_KEY = "veil.log"  # scope entry where handlers leave what the request log l
 _STORE_CHUNK = 4 << 20
 _INLINE_DECODE_BYTES = 4 << 10  # run bodies up to this are decoded on the event loop
 _FEED_BYTES = 1 << 20  # upload body handed to the decoder in pieces of about this size
+_R = TypeVar("_R")
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,6 +320,25 @@ async def _read_body(request: Request, limit: int, limit_name: str) -> bytearray
     if total > limit:
         raise limit_error(413, f"request body exceeds {limit_name}={limit}")
     return body
+
+
+async def _in_thread(func: Callable[..., _R], *args: Any, **kwargs: Any) -> _R:
+    """`run_in_threadpool` for calls that take or return a model's bytes.
+
+    anyio's worker thread keeps its last job (the call with its arguments, and the future with
+    its result) until it is given the next one, which on an idle server may be never: a model
+    passed through it stays alive after the upload let go of it. Here the worker's job holds
+    only an emptied box.
+    """
+    box: list[Any] = [(args, kwargs)]
+
+    def call() -> None:
+        call_args, call_kwargs = box.pop()
+        box.append(func(*call_args, **call_kwargs))
+
+    await run_in_threadpool(call)
+    result: _R = box.pop()
+    return result
 
 
 def _content_length(request: Request) -> int | None:
@@ -559,13 +578,11 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
             raise limit_error(413, f"request body exceeds max_upload_bytes={limit}")
         if pending:
             await run_in_threadpool(decoder.feed, b"".join(pending))
-        return await run_in_threadpool(decoder.finish)
+        return await _in_thread(decoder.finish)
 
     async def store_model(meta: StoredModel, blob: bytes) -> None:
         try:
-            await run_in_threadpool(
-                functools.partial(state.store.put_stream, exclusive=True), meta, _slices(blob)
-            )
+            await _in_thread(state.store.put_stream, meta, _slices(blob), exclusive=True)
         except OSError as exc:
             # One line, no traceback: the path and the model stay out of the log.
             _log.error(
@@ -614,7 +631,7 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
                 # Admitted (checked, loaded, measured) in a child process first: the server's
                 # ONNX Runtime never sees what it refuses.
                 try:
-                    model, admitted = await run_in_threadpool(
+                    model, admitted = await _in_thread(
                         registry.admit_optimize_and_load,
                         blob,
                         model_id=model_id,
@@ -700,25 +717,24 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
     async def adopt_entry(store: SealedModelStore, entry: ModelEntry) -> None:
         limits.check_model_bytes(entry.meta.size)
         limits.check_storage(storage["used"] + storage["pending"], entry.meta.size)
-        found = await run_in_threadpool(store.load_latest, entry)
+        found = await _in_thread(store.load_latest, entry)
         if found is None:  # deleted through another replica meanwhile
             return
         meta, blob = found
+        del found
         size = len(blob)
         limits.check_model_bytes(size)  # replaced meanwhile: the bytes read now count
         limits.check_storage(storage["used"] + storage["pending"], size)
         storage["pending"] += size
         try:
-            model = await run_in_threadpool(
-                functools.partial(
-                    registry.admit_and_load,
-                    blob,
-                    model_id=meta.model_id,
-                    model_name=meta.model_name,
-                    threads=config.threads,
-                    model_hash=meta.model_hash,
-                    batching=config.batching,
-                )
+            model = await _in_thread(
+                registry.admit_and_load,
+                blob,
+                model_id=meta.model_id,
+                model_name=meta.model_name,
+                threads=config.threads,
+                model_hash=meta.model_hash,
+                batching=config.batching,
             )
             del blob
             limits.check_storage(storage["used"] + storage["pending"] - size, model.cost)

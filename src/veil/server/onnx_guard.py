@@ -466,7 +466,7 @@ def create_session(
     if not checked:
         check_model(model_bytes, limits)
     try:
-        return ort.InferenceSession(
+        session = ort.InferenceSession(
             model_bytes,
             session_options(intra_op_threads=intra_op_threads),
             providers=list(providers),
@@ -475,6 +475,20 @@ def create_session(
     except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise _invalid(f"ONNX Runtime refused the model: {message[:300]}") from None
+    _drop_model_bytes(session)
+    return session
+
+
+def _drop_model_bytes(session: Any) -> None:
+    """Let go of the serialized model ONNX Runtime's Python wrapper keeps for the session's life.
+
+    The C++ session holds its own tensors; the wrapper keeps the bytes only to build the session
+    again on an execution-provider fallback, which a CPU-only session never does (its source
+    says as much: "holding the memory indefinitely"). Kept, they double a loaded model's memory
+    and keep the upload's buffer alive after it was stored.
+    """
+    if getattr(session, "_model_bytes", None) is not None:
+        session._model_bytes = None
 
 
 async def run_with_timeout(

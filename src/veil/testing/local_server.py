@@ -58,6 +58,13 @@ class LocalServer:
         self.unattested_port = self.attested_port = self.management_port = 0
 
     @property
+    def pid(self) -> int:
+        """The server's process id (benchmarks read its memory under ``/proc``)."""
+        if self._process is None:
+            raise RuntimeError("server not started")
+        return self._process.pid
+
+    @property
     def ports(self) -> dict[str, int]:
         """Keyword arguments for `veil.connect`."""
         return {

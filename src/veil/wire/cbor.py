@@ -119,13 +119,16 @@ class StrictDecoder:
         self._advance()
 
     def finish(self) -> Any:
-        """The decoded item, once the whole body was fed."""
+        """The decoded item, once the whole body was fed (handed over: a second call is None)."""
         if self._step is not None:
             self._step.close()
             raise _bad(self._what, f"the body ends inside an item, at byte {self._offset()}")
         if self._pos != len(self._buf):
             raise _bad(self._what, "bytes after the end of the message")
-        return self._value
+        # Handed over, not kept: a decoder in a reference cycle (a bound `on_size`) lives until
+        # the cyclic collector runs, and would keep a model's bytes alive with it.
+        value, self._value = self._value, None
+        return value
 
     # -- driving the decoding generator ------------------------------------------------------
 
