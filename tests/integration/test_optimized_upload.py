@@ -9,6 +9,8 @@ from onnx import ModelProto, TensorProto, helper, numpy_helper
 from server_process import ServerFactory
 
 import veil
+from veil.providers import detect_provider
+from veil.server.state import open_state
 
 
 def mlp() -> ModelProto:
@@ -40,7 +42,7 @@ def mlp() -> ModelProto:
     return model
 
 
-def test_graph_and_int8_optimizations_are_checked_reported_and_stored_as_uploaded(
+def test_graph_and_int8_optimizations_are_checked_reported_stored_and_served_after_restart(
     server_factory: ServerFactory,
 ) -> None:
     model = mlp()
@@ -57,6 +59,7 @@ def test_graph_and_int8_optimizations_are_checked_reported_and_stored_as_uploade
         # Kept only if the probe matched within 1e-4 and it was not slower; either way, said so.
         assert report["max_abs_diff"] <= 1e-4
         assert report["kept"] is (report["reason"] == "")
+        graph_kept = report["kept"]
         assert graph.hash == plain.hash  # the upload's hash, whatever graph is served
         got = client.predict("graph", x).output[0].as_numpy()
         np.testing.assert_allclose(got, expected, atol=1e-4)
@@ -64,21 +67,39 @@ def test_graph_and_int8_optimizations_are_checked_reported_and_stored_as_uploade
         report = int8.optimization
         assert report is not None
         assert report["mode"] == "int8"
+        assert report["kept"] is True
+        assert int8.hash == plain.hash
         # The accuracy change is measured and reported: int8 moves the outputs, a little.
         assert 0 < report["max_abs_diff"] < 0.2 * float(np.abs(expected).max())
         assert 0.0 <= report["top1_agreement"] <= 1.0
-        got = client.predict("int8", x).output[0].as_numpy()
-        assert got.shape == expected.shape
+        served_int8 = client.predict("int8", x).output[0].as_numpy()
+        assert served_int8.shape == expected.shape
+        assert float(np.abs(served_int8 - expected).max()) > 1e-4  # the int8 graph answers
         with pytest.raises(veil.BadRequestError, match="expected off, graph or int8"):
             client.upload_model(model, model_id="bad", optimization="fast")
     data_dir = running.data_dir
     assert running.stop() == 0
+    # The sealed manifest ties each stored graph to the hash the client pinned.
+    provider = detect_provider("simulated", data_dir=data_dir)
+    models = open_state(data_dir, provider.sealing_key).current().models
+    upload_hash = plain.hash
+    for model_id, mode in (("plain", None), ("graph", "graph" if graph_kept else None)):
+        meta = models[model_id].meta
+        assert (meta.model_hash, meta.optimization) == (upload_hash, mode)
+        assert (meta.graph_hash is None) is (mode is None)
+    int8_meta = models["int8"].meta
+    assert (int8_meta.model_hash, int8_meta.optimization) == (upload_hash, "int8")
+    assert int8_meta.graph_hash not in (None, upload_hash)
+    assert int8_meta.graph_size is not None
+    assert int8_meta.graph_size > 0
     restarted = server_factory(data_dir=data_dir)
     with restarted.connect() as client:
-        ids = sorted(m.model_id for m in client.list_models())
-        assert ids == ["graph", "int8", "plain"]
-        # The upload itself was stored (bound to its hash): after a restart it is served as
-        # uploaded, the int8 one included.
-        for model_id in ids:
+        listed = {m.model_id: m for m in client.list_models()}
+        assert sorted(listed) == ["graph", "int8", "plain"]
+        assert {m.hash for m in listed.values()} == {plain.hash}
+        # Served as before the restart: the optimized graphs, not the uploads.
+        for model_id in ("plain", "graph"):
             got = client.predict(model_id, x).output[0].as_numpy()
             np.testing.assert_allclose(got, expected, atol=1e-4)
+        got = client.predict("int8", x).output[0].as_numpy()
+        np.testing.assert_allclose(got, served_int8, rtol=0, atol=1e-6)

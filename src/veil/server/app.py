@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import logging
 import math
 import re
@@ -622,11 +623,12 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
                 "starting with a letter or digit",
             )
         _note(request, model_id=model_id)
-        limits.check_model_bytes(len(blob))
+        size = len(blob)
+        limits.check_model_bytes(size)
         registry.reserve(model_id)
         try:
-            limits.check_storage(storage["used"] + storage["pending"], len(blob))
-            storage["pending"] += len(blob)
+            limits.check_storage(storage["used"] + storage["pending"], size)
+            storage["pending"] += size
             try:
                 # Admitted (checked, loaded, measured) in a child process first: the server's
                 # ONNX Runtime never sees what it refuses.
@@ -644,24 +646,30 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
                     metrics.observe_admission(loaded=False)
                     raise
                 metrics.observe_admission(loaded=True)
-                limits.check_storage(storage["used"] + storage["pending"] - len(blob), model.cost)
+                limits.check_storage(storage["used"] + storage["pending"] - size, model.cost)
+                report = admitted.optimization
+                # What is served is what is stored: the optimized graph when admission kept
+                # one, under the upload's hash (the one clients pin) and its own.
+                graph = admitted.graph
+                optimized = graph is not blob
                 meta = StoredModel(
                     model_id,
                     model.model_hash,
                     model_name,
-                    len(blob),  # what is stored: the upload, not an optimized graph
+                    size,
                     owner=principal.key_id,
                     visibility=visibility,
                     allowed_keys=allowed,
                     created_at=time.time(),
+                    optimization=report["mode"] if optimized and report else None,
+                    graph_hash=hashlib.sha256(graph).digest() if optimized else None,
+                    graph_size=len(graph) if optimized else None,
                 )
-                # The upload itself is stored: the store binds each blob to the hash the client
-                # pins. A restart admits it again, unoptimized (see docs/hardening.md).
-                await store_model(meta, blob)
-                report = admitted.optimization
-                del admitted
+                del admitted, blob
+                await store_model(meta, graph)
+                del graph
             finally:
-                storage["pending"] -= len(blob)
+                storage["pending"] -= size
             storage["used"] += model.cost
             access[model_id] = meta
             registry.add(model)

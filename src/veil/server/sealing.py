@@ -1,7 +1,11 @@
 """Sealed model storage: each model's bytes in a sealed blob that the state manifest names.
 
 The manifest (`veil.server.state`) says which models exist and, for each, its SHA-256, size,
-owner, visibility and the *blob version*: the manifest version that committed it. The blob is
+owner, visibility and the *blob version*: the manifest version that committed it. A model
+whose upload admission optimized (`veil.server.optimize`) is stored as the optimized graph: its
+entry keeps the upload's SHA-256 (the hash clients pin) and adds the graph's SHA-256 and size,
+which the blob is checked against (`StoredModel.stored_hash`), so a restart serves the graph
+that was served before it. The blob is
 ``<directory>/<tag>-<blob version>.sealed``, sealed under the state's blob key with context
 ``blob`` || tag || u64 blob version, where tag = HMAC-SHA256(name key, model id): the directory
 reveals no model ids, and a blob renamed to another id or version fails authentication.
@@ -102,9 +106,9 @@ class SealedModelStore:
         """Store a model whose bytes arrive as `chunks`, holding one chunk at a time.
 
         Returns the number of bytes written. If `chunks` raises, or the bytes do not match
-        ``meta.size`` and ``meta.model_hash``, nothing is stored. With `exclusive`, an id the
-        committed state already names is a `ConflictError` (409), decided in the commit itself,
-        so two replicas uploading one id at once store one model.
+        ``meta.stored_size`` and ``meta.stored_hash``, nothing is stored. With `exclusive`, an
+        id the committed state already names is a `ConflictError` (409), decided in the commit
+        itself, so two replicas uploading one id at once store one model.
         """
         model_id = meta.model_id
         written: list[int] = []
@@ -129,7 +133,7 @@ class SealedModelStore:
                 hashing(),
                 chunk_size=self._chunk_size,
             )
-            if size != meta.size or digest.digest() != meta.model_hash:
+            if size != meta.stored_size or digest.digest() != meta.stored_hash:
                 raise ValueError(f"model {model_id!r}: bytes differ from its size or hash")
             old = current.models.get(model_id)
             if old is not None:
@@ -148,7 +152,7 @@ class SealedModelStore:
             raise
         for version in replaced:
             self._remove(self._path(model_id, version))
-        return meta.size
+        return meta.stored_size
 
     def delete(self, model_id: str) -> None:
         """Remove a model if present. Durable once this returns."""
@@ -274,10 +278,10 @@ class SealedModelStore:
             raise SealedStateError(
                 f"model {meta.model_id!r}: its blob (version {version}) does not unseal: {exc}"
             ) from None
-        if len(blob) != meta.size or hashlib.sha256(blob).digest() != meta.model_hash:
+        if len(blob) != meta.stored_size or hashlib.sha256(blob).digest() != meta.stored_hash:
             raise SealedStateError(
                 f"model {meta.model_id!r}: blob of {len(blob)} bytes does not match the "
-                f"manifest ({meta.size} bytes, sha256 {meta.model_hash.hex()[:16]}…)"
+                f"manifest ({meta.stored_size} bytes, sha256 {meta.stored_hash.hex()[:16]}…)"
             )
         return blob
 

@@ -25,7 +25,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 from veil.errors import ConflictError
 
@@ -37,6 +37,7 @@ _LOCK_FILENAME = ".store.lock"
 
 
 _VISIBILITIES = ("public", "restricted")
+_OPTIMIZATIONS = ("graph", "int8")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +55,12 @@ class StoredModel:
         allowed_keys: key ids that may predict a restricted model, besides its owner.
         created_at: when it was uploaded (seconds since the epoch); None for records written
             before uploads were dated.
+        optimization: the optimization admission kept (``graph`` or ``int8``), None when the
+            upload itself is stored and served.
+        graph_hash: SHA-256 of the stored graph when it is an optimized one (`optimization`),
+            else None: `model_hash` stays the hash of what the uploader sent (the one clients
+            pin); the stored bytes are checked against `stored_hash` / `stored_size`.
+        graph_size: the stored optimized graph's byte count, with `graph_hash`.
 
     Records written before owners existed read back as owner None, public: that is how such
     models were served.
@@ -67,13 +74,39 @@ class StoredModel:
     visibility: str = "public"
     allowed_keys: tuple[str, ...] = ()
     created_at: float | None = None
+    optimization: str | None = None
+    graph_hash: bytes | None = None
+    graph_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.visibility not in _VISIBILITIES:
             raise ValueError(f"visibility: got {self.visibility!r}, expected public or restricted")
+        optimized = (self.optimization, self.graph_hash, self.graph_size)
+        if any(v is not None for v in optimized) and (
+            self.optimization not in _OPTIMIZATIONS
+            or not isinstance(self.graph_hash, bytes)
+            or len(self.graph_hash) != 32
+            or not isinstance(self.graph_size, int)
+            or isinstance(self.graph_size, bool)
+            or self.graph_size < 0
+        ):
+            raise ValueError(
+                "optimized graph: expected optimization graph or int8 with a 32-byte graph_hash "
+                "and a graph_size, or none of them"
+            )
+
+    @property
+    def stored_hash(self) -> bytes:
+        """SHA-256 of the stored bytes: the optimized graph's, else the upload's."""
+        return self.graph_hash if self.graph_hash is not None else self.model_hash
+
+    @property
+    def stored_size(self) -> int:
+        """Byte count of the stored bytes: the optimized graph's, else the upload's."""
+        return self.graph_size if self.graph_size is not None else self.size
 
     def to_json(self) -> dict[str, object]:
-        return {
+        value: dict[str, object] = {
             "model_id": self.model_id,
             "model_hash": self.model_hash.hex(),
             "model_name": self.model_name,
@@ -83,6 +116,11 @@ class StoredModel:
             "allowed_keys": list(self.allowed_keys),
             "created_at": self.created_at,
         }
+        if self.graph_hash is not None:  # records of unoptimized models stay as they were
+            value["optimization"] = self.optimization
+            value["graph_hash"] = self.graph_hash.hex()
+            value["graph_size"] = self.graph_size
+        return value
 
     @classmethod
     def from_json(cls, value: object) -> StoredModel:
@@ -107,6 +145,10 @@ class StoredModel:
             isinstance(created, bool) or not isinstance(created, int | float)
         ):
             raise ValueError("metadata has a bad created_at")
+        optimization, graph_hash = value.get("optimization"), value.get("graph_hash")
+        graph_size = value.get("graph_size")
+        if graph_hash is not None and not isinstance(graph_hash, str):
+            raise ValueError("metadata has a bad graph_hash")
         return cls(
             model_id,
             bytes.fromhex(model_hash),
@@ -116,6 +158,10 @@ class StoredModel:
             visibility,
             tuple(allowed),
             None if created is None else float(created),
+            # Checked by __post_init__: all three or none, each of its type.
+            cast(Any, optimization),
+            None if graph_hash is None else bytes.fromhex(graph_hash),
+            cast(Any, graph_size),
         )
 
 
@@ -226,7 +272,8 @@ class ModelStore:
             except (OSError, ValueError) as exc:
                 _log.warning("skipping stored model %s: %s", path.name, type(exc).__name__)
                 continue
-            if _key(meta.model_id) != path.stem or hashlib.sha256(blob).digest() != meta.model_hash:
+            digest = hashlib.sha256(blob).digest()
+            if _key(meta.model_id) != path.stem or digest != meta.stored_hash:
                 _log.warning("skipping stored model %s: contents do not match", path.name)
                 continue
             yield meta, blob
