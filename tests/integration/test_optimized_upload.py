@@ -67,14 +67,16 @@ def test_graph_and_int8_optimizations_are_checked_reported_stored_and_served_aft
         report = int8.optimization
         assert report is not None
         assert report["mode"] == "int8"
-        assert report["kept"] is True
+        # Kept when not slower than the original on the probe: timing, so either way here.
+        int8_kept = report["kept"]
         assert int8.hash == plain.hash
         # The accuracy change is measured and reported: int8 moves the outputs, a little.
         assert 0 < report["max_abs_diff"] < 0.2 * float(np.abs(expected).max())
         assert 0.0 <= report["top1_agreement"] <= 1.0
         served_int8 = client.predict("int8", x).output[0].as_numpy()
         assert served_int8.shape == expected.shape
-        assert float(np.abs(served_int8 - expected).max()) > 1e-4  # the int8 graph answers
+        if int8_kept:
+            assert float(np.abs(served_int8 - expected).max()) > 1e-4  # the int8 graph answers
         with pytest.raises(veil.BadRequestError, match="expected off, graph or int8"):
             client.upload_model(model, model_id="bad", optimization="fast")
     data_dir = running.data_dir
@@ -83,21 +85,19 @@ def test_graph_and_int8_optimizations_are_checked_reported_stored_and_served_aft
     provider = detect_provider("simulated", data_dir=data_dir)
     models = open_state(data_dir, provider.sealing_key).current().models
     upload_hash = plain.hash
-    for model_id, mode in (("plain", None), ("graph", "graph" if graph_kept else None)):
+    kept = {"plain": None, "graph": "graph" if graph_kept else None}
+    kept["int8"] = "int8" if int8_kept else None
+    for model_id, mode in kept.items():
         meta = models[model_id].meta
         assert (meta.model_hash, meta.optimization) == (upload_hash, mode)
         assert (meta.graph_hash is None) is (mode is None)
-    int8_meta = models["int8"].meta
-    assert (int8_meta.model_hash, int8_meta.optimization) == (upload_hash, "int8")
-    assert int8_meta.graph_hash not in (None, upload_hash)
-    assert int8_meta.graph_size is not None
-    assert int8_meta.graph_size > 0
+        assert meta.graph_hash != upload_hash
     restarted = server_factory(data_dir=data_dir)
     with restarted.connect() as client:
         listed = {m.model_id: m for m in client.list_models()}
         assert sorted(listed) == ["graph", "int8", "plain"]
         assert {m.hash for m in listed.values()} == {plain.hash}
-        # Served as before the restart: the optimized graphs, not the uploads.
+        # Served as before the restart: a kept graph, not the upload.
         for model_id in ("plain", "graph"):
             got = client.predict(model_id, x).output[0].as_numpy()
             np.testing.assert_allclose(got, expected, atol=1e-4)

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -147,7 +148,9 @@ class StoredModel:
             raise ValueError("metadata has a bad created_at")
         optimization, graph_hash = value.get("optimization"), value.get("graph_hash")
         graph_size = value.get("graph_size")
-        if graph_hash is not None and not isinstance(graph_hash, str):
+        if graph_hash is not None and (
+            not isinstance(graph_hash, str) or not re.fullmatch(r"[0-9a-f]{64}", graph_hash)
+        ):
             raise ValueError("metadata has a bad graph_hash")
         return cls(
             model_id,
