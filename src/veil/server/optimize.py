@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from veil.server.limits import Limits
-from veil.server.onnx_guard import create_session
+from veil.server.onnx_guard import check_model_lean, create_session
 
 __all__ = ["GRAPH_TOLERANCE", "MODES", "optimize_graph", "probe_inputs"]
 
@@ -114,7 +114,24 @@ def _graph_optimized(blob: bytes, workdir: str) -> bytes:
     # Constant folding on: this is the child, under its memory and CPU limits.
     ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
     with open(path, "rb") as file:
-        return file.read()
+        return _used_opsets_only(file.read())
+
+
+def _used_opsets_only(graph: bytes) -> bytes:
+    """`graph` declaring only the opset domains its nodes use (and the default one).
+
+    ONNX Runtime saves every domain it knows (``ai.onnx.training``, ``org.pytorch.aten``…),
+    which the model checks refuse: declared, never used.
+    """
+    import onnx
+
+    model = onnx.load_from_string(graph)
+    used = {""} | {node.domain for node in model.graph.node}
+    used |= {f.domain for f in model.functions}
+    kept = [opset for opset in model.opset_import if opset.domain in used]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+    return bytes(model.SerializeToString())
 
 
 def _int8(blob: bytes, workdir: str) -> bytes:
@@ -148,6 +165,9 @@ def optimize_graph(blob: bytes, mode: str, limits: Limits) -> tuple[bytes | None
     try:
         with tempfile.TemporaryDirectory(prefix="veil-optimize-") as workdir:
             candidate = (_graph_optimized if mode == "graph" else _int8)(blob, workdir)
+        # The graph kept is stored and admitted again at each start, like an upload: it must
+        # pass the same checks (`check_model_lean`), or a restart would not serve it.
+        check_model_lean(candidate, limits)
         optimized = create_session(candidate, limits, intra_op_threads=1, checked=True)
         references = [original.run(None, feeds) for feeds in probes]
         results = [optimized.run(None, feeds) for feeds in probes]
