@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import tempfile
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -12,6 +14,7 @@ from veil.errors import ApiError
 from veil.server import optimize
 from veil.server.admission import _parse_report
 from veil.server.limits import Limits
+from veil.server.onnx_guard import check_model_lean
 
 
 def _linear(scale: float = 1.0) -> bytes:
@@ -102,3 +105,41 @@ def test_a_report_keeps_only_known_fields() -> None:
     assert parsed == {"mode": "int8", "kept": False, "top1_agreement": 1.0}
     assert _parse_report(None) is None
     assert _parse_report({}) is None
+
+
+def test_a_saved_graph_declares_only_the_opsets_it_uses_and_passes_the_checks() -> None:
+    # ONNX Runtime saves every domain it knows (ai.onnx.training…), which the checks refuse; a
+    # graph kept is admitted again at every start, so it must pass them as an upload does.
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
+    b = numpy_helper.from_array(np.ones(3, np.float32), "b")
+    w = numpy_helper.from_array(np.full((4, 3), 0.5, np.float32), "w")
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"]),
+            helper.make_node("Add", ["h", "b"], ["h2"]),
+            helper.make_node("Relu", ["h2"], ["y"]),
+        ],
+        "fusable",
+        [x],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+        initializer=[w, b],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    with tempfile.TemporaryDirectory() as workdir:
+        saved = optimize._graph_optimized(model.SerializeToString(), workdir)
+    parsed = onnx.load_from_string(saved)
+    assert {n.domain for n in parsed.graph.node} == {"com.microsoft"}  # fused by ONNX Runtime
+    assert {o.domain for o in parsed.opset_import} == {"", "com.microsoft"}
+    check_model_lean(saved, Limits())
+
+
+def test_a_graph_that_fails_the_checks_keeps_the_original(monkeypatch: pytest.MonkeyPatch) -> None:
+    unchecked = onnx.load_from_string(_linear())
+    unchecked.opset_import.append(helper.make_opsetid("ai.onnx.training", 1))
+    monkeypatch.setattr(
+        optimize, "_graph_optimized", lambda blob, workdir: unchecked.SerializeToString()
+    )
+    graph, report = optimize.optimize_graph(_linear(), "graph", Limits())
+    assert graph is None
+    assert report["reason"] == "optimization failed (BadRequestError); serving the original"
