@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import threading
+import time
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
+import uvicorn
+from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from veil.attestation.policy import Policy, TdxPolicy
@@ -170,6 +175,58 @@ def test_a_peer_of_another_build_is_an_error_not_a_reason_for_a_new_cluster(
         )
 
 
+@contextmanager
+def _serving(app: Starlette) -> Iterator[str]:
+    """`app` on a free loopback port from a thread; yields its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+def test_the_peer_policy_is_what_a_peer_must_satisfy(
+    tmp_path: Path, tdx: Tdx, capsys: pytest.CaptureFixture[str]
+) -> None:
+    provider = tdx.provider(tmp_path / "peer")
+    peer = new_cluster()
+    evidence = provider.evidence(broker_report_data(peer.key))
+    keeper = collateral_keeper(tdx.config(tmp_path / "peer"), provider, evidence, clock=tdx.clock)
+    app = broker_app(
+        peer, Offer.of(peer.key, evidence, keeper), POLICY, verifier(tdx.trust(), tdx.clock)
+    )
+    other = hashlib.sha384(b"the build the operator admits").hexdigest()
+    policy = tmp_path / "peer-policy.toml"
+    policy.write_text(f'[tdx]\nmr_td = ["{other}"]\n')
+    flags = ["--platform", "tdx", "--data-dir", str(tmp_path / "b"), "--new-cluster"]
+    # An address no interface has (TEST-NET-3): were the policy ignored, the broker would fail
+    # to bind instead of serving forever, and the assertions below would say so.
+    flags += ["--host", "203.0.113.1"]
+    with _serving(app) as url:
+        flags += ["--peer", url, "--peer-policy", str(policy)]
+        args = build_parser().parse_args(["broker", *flags])
+        status = broker_command.run(
+            args,
+            provider_factory=lambda _config: tdx.provider(tmp_path / "b"),
+            trust=tdx.trust(),
+            clock=tdx.clock,
+        )
+    assert status == 2  # refused by the peer policy: not a new cluster despite --new-cluster
+    err = capsys.readouterr().err
+    assert f"mr_td: got {MR_TD.hex()}" in err
+    assert "NEW cluster" not in err
+
+
 def test_a_month_old_broker_serves_refreshed_collateral_and_still_verifies_joins(
     tmp_path: Path, tdx: Tdx
 ) -> None:
@@ -202,3 +259,12 @@ def test_the_production_commands_have_no_test_roots_option(
         with pytest.raises(SystemExit):
             build_parser().parse_args([command, "--hazmat-test-roots", "roots.pem"])
         assert "unrecognized arguments: --hazmat-test-roots" in capsys.readouterr().err
+
+
+def test_an_address_it_cannot_listen_on_is_one_line_and_leaks_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flags = ["--platform", "simulated", "--new-cluster", "--host", "203.0.113.1"]
+    args = build_parser().parse_args(["broker", "--data-dir", str(tmp_path), *flags])
+    assert broker_command.run(args) == 2  # an unclosed socket would fail here as a warning
+    assert "cannot listen on 203.0.113.1:9930" in capsys.readouterr().err
