@@ -28,7 +28,6 @@ admission time-out, then gets 429): each may use ``max_model_memory_bytes``.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import multiprocessing
@@ -43,6 +42,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from veil.errors import ApiError, api_error_for_status
+from veil.server.allocator import release_free_memory
 from veil.server.limits import Limits
 from veil.server.onnx_guard import check_model_lean, create_session
 from veil.server.optimize import MODES, optimize_graph
@@ -261,16 +261,6 @@ def _address_space_bytes() -> int:
         return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _release_free_memory() -> None:
-    """Give memory freed to the C allocator back to the system (glibc), so that resident
-    memory counts what is in use."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: the measure keeps the allocator's free lists, erring high
-        return
-    libc.malloc_trim(0)
-
-
 def _memory_error(limits: Limits) -> ApiError:
     return api_error_for_status(
         413,
@@ -331,7 +321,7 @@ def _check_and_measure(
     # 4. Load exactly as the server will, and measure. A first session in a process also sets
     # up ONNX Runtime itself (~40 MB that the server has paid once): pay it before measuring.
     create_session(_WARM_UP, limits, intra_op_threads=1, checked=True)
-    _release_free_memory()
+    release_free_memory()
     before = _resident_bytes()
     try:
         session = create_session(graph or blob, limits, intra_op_threads=1, checked=True)
@@ -340,7 +330,7 @@ def _check_and_measure(
             raise _memory_error(limits) from None
         raise
     # What the session keeps, not what its construction passed through and freed.
-    _release_free_memory()
+    release_free_memory()
     loaded = max(0, _resident_bytes() - before)
     del session
     limits.check_load_ratio(loaded, len(blob), what="loaded, it takes")

@@ -39,6 +39,7 @@ from veil.errors import (
     api_error_for_status,
 )
 from veil.server.admission import AdmittedModel, Admitter
+from veil.server.allocator import note_unload
 from veil.server.batching import BatchingConfig, DynamicBatcher, has_dynamic_batch_axis
 from veil.server.demotion import WATCHDOG, HeavyFlag, capture_new_threads
 from veil.server.limits import Limits
@@ -322,6 +323,7 @@ class LoadedModel:
     async def close(self) -> None:
         """Refuse new predictions and let the queued ones finish."""
         await self.batcher.close()
+        note_unload()
 
 
 def load_model(

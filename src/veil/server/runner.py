@@ -51,6 +51,7 @@ from veil.providers import Evidence, EvidenceProvider, SimulatedSgxProvider, det
 from veil.providers.devicefs import DeviceFilesystem
 from veil.providers.pcs import collateral_fetcher, kds_collateral_fetcher
 from veil.receipts.cose import Signer
+from veil.server.allocator import limit_arenas, trim_after_unloads
 from veil.server.app import ServerState, build_apps
 from veil.server.collateral import CollateralKeeper, keep_collateral_fresh
 from veil.server.config import ServerConfig
@@ -422,6 +423,7 @@ async def _run(
         for server, sock in zip(servers, sockets, strict=True)
     ]
     refresher = asyncio.create_task(keep_collateral_fresh(state.collateral))
+    trimmer = asyncio.create_task(trim_after_unloads())
     try:
         while not all(server.started for server in servers):
             if any(task.done() for task in tasks):
@@ -437,9 +439,10 @@ async def _run(
         )
         results = await asyncio.gather(*tasks, return_exceptions=True)
     finally:
-        refresher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await refresher
+        for task in (refresher, trimmer):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         for sock in sockets:
@@ -486,6 +489,7 @@ def serve(
     if config.no_auth:
         # Loud, before anything else: stderr and the log.
         print(NO_AUTH_BANNER, file=sys.stderr, flush=True)
+    limit_arenas()  # before the threads that would each take an arena start
     cluster = None
     if config.join is not None:
         provider = provider or make_provider(config)
