@@ -26,14 +26,20 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-__all__ = ["engines_missing", "free_port", "haproxy", "postgres", "postgres_bin"]
+__all__ = ["engines_missing", "free_port", "free_ports", "haproxy", "postgres", "postgres_bin"]
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free loopback ports (each held until all are chosen, so none repeats)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
 
 
 def postgres_bin() -> Path | None:
@@ -110,7 +116,7 @@ def haproxy(workdir: Path, frontends: Sequence[Sequence[int]]) -> Iterator[list[
     """HAProxy in TCP mode: for each list of backend ports, one free listening port that
     spreads connections over them round robin. Yields the listening ports."""
     binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
-    ports = [free_port() for _ in frontends]
+    ports = free_ports(len(frontends))
     lines = [
         "global",
         "    maxconn 256",

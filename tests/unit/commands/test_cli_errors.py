@@ -4,6 +4,7 @@ and I/O, 1 for a rejection."""
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,11 +21,13 @@ def one_line(capsys: pytest.CaptureFixture[str]) -> str:
     return lines[0]
 
 
-def free_port() -> int:
+@pytest.fixture
+def refused_port() -> Iterator[int]:
+    """A loopback port that refuses connections: bound, so no other process can take it while
+    the test runs (a port closed again could be), and not listening."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
+        yield int(s.getsockname()[1])
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -89,10 +92,10 @@ def test_verify_evidence_collateral_neither_json_nor_cbor(
 
 
 def test_evidence_save_nothing_listening(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], refused_port: int
 ) -> None:
     out = tmp_path / "out"
-    port = str(free_port())
+    port = str(refused_port)
     assert (
         main(["evidence", "save", "127.0.0.1", "--unattested-port", port, "--out", str(out)]) == 2
     )
@@ -124,9 +127,10 @@ def test_demo_addr_without_policy_fails_before_anything_slow(
     )
 
 
-def test_demo_wrong_port_fails_before_the_export(capsys: pytest.CaptureFixture[str]) -> None:
-
-    port = str(free_port())
+def test_demo_wrong_port_fails_before_the_export(
+    capsys: pytest.CaptureFixture[str], refused_port: int
+) -> None:
+    port = str(refused_port)
     status = main(["demo", "--addr", "127.0.0.1", "--simulation", "--unattested-port", port])
     assert status == 2
     line = one_line(capsys)

@@ -103,10 +103,13 @@ def pcs_routes(derived: Path, tee: str) -> Routes:
     }
 
 
-def free_port() -> int:
+@pytest.fixture
+def refused_port() -> Iterator[int]:
+    """A loopback port that refuses connections: bound, so no other process can take it while
+    the test runs (a port closed again could be), and not listening."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        yield int(s.getsockname()[1])
 
 
 # --- SGX and TDX: real quotes, recorded collateral, Intel's real root ---
@@ -232,11 +235,11 @@ def test_v2_report_needs_the_product(
 
 
 def test_kds_down_is_an_io_error(
-    genoa: AmdPki, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    genoa: AmdPki, tmp_path: Path, capsys: pytest.CaptureFixture[str], refused_port: int
 ) -> None:
     report = tmp_path / "report.bin"
     report.write_bytes(genoa.chip().report(bytes(64), measurement=bytes(48)))
-    url = f"http://127.0.0.1:{free_port()}"
+    url = f"http://127.0.0.1:{refused_port}"
     argv = ["collateral", "fetch", str(report), "--out", str(tmp_path / "b"), "--kds-url", url]
     assert main(argv) == 2
     err = capsys.readouterr().err
