@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+
+from veil.server.ready import ReadyLine
 
 pytestmark = pytest.mark.slow
 
@@ -301,18 +302,6 @@ def build_plan(directory: Path) -> Plan:
 # processes
 
 
-def free_ports(count: int) -> tuple[int, ...]:
-    """Distinct free loopback ports (all held open at once so they differ)."""
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return tuple(s.getsockname()[1] for s in sockets)
-    finally:
-        for s in sockets:
-            s.close()
-
-
 @pytest.fixture(scope="module")
 def blindai_python() -> Path:
     """The compat venv's interpreter; scripts/compat-venv builds it, or returns at once if built."""
@@ -335,15 +324,16 @@ def blindai_python() -> Path:
 def veil_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, int, int]]:
     """A real `veil serve --platform simulated` on free loopback ports; yields the ports."""
     data_dir = tmp_path_factory.mktemp("veil-data")
-    unattested, attested, management = free_ports(3)
+    # Port 0: the server binds and reports its ports (a port chosen here and closed again
+    # could be taken by another process before the server binds it).
     command = [
         sys.executable, "-m", "veil.cli", "serve",
         "--platform", "simulated",
         "--data-dir", str(data_dir),
         "--host", "127.0.0.1",
-        "--unattested-port", str(unattested),
-        "--attested-port", str(attested),
-        "--management-port", str(management),
+        "--unattested-port", "0",
+        "--attested-port", "0",
+        "--management-port", "0",
     ]  # fmt: skip
     proc = subprocess.Popen(
         command,
@@ -355,12 +345,14 @@ def veil_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int,
     )
     lines: list[str] = []
     ready = threading.Event()
+    found: list[ReadyLine] = []
 
     def pump() -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.append(line)
-            if "serving" in line:
+            if not found and (ready_line := ReadyLine.find(line)) is not None:
+                found.append(ready_line)
                 ready.set()
 
     reader = threading.Thread(target=pump, daemon=True)
@@ -371,7 +363,7 @@ def veil_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int,
             if proc.poll() is not None or time.monotonic() > deadline:
                 output = "".join(lines)[-4000:]
                 pytest.fail(f"veil serve did not report 'serving' (rc={proc.poll()}):\n{output}")
-        yield unattested, attested, management
+        yield found[0].unattested_port, found[0].attested_port, found[0].management_port
     finally:
         proc.terminate()
         try:

@@ -9,8 +9,8 @@ are copied to docs/img/ (shown in docs/service.md).
 from __future__ import annotations
 
 import os
+import re
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -42,6 +42,7 @@ pytestmark = pytest.mark.skipif(
 DOCS_IMG = Path(__file__).resolve().parents[2] / "docs" / "img"
 PASSWORD = "a long enough password"
 X = np.arange(6, dtype=np.float32).reshape(2, 3)
+_SERVING = re.compile(r"veil portal: serving on http://127\.0\.0\.1:(\d+)\n")
 
 
 @dataclass
@@ -56,18 +57,11 @@ class Running:
         return f"127.0.0.1:{s.unattested_port}:{s.attested_port}:{s.management_port}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     root = tmp_path_factory.mktemp("veil-portal")
     _, admin_key = create_key(root / "data", "admin", "portal")
     server = start_server(root / "data", root / "log")
-    port = _free_port()
     address = f"127.0.0.1:{server.unattested_port}:{server.attested_port}:{server.management_port}"
     log = (root / "portal.log").open("wb")
     portal = subprocess.Popen(
@@ -82,7 +76,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
             "--db",
             str(root / "portal.sqlite3"),
             "--port",
-            str(port),
+            "0",  # it binds a free port and prints it
             "--name",
             "veil demo service",
         ],
@@ -90,16 +84,20 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    url = f"http://localhost:{port}"
     deadline = time.monotonic() + 60
+    url = ""
     while True:
+        if not url and (found := _SERVING.search((root / "portal.log").read_text())):
+            url = f"http://localhost:{found[1]}"
         try:
-            if httpx.get(f"{url}/login", timeout=2).status_code == 200:
+            if url and httpx.get(f"{url}/login", timeout=2).status_code == 200:
                 break
         except httpx.HTTPError:
             pass
         if portal.poll() is not None or time.monotonic() > deadline:
             portal.kill()
+            portal.wait()
+            server.stop()
             pytest.fail(f"veil portal did not start:\n{(root / 'portal.log').read_text()}")
         time.sleep(0.2)
     shots = root / "shots"
@@ -311,3 +309,24 @@ def test_session_cookie_is_replaced_at_login(service: Running, browser: webdrive
     after = browser.get_cookie("__Host-veil-session")
     assert after is not None
     assert after["value"] != before["value"]
+
+
+def test_a_port_in_use_is_one_line_and_exit_2(service: Running, tmp_path: Path) -> None:
+    _, admin_key = create_key(service.server.data_dir, "admin", "second portal")
+    port = service.url.rsplit(":", 1)[1]  # the running portal's
+    done = subprocess.run(
+        [sys.executable, "-m", "veil.cli", "portal", "--server", service.address, "--simulation",
+         "--db", str(tmp_path / "portal.sqlite3"), "--port", port],
+        env={**os.environ, "VEIL_ADMIN_KEY": admin_key},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == ""
+    # (after the simulation-mode warning the --simulation connection gives)
+    assert done.stderr.splitlines()[-1] == (
+        f"veil portal: cannot listen on 127.0.0.1:{port}: [Errno 98] Address already in use"
+    )
+    assert "Traceback" not in done.stderr

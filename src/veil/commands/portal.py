@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -50,7 +51,9 @@ def register(subparsers: Any) -> None:
         "--db", type=Path, default=Path("veil-portal.sqlite3"), help="the portal's database"
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=8080, help="port to listen on")
+    parser.add_argument(
+        "--port", type=int, default=8080, help="port to listen on (0: a free one, printed)"
+    )
     parser.add_argument("--name", default="veil", help="the service's name in page titles")
     parser.set_defaults(handler=run)
 
@@ -122,6 +125,17 @@ def run(args: argparse.Namespace) -> int:
         return 2
     store = PortalStore(Path(args.db))
     app = build_portal(store, admin, service_name=args.name)
-    print(f"veil portal: serving on http://{args.host}:{args.port}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", server_header=False)
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as exc:
+        sock.close()
+        print(f"veil portal: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 2
+    # The bound port, not the one asked for: with --port 0 the system chooses a free one.
+    port = sock.getsockname()[1]
+    print(f"veil portal: serving on http://{args.host}:{port}", flush=True)
+    config = uvicorn.Config(app, log_level="warning", server_header=False)
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
