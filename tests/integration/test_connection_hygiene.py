@@ -81,10 +81,14 @@ def _closed_within(sock: socket.socket, seconds: float) -> bytes | None:
     return None
 
 
-def _tls(server: VeilServer, sock: socket.socket) -> ssl.SSLSocket:
+def _tls(server: VeilServer, source: str = "127.0.0.1") -> ssl.SSLSocket:
+    """A TLS connection to the attested port from `source`, handshake done."""
+    # The certificate first: a socket opened before it would sit silent while it is fetched,
+    # and the server closes a silent socket after tls_handshake_timeout_s (1 s for `quick`).
     certificate = cbor2.loads(
         httpx.get(f"http://127.0.0.1:{server.unattested_port}/", timeout=10).content
     )
+    sock = _open(server.attested_port, source)
     return pinned_client_context(certificate).wrap_socket(sock, server_hostname=SERVER_NAME)
 
 
@@ -156,7 +160,7 @@ def test_slow_bodies_hold_no_slot(quick: VeilServer) -> None:
     with quick.connect() as client, contextlib.ExitStack() as stack:
         slow = []
         for _ in range(8):
-            sock = stack.enter_context(_tls(quick, _open(quick.attested_port)))
+            sock = stack.enter_context(_tls(quick))
             sock.sendall(
                 b"POST /run HTTP/1.1\r\nHost: veil\r\nContent-Type: application/cbor\r\n"
                 b"Content-Length: 1000\r\n\r\n\xa1"
@@ -206,7 +210,7 @@ def test_failed_handshakes_give_their_place_back(capped: VeilServer) -> None:
                 sock.sendall(b"GET / HTTP/1.1\r\n\r\n")  # not TLS
                 assert _closed_within(sock, 5) is not None
     time.sleep(0.2)
-    with _tls(capped, _open(capped.attested_port, "127.0.0.6")) as tls:
+    with _tls(capped, "127.0.0.6") as tls:
         tls.sendall(b"GET / HTTP/1.1\r\nHost: veil\r\nConnection: close\r\n\r\n")
         answer = _closed_within(tls, 5)
         assert answer is not None
