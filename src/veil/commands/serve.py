@@ -146,7 +146,10 @@ def register(subparsers: Any) -> None:
 # --- hardening: authentication, sealed storage, resource limits ---------------------------------
 
 # Older spellings kept working.
-_LIMIT_ALIASES = {"max_request_bytes": ("--max-run-bytes",)}
+_LIMIT_ALIASES = {
+    "max_request_bytes": ("--max-run-bytes",),
+    "models_memory_budget_bytes": ("--models-memory-budget",),
+}
 
 
 def _add_hardening_arguments(parser: argparse.ArgumentParser) -> None:

@@ -80,6 +80,7 @@ from veil.errors import (
 from veil.keymap import EMPTY_KEY_MAP, KeyMap
 from veil.receipts.payload import tensors_digest
 from veil.server.admin import admin_handlers
+from veil.server.admission import AdmittedModel
 from veil.server.collateral import CollateralKeeper
 from veil.server.config import ServerConfig
 from veil.server.connections import RequestGate
@@ -96,7 +97,7 @@ from veil.server.keys import (
 )
 from veil.server.limits import AdmissionQueue, RateLimiter, limit_error
 from veil.server.metrics import CONTENT_TYPE, OTHER_ROUTE, Metrics
-from veil.server.models import LoadedModel, ModelRegistry
+from veil.server.models import LoadedModel, ModelRegistry, cost_of
 from veil.server.oip import OipBackend, oip_routes
 from veil.server.receipts import RECEIPT_HEADER, ReceiptIssuer
 from veil.server.sealing import SealedModelStore
@@ -119,6 +120,7 @@ _STORE_CHUNK = 4 << 20
 _INLINE_DECODE_BYTES = 4 << 10  # run bodies up to this are decoded on the event loop
 _FEED_BYTES = 1 << 20  # upload body handed to the decoder in pieces of about this size
 _R = TypeVar("_R")
+_ROOM_POLL_S = 0.01  # how often a load waiting for room in the memory budget looks again
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,7 +404,63 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
     # Model bytes stored, and reserved by uploads in progress: checked and updated on the event
     # loop with no await in between, so two uploads cannot both take the last free bytes.
     # The quota counts what each model costs loaded (`LoadedModel.cost`), measured at admission.
-    storage = {"used": sum(m.cost for m in registry.all() if m.model_id in access), "pending": 0}
+    # Charged per model id, loaded or evicted (an evicted model is still stored).
+    charged = {i: cost for i, cost in registry.costs().items() if i in access}
+    storage = {"used": sum(charged.values()), "pending": 0}
+    # Evicted models are loaded again from the sealed store; the plain one cannot, so there
+    # nothing is evicted (past the budget a load is refused).
+    can_reload = isinstance(state.store, SealedModelStore)
+
+    def charge(model_id: str, cost: int) -> None:
+        storage["used"] += cost - charged.get(model_id, 0)
+        charged[model_id] = cost
+
+    def uncharge(model_id: str) -> None:
+        storage["used"] -= charged.pop(model_id, 0)
+
+    async def room_for(cost: int) -> int:
+        """Reserve `cost` of the memory budget (`ModelRegistry.make_room`), evicting what it
+        takes. While the models in use leave no room, wait for their requests to end, at most
+        ``request_timeout_s`` (then 503). The evicted models are idle: closing them is at once."""
+        deadline = time.monotonic() + limits.request_timeout_s
+        while True:
+            try:
+                evicted = registry.make_room(cost, evict=can_reload)
+                break
+            except ServiceUnavailableError:
+                if not can_reload or time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(_ROOM_POLL_S)
+        for model in evicted:
+            await model.close()
+            _log.info("model %s evicted (models_memory_budget_bytes)", model.model_id)
+        if evicted:
+            metrics.observe_evictions(len(evicted))
+        return cost
+
+    async def admit_and_load(
+        blob: bytes, meta_id: str, name: str, model_hash: bytes, optimization: str
+    ) -> tuple[LoadedModel, AdmittedModel, int]:
+        """Admission (a child process), room in the memory budget, then the load; returns the
+        model, what admission did and the room reserved for it (give it to `registry.add`, or
+        to `registry.release_room` if the model is not added)."""
+        admitted = await _in_thread(registry.admitter.admit, blob, optimization)
+        room = await room_for(cost_of(len(admitted.graph), admitted.loaded_bytes))
+        try:
+            model = await _in_thread(
+                registry.load_admitted,
+                admitted,
+                model_id=meta_id,
+                model_name=name,
+                threads=config.threads,
+                model_hash=model_hash,
+                batching=config.batching,
+            )
+        except BaseException:
+            registry.release_room(room)
+            raise
+        return model, admitted, room
+
     certificate = cbor2.dumps(state.certificate_der)
     quote = cbor2.dumps(state.quote)
     key_map = cbor2.dumps(state.key_map.encoded)
@@ -633,46 +691,46 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
                 # Admitted (checked, loaded, measured) in a child process first: the server's
                 # ONNX Runtime never sees what it refuses.
                 try:
-                    model, admitted = await _in_thread(
-                        registry.admit_optimize_and_load,
-                        blob,
-                        model_id=model_id,
-                        model_name=model_name,
-                        threads=config.threads,
-                        batching=config.batching,
-                        optimization=optimization,
+                    model, admitted, room = await admit_and_load(
+                        blob, model_id, model_name, hashlib.sha256(blob).digest(), optimization
                     )
-                except ApiError:
-                    metrics.observe_admission(loaded=False)
+                except ApiError as exc:
+                    if exc.status != 503:  # admitted, but no room in the memory budget now
+                        metrics.observe_admission(loaded=False)
                     raise
                 metrics.observe_admission(loaded=True)
-                limits.check_storage(storage["used"] + storage["pending"] - size, model.cost)
-                report = admitted.optimization
-                # What is served is what is stored: the optimized graph when admission kept
-                # one, under the upload's hash (the one clients pin) and its own.
-                graph = admitted.graph
-                optimized = graph is not blob
-                meta = StoredModel(
-                    model_id,
-                    model.model_hash,
-                    model_name,
-                    size,
-                    owner=principal.key_id,
-                    visibility=visibility,
-                    allowed_keys=allowed,
-                    created_at=time.time(),
-                    optimization=report["mode"] if optimized and report else None,
-                    graph_hash=hashlib.sha256(graph).digest() if optimized else None,
-                    graph_size=len(graph) if optimized else None,
-                )
-                del admitted, blob
-                await store_model(meta, graph)
-                del graph
+                try:
+                    limits.check_storage(storage["used"] + storage["pending"] - size, model.cost)
+                    report = admitted.optimization
+                    # What is served is what is stored: the optimized graph when admission kept
+                    # one, under the upload's hash (the one clients pin) and its own.
+                    graph = admitted.graph
+                    optimized = graph is not blob
+                    meta = StoredModel(
+                        model_id,
+                        model.model_hash,
+                        model_name,
+                        size,
+                        owner=principal.key_id,
+                        visibility=visibility,
+                        allowed_keys=allowed,
+                        created_at=time.time(),
+                        optimization=report["mode"] if optimized and report else None,
+                        graph_hash=hashlib.sha256(graph).digest() if optimized else None,
+                        graph_size=len(graph) if optimized else None,
+                    )
+                    del admitted, blob
+                    await store_model(meta, graph)
+                    del graph
+                except BaseException:
+                    registry.release_room(room)
+                    raise
             finally:
                 storage["pending"] -= size
-            storage["used"] += model.cost
+            charge(model_id, model.cost)
             access[model_id] = meta
-            registry.add(model)
+            registry.add(model, room=room)
+            metrics.observe_load("upload")
         finally:
             registry.release(model_id)
         _log.info("model %s uploaded (%d bytes)", model_id, model.size)
@@ -723,8 +781,10 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
                 registry.release(entry.meta.model_id)
 
     async def adopt_entry(store: SealedModelStore, entry: ModelEntry) -> None:
+        # An evicted model is stored and charged already: its own charge is not counted twice.
+        used = storage["used"] - charged.get(entry.meta.model_id, 0)
         limits.check_model_bytes(entry.meta.size)
-        limits.check_storage(storage["used"] + storage["pending"], entry.meta.size)
+        limits.check_storage(used + storage["pending"], entry.meta.size)
         found = await _in_thread(store.load_latest, entry)
         if found is None:  # deleted through another replica meanwhile
             return
@@ -732,26 +792,26 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         del found
         size = len(blob)
         limits.check_model_bytes(size)  # replaced meanwhile: the bytes read now count
-        limits.check_storage(storage["used"] + storage["pending"], size)
+        limits.check_storage(used + storage["pending"], size)
         storage["pending"] += size
         try:
-            model = await _in_thread(
-                registry.admit_and_load,
-                blob,
-                model_id=meta.model_id,
-                model_name=meta.model_name,
-                threads=config.threads,
-                model_hash=meta.model_hash,
-                batching=config.batching,
+            model, _, room = await admit_and_load(
+                blob, meta.model_id, meta.model_name, meta.model_hash, "off"
             )
             del blob
-            limits.check_storage(storage["used"] + storage["pending"] - size, model.cost)
+            try:
+                used = storage["used"] - charged.get(meta.model_id, 0)
+                limits.check_storage(used + storage["pending"] - size, model.cost)
+            except BaseException:
+                registry.release_room(room)
+                raise
         finally:
             storage["pending"] -= size
-        storage["used"] += model.cost
+        charge(meta.model_id, model.cost)
         access[meta.model_id] = meta
-        registry.add(model)
-        _log.info("model %s loaded from the shared store", meta.model_id)
+        registry.add(model, room=room)
+        metrics.observe_load("store")
+        _log.info("model %s loaded from the store", meta.model_id)
 
     async def up_to_date(model_id: str | None, model_hash: str | None) -> None:
         """Before a model answers (BlindAI's /run by id or by hash, OIP by name): drop here
@@ -774,7 +834,7 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         store = state.store
         if config.database_url is None or not isinstance(store, SealedModelStore):
             return
-        if not registry_has(model_id, None):
+        if model_id not in access:  # neither loaded nor evicted here
             return
         entry = await run_in_threadpool(store.find, model_id, None)
         # The whole record, not only the hash: the same bytes uploaded again by another owner,
@@ -782,13 +842,12 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         if entry is not None and entry.meta == access.get(model_id):
             return
         async with adopting:
-            try:
-                removed = registry.remove(model_id)
-            except ApiError:  # dropped meanwhile by another request
+            if access.pop(model_id, None) is None:  # dropped meanwhile by another request
                 return
-            await removed.close()
-            if access.pop(model_id, None) is not None:
-                storage["used"] -= removed.cost
+            removed = registry.forget(model_id)
+            uncharge(model_id)
+            if removed is not None:
+                await removed.close()
         _log.info("model %s dropped: deleted or replaced through another replica", model_id)
 
     async def run(request: Request) -> Response:
@@ -839,7 +898,8 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
                 digests["outputs"] = tensors_digest(outputs)
             return wire.encode_run_reply(outputs)
 
-        reply = await model.predict_encoded(message.inputs, limits.request_timeout_s, encode)
+        with registry.lease(model):  # taken with no await since the lookup: never evicted
+            reply = await model.predict_encoded(message.inputs, limits.request_timeout_s, encode)
         response = Response(reply, media_type=_CBOR)
         if issuer is None:
             return response
@@ -858,8 +918,9 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         body = await _read_body(request, limits.max_request_bytes, "max_request_bytes")
         message = await run_in_threadpool(wire.decode_delete_request, body)
         model_id = message.model_id
-        await up_to_date(model_id, None)  # the owner as the shared state says now
-        registry.get(model_id)
+        await drop_if_superseded(model_id)  # the owner as the shared state says now
+        if model_id not in access:  # stored through another replica, never loaded here
+            await adopt(model_id, None)
         meta = meta_of(model_id)
         if not can_delete(principal, meta.owner):
             if not visible(principal, meta):
@@ -869,10 +930,11 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
             )
         _note(request, model_id=model_id)
         await run_in_threadpool(state.store.delete, model_id)
-        removed = registry.remove(model_id)
-        await removed.close()
-        if access.pop(model_id, None) is not None:
-            storage["used"] -= removed.cost
+        removed = registry.forget(model_id)
+        access.pop(model_id, None)
+        uncharge(model_id)
+        if removed is not None:
+            await removed.close()
         _log.info("model %s deleted", model_id)
         receipt = issuer.issue("delete", model_id, meta.model_hash) if issuer else None
         return with_receipt(_cbor(None), receipt)
@@ -911,6 +973,7 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         limits=limits,
         authenticate=authenticate_run,
         runnable=runnable,
+        lease=registry.lease,
         ready=lambda: keeper.status().state != "failing",
         error_status=error_status,
         read_body=_read_body,

@@ -63,6 +63,11 @@ class Limits:
         max_upload_bytes: body of a model upload request (413).
         max_model_bytes: a decoded ONNX model (413).
         max_total_stored_bytes: all stored models together (413).
+        models_memory_budget_bytes: what the models loaded at once may cost together (each
+            model's measured loaded size, `LoadedModel.cost`); loading another past it evicts
+            the least recently used models no request is using, which load again from the
+            sealed store on their next use. The default equals `max_total_stored_bytes`'s, so
+            a server whose stored models fit the storage limit keeps them all loaded.
         max_tensor_bytes: one input or output tensor's data (422).
         max_tensor_elements: elements of one tensor, and the largest single dimension, so a
             zero-size tensor cannot carry absurd dimensions either (422).
@@ -127,6 +132,7 @@ class Limits:
     max_upload_bytes: int = 1 * _GiB
     max_model_bytes: int = 1 * _GiB
     max_total_stored_bytes: int = 8 * _GiB
+    models_memory_budget_bytes: int = 8 * _GiB
     max_tensor_bytes: int = 64 * _MiB
     max_tensor_elements: int = 16 * _MiB
     max_tensor_rank: int = 32

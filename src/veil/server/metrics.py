@@ -15,7 +15,10 @@ Metrics (each in the server's own registry, not the process-global one):
   admission queue); refusals of a full queue are the requests counted with status 503;
 - ``veil_batch_requests`` (histogram: requests merged into one ONNX Runtime run, every model
   together);
-- ``veil_model_admissions_total{outcome}`` (``loaded`` or ``refused``) and ``veil_models_loaded``.
+- ``veil_model_admissions_total{outcome}`` (``loaded`` or ``refused``) and ``veil_models_loaded``;
+- ``veil_model_loads_total{source}`` (``upload``, or ``store``: a model loaded from the store on
+  its first use here or after its eviction) and ``veil_model_evictions_total`` (models evicted
+  under ``models_memory_budget_bytes``).
 """
 
 from __future__ import annotations
@@ -67,6 +70,12 @@ class Metrics:
         self._admissions = Counter(
             "veil_model_admissions", "Model uploads admitted or refused.", ("outcome",), registry=r
         )
+        self._loads = Counter(
+            "veil_model_loads", "Models loaded, by where from.", ("source",), registry=r
+        )
+        self._evictions = Counter(
+            "veil_model_evictions", "Models evicted under the memory budget.", registry=r
+        )
         self._in_progress = Gauge(
             "veil_requests_in_progress", "Requests holding a request slot.", registry=r
         )
@@ -84,6 +93,13 @@ class Metrics:
 
     def observe_admission(self, loaded: bool) -> None:
         self._admissions.labels("loaded" if loaded else "refused").inc()
+
+    def observe_load(self, source: str) -> None:
+        """A model loaded: ``upload`` or ``store``."""
+        self._loads.labels(source).inc()
+
+    def observe_evictions(self, count: int) -> None:
+        self._evictions.inc(count)
 
     def watch(
         self,

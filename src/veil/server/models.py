@@ -17,11 +17,12 @@ also keep the cores. No tensor content is ever logged or put in an error message
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import threading
 import time
 import typing
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,7 @@ from veil.errors import (
     BadRequestError,
     ConflictError,
     NotFoundError,
+    ServiceUnavailableError,
     TensorError,
     api_error_for_status,
 )
@@ -53,12 +55,17 @@ from veil.tensors import (
     format_shape,
 )
 
-__all__ = ["LoadedModel", "ModelRegistry", "TensorSpec", "load_model"]
+__all__ = ["LoadedModel", "ModelRegistry", "TensorSpec", "cost_of", "load_model"]
 
 Dim = int | None
 # A session's own overhead (ORT thread pools, arenas) measured 1.0-1.1 MiB for a 10 kB model.
 MEASUREMENT_NOISE_BYTES = 8 << 20
 _T = typing.TypeVar("_T")
+
+
+def cost_of(size: int, loaded_bytes: int) -> int:
+    """`LoadedModel.cost` of a graph of `size` bytes that admission measured at `loaded_bytes`."""
+    return size if loaded_bytes <= size + MEASUREMENT_NOISE_BYTES else loaded_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,9 +167,7 @@ class LoadedModel:
         1 MiB): a measured size within `MEASUREMENT_NOISE_BYTES` of the model's is counted as the
         model's, so that the quota of ordinary models does not depend on either.
         """
-        if self.loaded_bytes <= self.size + MEASUREMENT_NOISE_BYTES:
-            return self.size
-        return self.loaded_bytes
+        return cost_of(self.size, self.loaded_bytes)
 
     def feeds(self, tensors: Sequence[WireTensor]) -> dict[str, npt.NDArray[Any]]:
         """Match request tensors to the model's inputs and view them as arrays.
@@ -386,8 +391,14 @@ class ModelRegistry:
         )
         self.admitter = Admitter(self.limits)
         self._lock = threading.Lock()
+        # Loaded models, least recently used first (`get` and `lease` move one to the end).
         self._models: dict[str, LoadedModel] = {m.model_id: m for m in models}
         self._reserved: set[str] = set()
+        # Evicted under the memory budget: their description, until they are loaded again.
+        self._evicted: dict[str, Mapping[str, Any]] = {}
+        self._evicted_cost: dict[str, int] = {}
+        self._leases: dict[str, int] = {}
+        self._room_reserved = 0  # budget bytes held for models being loaded
         self.on_run: Callable[[int, int], None] | None = None
         """Given to the batcher of every model added from now on (`DynamicBatcher.on_run`)."""
 
@@ -433,18 +444,38 @@ class ModelRegistry:
         (`veil.server.optimize`); also returns what admission did (the graph to store, the
         optimization report)."""
         admitted = self.admitter.admit(blob, optimization)
-        loaded = load_model(
-            admitted.graph,
+        loaded = self.load_admitted(
+            admitted,
             model_id=model_id,
             model_name=model_name,
             threads=threads,
             model_hash=model_hash or hashlib.sha256(blob).digest(),
             batching=batching,
+        )
+        return loaded, admitted
+
+    def load_admitted(
+        self,
+        admitted: AdmittedModel,
+        *,
+        model_id: str,
+        model_name: str,
+        threads: int,
+        model_hash: bytes,
+        batching: BatchingConfig | None = None,
+    ) -> LoadedModel:
+        """Load the graph admission accepted (blocking); `model_hash` is the upload's."""
+        return load_model(
+            admitted.graph,
+            model_id=model_id,
+            model_name=model_name,
+            threads=threads,
+            model_hash=model_hash,
+            batching=batching,
             executor=self.executor,
             limits=self.limits,
             loaded_bytes=admitted.loaded_bytes,
         )
-        return loaded, admitted
 
     def reserve(self, model_id: str) -> None:
         """Claim an id for an upload in progress.
@@ -461,11 +492,96 @@ class ModelRegistry:
         with self._lock:
             self._reserved.discard(model_id)
 
-    def add(self, model: LoadedModel) -> None:
+    def add(self, model: LoadedModel, *, room: int = 0) -> None:
+        """Serve `model`; `room` is what `make_room` reserved for it (now counted as loaded)."""
         model.batcher.on_run = self.on_run
         with self._lock:
             self._reserved.discard(model.model_id)
+            self._evicted.pop(model.model_id, None)
+            self._evicted_cost.pop(model.model_id, None)
             self._models[model.model_id] = model
+            self._room_reserved -= room
+
+    def costs(self) -> dict[str, int]:
+        """`LoadedModel.cost` of every model, loaded or evicted, by id."""
+        with self._lock:
+            return {**self._evicted_cost, **{i: m.cost for i, m in self._models.items()}}
+
+    @property
+    def loaded_cost(self) -> int:
+        """What the loaded models cost together (`LoadedModel.cost`), as the budget counts."""
+        with self._lock:
+            return sum(m.cost for m in self._models.values())
+
+    def make_room(self, cost: int, *, evict: bool = True) -> list[LoadedModel]:
+        """Reserve `cost` bytes of ``models_memory_budget_bytes`` for a model about to be
+        loaded, evicting the least recently used loaded models that no request holds
+        (`lease`) until it fits; returns the evicted ones (their descriptions stay listed). The
+        caller passes `cost` to `add`, or to `release_room` if the load fails. Without `evict`
+        (a store that cannot load a model again) nothing is evicted.
+
+        Raises:
+            ApiError: 413 when the model alone exceeds the budget; 503 (with ``Retry-After``)
+                when the models in use leave no room now.
+        """
+        budget = self.limits.models_memory_budget_bytes
+        if cost > budget:
+            raise api_error_for_status(
+                413, f"model costs {cost} bytes loaded, over models_memory_budget_bytes={budget}"
+            )
+        evicted: list[LoadedModel] = []
+        with self._lock:
+            used = sum(m.cost for m in self._models.values()) + self._room_reserved
+            for model_id in list(self._models):
+                if used + cost <= budget:
+                    break
+                if not evict or self._leases.get(model_id):
+                    continue  # running or about to: never evicted mid-run
+                model = self._models.pop(model_id)
+                self._evicted[model_id] = _description(model)
+                self._evicted_cost[model_id] = model.cost
+                used -= model.cost
+                evicted.append(model)
+            if used + cost > budget:
+                for model in evicted:  # nothing evicted for a load that cannot happen
+                    self._evicted.pop(model.model_id, None)
+                    self._evicted_cost.pop(model.model_id, None)
+                    self._models[model.model_id] = model
+                raise ServiceUnavailableError(
+                    503,
+                    "models_memory_budget_bytes: the models in use leave no room to load "
+                    "another now",
+                    retry_after=self.limits.retry_after_s,
+                )
+            self._room_reserved += cost
+        return evicted
+
+    def release_room(self, cost: int) -> None:
+        with self._lock:
+            self._room_reserved -= cost
+
+    def evicted(self, model_id: str) -> bool:
+        with self._lock:
+            return model_id in self._evicted
+
+    @contextlib.contextmanager
+    def lease(self, model: LoadedModel) -> Iterator[None]:
+        """Hold `model` loaded while a request uses it: `make_room` never evicts it meanwhile.
+        Take it on the event loop with no await since the model was looked up."""
+        model_id = model.model_id
+        with self._lock:
+            self._leases[model_id] = self._leases.get(model_id, 0) + 1
+            if self._models.get(model_id) is model:
+                self._models[model_id] = self._models.pop(model_id)  # most recently used
+        try:
+            yield
+        finally:
+            with self._lock:
+                left = self._leases[model_id] - 1
+                if left:
+                    self._leases[model_id] = left
+                else:
+                    del self._leases[model_id]
 
     def get(self, model_id: str | None, model_hash: str | None = None) -> LoadedModel:
         """A model by id, else by hex hash.
@@ -494,19 +610,31 @@ class ModelRegistry:
             raise NotFoundError(404, f"unknown model id {model_id!r}")
         return model
 
+    def forget(self, model_id: str) -> LoadedModel | None:
+        """Remove a model, loaded or evicted; the loaded one, if it was."""
+        with self._lock:
+            self._evicted.pop(model_id, None)
+            self._evicted_cost.pop(model_id, None)
+            return self._models.pop(model_id, None)
+
     def all(self) -> list[LoadedModel]:
         with self._lock:
             return list(self._models.values())
 
     def describe(self) -> list[Mapping[str, Any]]:
-        return [
-            {
-                "model_id": m.model_id,
-                "model_name": m.model_name,
-                "hash": m.model_hash,
-                "size": m.size,
-                "inputs": [s.describe() for s in m.inputs],
-                "outputs": [s.describe() for s in m.outputs],
-            }
-            for m in self.all()
-        ]
+        """Every model, loaded or evicted."""
+        with self._lock:
+            loaded = list(self._models.values())
+            evicted = list(self._evicted.values())
+        return [*(_description(m) for m in loaded), *evicted]
+
+
+def _description(m: LoadedModel) -> Mapping[str, Any]:
+    return {
+        "model_id": m.model_id,
+        "model_name": m.model_name,
+        "hash": m.model_hash,
+        "size": m.size,
+        "inputs": [s.describe() for s in m.inputs],
+        "outputs": [s.describe() for s in m.outputs],
+    }

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -326,6 +327,7 @@ class OipBackend:
         runnable: the model `principal` may run by this id, else 404 (the same words whether
             it does not exist or may not be seen); with a shared state, first brought up to date
             with it (loaded here on first use, dropped when deleted or replaced elsewhere).
+        lease: holds a model loaded while a request uses it (`ModelRegistry.lease`).
         ready: whether clients accept the server now (collateral not expired).
         error_status: the one mapping from exceptions to (status, message, headers).
         read_body: the request body, refused (413) past a limit (bytes, name of the limit).
@@ -335,6 +337,7 @@ class OipBackend:
     limits: Limits
     authenticate: Callable[[Request], Awaitable[Principal]]
     runnable: Callable[[Principal, str], Awaitable[LoadedModel]]
+    lease: Callable[[LoadedModel], AbstractContextManager[None]]
     ready: Callable[[], bool]
     error_status: Callable[[BaseException], tuple[int, str, dict[str, str] | None]]
     read_body: Callable[[Request, int, str], Awaitable[bytearray]]
@@ -399,6 +402,10 @@ def oip_routes(backend: OipBackend) -> list[Route]:
     async def infer(request: Request) -> Response:
         # Authentication and the model first: nothing is read for a caller who may not run it.
         found = await model(request)
+        with backend.lease(found):  # taken with no await since the lookup: never evicted
+            return await infer_with(request, found)
+
+    async def infer_with(request: Request, found: LoadedModel) -> Response:
         header_length = _header_length(request)
         limit, limit_name = (
             (limits.max_json_request_bytes, "max_json_request_bytes")

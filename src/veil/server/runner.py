@@ -63,7 +63,7 @@ from veil.server.connections import (
     open_file_limit,
 )
 from veil.server.keys import NO_AUTH_BANNER, AuthGate, KeyStore
-from veil.server.models import ModelRegistry
+from veil.server.models import ModelRegistry, cost_of
 from veil.server.ready import ReadyLine
 from veil.server.receipts import LOG_FILENAME, ReceiptIssuer, ReceiptLog
 from veil.server.sealing import SealedModelStore
@@ -258,19 +258,28 @@ def prepare_state(
     for meta, blob in stored:
         try:
             # Admitted again, as at upload: the limits may have changed, and a stored model is
-            # checked and measured like an upload, within the same storage limit.
+            # checked and measured like an upload, within the same storage limit and memory
+            # budget (past the budget, the least recently loaded are evicted: listed, and
+            # loaded again on their next use).
             config.limits.check_storage(used, len(blob))
-            model = registry.admit_and_load(
-                blob,
-                model_id=meta.model_id,
-                model_name=meta.model_name,
-                threads=config.threads,
-                model_hash=meta.model_hash,
-                batching=config.batching,
-            )
-            config.limits.check_storage(used, model.cost)
-            used += model.cost
-            registry.add(model)
+            admitted = registry.admitter.admit(blob)
+            cost = cost_of(len(admitted.graph), admitted.loaded_bytes)
+            config.limits.check_storage(used, cost)
+            registry.make_room(cost, evict=isinstance(store, SealedModelStore))
+            try:
+                model = registry.load_admitted(
+                    admitted,
+                    model_id=meta.model_id,
+                    model_name=meta.model_name,
+                    threads=config.threads,
+                    model_hash=meta.model_hash,
+                    batching=config.batching,
+                )
+            except BaseException:
+                registry.release_room(cost)
+                raise
+            used += cost
+            registry.add(model, room=cost)
             access[meta.model_id] = meta
         except ApiError as exc:
             _log.warning("stored model %s not loaded: %s", meta.model_id, exc.message)
