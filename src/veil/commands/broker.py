@@ -121,6 +121,7 @@ def register(subparsers: Any) -> None:
 
 def _secrets(args: argparse.Namespace, provider: EvidenceProvider, verify: Verify) -> BrokerState:
     """The broker's secrets, from where the flags say (`veil.cluster.broker`)."""
+    from veil.attestation.claims import Platform
     from veil.attestation.policy import Policy
     from veil.cluster.broker import from_peers, load_or_create, new_cluster, rotate
     from veil.cluster.exchange import own_measurement_policy
@@ -159,13 +160,12 @@ def _secrets(args: argparse.Namespace, provider: EvidenceProvider, verify: Verif
             flush=True,
         )
         return new_cluster()
-    try:
-        key = provider.sealing_key()
-    except EvidenceUnavailableError:
+    if provider.platform in (Platform.TDX, Platform.SEV_SNP):
         raise EvidenceUnavailableError(
             f"got platform {provider.platform.value}, which has no sealing key; use --peer URL "
             "(the secrets of a live broker) or --new-cluster (new secrets, in memory only)"
-        ) from None
+        )
+    key = provider.sealing_key()
     return rotate(data_dir, key) if args.rotate else load_or_create(data_dir, key)
 
 
