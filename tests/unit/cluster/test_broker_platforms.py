@@ -104,11 +104,12 @@ def test_a_tdx_broker_without_a_mode_is_refused_and_names_the_ways_out(
 def test_an_unanswered_peer_is_refused_without_new_cluster(
     tmp_path: Path, tdx: Tdx, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with socket.socket() as probe:  # a port nobody listens on once closed
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    flags = ("--platform", "tdx", "--peer", f"http://127.0.0.1:{port}", "--peer-wait", "0.2")
-    assert _run_broker(tmp_path, tdx.provider(tmp_path), *flags) == 2
+    # Bound, never listening: connections are refused and no other process can take the port.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        port = silent.getsockname()[1]
+        flags = ("--platform", "tdx", "--peer", f"http://127.0.0.1:{port}", "--peer-wait", "0.2")
+        assert _run_broker(tmp_path, tdx.provider(tmp_path), *flags) == 2
     assert f"--peer: got no answer from http://127.0.0.1:{port}" in capsys.readouterr().err
 
 
