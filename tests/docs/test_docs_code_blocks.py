@@ -54,6 +54,9 @@ def test_the_tutorial_has_code() -> None:
 def _require_free(ports: dict[str, int]) -> None:
     for port in ports.values():
         with socket.socket() as probe:
+            # As veil serve binds: a connection of the previous document's server in TIME_WAIT
+            # does not keep the port from it (without this option the probe alone would fail).
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind(("127.0.0.1", port))
             except OSError:
