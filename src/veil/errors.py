@@ -180,7 +180,7 @@ class NotFoundError(ApiError):
 
 
 class ConflictError(ApiError):
-    """409: the model id is already taken."""
+    """409: the model id is already taken, or the server cannot do this in its setup."""
 
 
 class RateLimitError(ApiError):

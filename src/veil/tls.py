@@ -19,6 +19,7 @@ import ssl
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -29,6 +30,7 @@ from veil.keymap import EMPTY_KEY_MAP, KeyMap
 
 __all__ = [
     "SERVER_NAME",
+    "RotatingServerContext",
     "TlsIdentity",
     "binding_report_data",
     "certificate_digest",
@@ -144,6 +146,31 @@ def server_context(identity: TlsIdentity) -> ssl.SSLContext:
     with _memory_file(cert_pem + key_pem) as path:
         context.load_cert_chain(path, password=password)
     return context
+
+
+class RotatingServerContext:
+    """A server SSLContext whose identity can be replaced while the server runs.
+
+    `context` is what the listeners hold; each handshake takes, from its first message on, the
+    context of the identity current at that moment (through the SNI callback, which OpenSSL calls
+    with or without a server name). Connections already open keep the identity they were made
+    with; replacing it never touches them.
+    """
+
+    def __init__(self, identity: TlsIdentity) -> None:
+        self._current = server_context(identity)
+        self.context = server_context(identity)
+        self.context.sni_callback = self._pick
+
+    def _pick(
+        self, connection: ssl.SSLObject | ssl.SSLSocket, _name: str | None, _ctx: Any
+    ) -> None:
+        connection.context = self._current
+
+    def use(self, context: ssl.SSLContext) -> None:
+        """Present `context`'s identity (a `server_context`) from the next handshake on: one
+        reference swap, so a handshake sees the old identity or the new one, never a mixture."""
+        self._current = context
 
 
 def pinned_client_context(certificate_der: bytes) -> ssl.SSLContext:

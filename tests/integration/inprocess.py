@@ -13,7 +13,8 @@ from contextlib import contextmanager
 import uvicorn
 
 from veil.server.app import ServerState, build_apps
-from veil.tls import TlsIdentity, server_context
+from veil.server.runner import close_connections
+from veil.tls import TlsIdentity
 
 
 def _listen() -> socket.socket:
@@ -26,8 +27,14 @@ def _listen() -> socket.socket:
 
 
 @contextmanager
-def listening(state: ServerState, identity: TlsIdentity) -> Iterator[dict[str, int]]:
-    """The three apps on loopback ports; yields the ports `veil.connect` takes."""
+def listening(state: ServerState, identity: TlsIdentity | None = None) -> Iterator[dict[str, int]]:
+    """The three apps on loopback ports; yields the ports `veil.connect` takes.
+
+    The TLS ports present `state.keys`' identity and follow its rotations, as the runner's do;
+    `identity` (what `prepare_state` returned with `state`) is that identity, or None.
+    """
+    if identity is not None:
+        assert identity.certificate_der == state.keys.current.certificate_der
     apps = build_apps(state)
     sockets = [_listen() for _ in apps]
     servers = []
@@ -39,8 +46,9 @@ def listening(state: ServerState, identity: TlsIdentity) -> Iterator[dict[str, i
         )
         config.load()
         if tls:
-            config.ssl = server_context(identity)
+            config.ssl = state.keys.server_context
         servers.append(uvicorn.Server(config))
+    state.keys.on_rotate(lambda: close_connections(servers[1:]))
 
     async def run() -> None:
         await asyncio.gather(

@@ -17,6 +17,7 @@ from veil.errors import BindingError, MalformedEvidenceError, SimulationModeWarn
 from veil.keymap import RECEIPT_KEY, KeyMap
 from veil.server.app import ServerState
 from veil.server.config import ServerConfig
+from veil.server.rotation import KeyRing
 from veil.server.runner import prepare_state
 from veil.tls import TlsIdentity
 
@@ -34,6 +35,12 @@ def connect(ports: dict[str, int]) -> veil.Connection:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SimulationModeWarning)
         return veil.connect("127.0.0.1", simulation=True, **ports)
+
+
+def serving_map(state: ServerState, identity: TlsIdentity, key_map: KeyMap) -> ServerState:
+    """`state` serving `key_map` on ``GET /keys`` in place of the map its evidence binds."""
+    keys = dataclasses.replace(state.keys.current, key_map=key_map)
+    return dataclasses.replace(state, keys=KeyRing(keys, identity, None))
 
 
 @pytest.fixture
@@ -54,14 +61,14 @@ def test_client_trusts_the_bound_map(bound: tuple[ServerState, TlsIdentity]) -> 
 
 def test_a_substituted_map_is_refused(bound: tuple[ServerState, TlsIdentity]) -> None:
     state, identity = bound
-    swapped = dataclasses.replace(state, key_map=KeyMap.build({"hpke": bytes(32)}))
+    swapped = serving_map(state, identity, KeyMap.build({"hpke": bytes(32)}))
     with listening(swapped, identity) as ports, pytest.raises(BindingError, match="key map"):
         connect(ports)
 
 
 def test_a_withheld_map_is_refused(bound: tuple[ServerState, TlsIdentity]) -> None:
     state, identity = bound
-    withheld = dataclasses.replace(state, key_map=KeyMap.build({}))
+    withheld = serving_map(state, identity, KeyMap.build({}))
     with listening(withheld, identity) as ports, pytest.raises(BindingError, match="key map"):
         connect(ports)
 
@@ -70,7 +77,7 @@ def test_a_malformed_map_is_refused(bound: tuple[ServerState, TlsIdentity]) -> N
     state, identity = bound
     bad = KeyMap(keys=(("hpke", HPKE),), encoded=cbor2.dumps({"hpke": HPKE}) + b"\x00")
     with (
-        listening(dataclasses.replace(state, key_map=bad), identity) as ports,
+        listening(serving_map(state, identity, bad), identity) as ports,
         pytest.raises(MalformedEvidenceError, match="key map"),
     ):
         connect(ports)

@@ -24,13 +24,14 @@ receipt's inclusion in the server's signed log head (`veil.receipts`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import random
 import ssl
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -92,6 +93,8 @@ _UPLOAD_CHUNK = 1 << 20
 # certificate chains and CRLs, not for a plain-HTTP peer to fill the client's memory.
 MAX_EVIDENCE_RESPONSE_BYTES = 512 << 10
 _CLIENT_INFO = {"user_agent": "veil_python", "user_agent_version": __version__}
+Body = bytes | Iterator[bytes] | Callable[[], Iterator[bytes]] | None
+"""A request body: bytes, pieces sent once, or what makes the pieces (sent again if refused)."""
 
 
 def _simulated_policy() -> Policy:
@@ -413,7 +416,7 @@ class Connection:
         self,
         method: str,
         url: str,
-        body: bytes | Iterator[bytes] | None = None,
+        body: Body = None,
         timeout: httpx.Timeout | None = None,
         headers: Mapping[str, str] | None = None,
         *,
@@ -425,23 +428,31 @@ class Connection:
         self,
         method: str,
         url: str,
-        body: bytes | Iterator[bytes] | None = None,
+        body: Body = None,
         timeout: httpx.Timeout | None = None,
         headers: Mapping[str, str] | None = None,
         *,
         idempotent: bool = False,
     ) -> tuple[bytes, httpx.Headers]:
-        """One call, (body, response headers). An `idempotent` call (predict, list) whose
-        connection is lost, or whose server now shows another certificate (a rotation, another
-        replica), is sent again after attesting the server anew, up to `failover_retries` times
-        with bounded backoff. Anything else (an upload, a delete) is never sent twice."""
+        """One call, (body, response headers).
+
+        A call refused at the TLS handshake because the server shows another certificate than
+        the attested one (a key rotation, another replica) was never sent: it is sent again
+        after attesting the server anew. An `idempotent` call (predict, list) whose connection
+        was lost is sent again the same way. Both up to `failover_retries` times with bounded
+        backoff, if the body can be produced again; a non-idempotent call (an upload, a delete)
+        whose connection was lost is never sent twice.
+        """
         attempt = 0
         while True:
             try:
                 return self._call_once(method, url, body, timeout, headers)
             except (TransportError, BindingError) as exc:
-                replayable = body is None or isinstance(body, bytes)
-                if not idempotent or not replayable or attempt >= self._failover_retries:
+                unsent = isinstance(exc, BindingError)  # only the handshake raises it here
+                replayable = body is None or isinstance(body, bytes) or callable(body)
+                if not (idempotent or unsent) or not replayable:
+                    raise
+                if attempt >= self._failover_retries:
                     raise
                 cause: VeilError = exc
             # Outside the except block: the first failure is not chained to the next.
@@ -452,7 +463,9 @@ class Connection:
                     self._attest()
                     self.reattestations += 1
                     break
-                except TransportError as exc:  # nobody answers yet: wait longer
+                # Nobody answers yet, or the server rotated its keys between the fetches of
+                # its certificate and its evidence: attest again (every check runs again).
+                except (TransportError, BindingError) as exc:
                     cause = exc
             else:
                 raise cause
@@ -461,7 +474,7 @@ class Connection:
         self,
         method: str,
         url: str,
-        body: bytes | Iterator[bytes] | None = None,
+        body: Body = None,
         timeout: httpx.Timeout | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> tuple[bytes, httpx.Headers]:
@@ -485,7 +498,7 @@ class Connection:
         self,
         method: str,
         url: str,
-        body: bytes | Iterator[bytes] | None = None,
+        body: Body = None,
         timeout: httpx.Timeout | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> tuple[bytes, httpx.Headers]:
@@ -522,7 +535,7 @@ class Connection:
         self,
         method: str,
         url: str,
-        body: bytes | Iterator[bytes] | None,
+        body: Body,
         timeout: httpx.Timeout | None,
         headers: Mapping[str, str] | None,
     ) -> tuple[int, httpx.Headers, bytes]:
@@ -533,7 +546,7 @@ class Connection:
                 self._client.stream(
                     method,
                     url,
-                    content=body,
+                    content=body() if callable(body) else body,
                     timeout=timeout or self._timeout,
                     headers=headers,
                     extensions=_SNI,
@@ -646,19 +659,28 @@ class Connection:
         """`receipt` with its inclusion proof moved to `head` (a later head of this server),
         e.g. one an auditor keeps for ``veil verify-receipt --log-head``.
 
+        The receipt stays checked with its own key (bound by the evidence it embeds); `head`
+        with the key this connection attested, which differs from it after a key rotation or
+        a restart: such a proof then verifies against that head kept (``--log-head``), not on
+        its own.
+
         Raises:
             LogError: the log at `head` does not hold the receipt.
         """
-        size = head.head.size
-        path = self._log_path(f"inclusion?index={receipt.payload.seq}&size={size}")
         if self._receipt_key is None:
             raise ReceiptError("the server's evidence binds no receipt key")
+        own_key = KeyMap.decode(receipt.key_map).get(RECEIPT_KEY)
+        if own_key is None:
+            raise ReceiptError("receipt: its key map holds no receipt key")
+        size = head.head.size
+        path = self._log_path(f"inclusion?index={receipt.payload.seq}&size={size}")
         payload, tree = check_receipt(
             receipt.message,
             head.message,
             path,
-            public_key=self._receipt_key,
+            public_key=own_key,
             evidence=receipt.evidence,
+            head_key=self._receipt_key,
         )
         return dataclasses.replace(
             receipt, payload=payload, tree_head=tree, head=head.message, path=tuple(path)
@@ -731,7 +753,10 @@ class Connection:
         digest = hashlib.sha256()
 
         def body(report: Progress) -> Iterator[bytes]:
-            # The fields, then the model in pieces: a file is never read whole.
+            # The fields, then the model in pieces: a file is never read whole. Made again for
+            # a second attempt (one refused at the handshake), whose digest starts over.
+            nonlocal digest
+            digest = hashlib.sha256()
             yield head
             sent = 0
             if path is None:
@@ -761,7 +786,11 @@ class Connection:
         ) as report:
             try:
                 reply, reply_headers = self._call(
-                    "POST", url, body(report), self._upload_timeout, headers=request_headers
+                    "POST",
+                    url,
+                    functools.partial(body, report),
+                    self._upload_timeout,
+                    headers=request_headers,
                 )
             except TransportError as exc:
                 # Never sent twice: the server may have stored it before the answer was lost.

@@ -16,7 +16,7 @@ from veil.attestation.kds import AMD_KDS_URL
 from veil.commands import error_line
 from veil.errors import VeilError
 from veil.server.batching import BatchingConfig
-from veil.server.config import DEFAULT_DATA_DIR, ServerConfig
+from veil.server.config import DEFAULT_DATA_DIR, ServerConfig, parse_duration
 from veil.server.limits import Limits
 
 if TYPE_CHECKING:
@@ -184,6 +184,13 @@ def _add_hardening_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         metavar="DIR",
         help="directory of the sealed model blobs (default DATA_DIR/sealed); replicas share one",
+    )
+    group.add_argument(
+        "--rotate-keys-every",
+        metavar="DURATION",
+        help="make new TLS and receipt keys, and new evidence binding them, this often "
+        "(e.g. 24h, 30m; clients attest again on their next request); also on SIGHUP and "
+        "POST /admin/rotate-keys. Default: only then",
     )
     group.add_argument(
         "--replica-name",
@@ -355,6 +362,9 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         database_url=args.database_url,
         store_dir=args.store_dir,
         replica_name=args.replica_name,
+        rotate_keys_every_s=(
+            None if args.rotate_keys_every is None else parse_duration(args.rotate_keys_every)
+        ),
         limits=_limits(args),
         optimization=args.optimize,
         batching=BatchingConfig(

@@ -45,7 +45,9 @@ __all__ = [
     "Receipt",
     "SignedTreeHead",
     "VerifiedReceipt",
+    "check_inclusion",
     "check_receipt",
+    "check_signed_receipt",
     "decode_bundle",
     "decode_collateral",
     "encode_bundle",
@@ -154,17 +156,27 @@ def check_receipt(
     *,
     public_key: bytes,
     evidence: bytes,
+    head_key: bytes | None = None,
 ) -> tuple[ReceiptPayload, TreeHead]:
     """Steps shared by the client and the offline verifier, once the key is bound:
 
     1. the receipt's signature under `public_key`, and its payload;
     2. the payload names the digest of `evidence` (the evidence that binds the key);
-    3. the tree head's signature under the same key;
+    3. the tree head's signature under `head_key` (default: the same key; a later head, after
+       a key rotation or a restart, is signed by the key bound then);
     4. the receipt is leaf ``seq`` of that tree (RFC 9162 inclusion proof).
 
     Raises:
         ReceiptError: any step fails (`LogError` for step 4).
     """
+    payload = check_signed_receipt(message, public_key=public_key, evidence=evidence)
+    tree = TreeHead.decode(verify_sign1(head, public_key if head_key is None else head_key))
+    check_inclusion(message, payload, tree, path)
+    return payload, tree
+
+
+def check_signed_receipt(message: bytes, *, public_key: bytes, evidence: bytes) -> ReceiptPayload:
+    """Steps 1 and 2 of `check_receipt`: the payload, signed by `public_key`, names `evidence`."""
     payload = ReceiptPayload.decode(verify_sign1(message, public_key))
     expected = evidence_digest(evidence)
     if payload.evidence != expected:
@@ -172,11 +184,20 @@ def check_receipt(
             f"receipt.evidence: got {payload.evidence.hex()}, expected {expected.hex()} "
             "(the digest of the evidence that binds the receipt key)"
         )
-    tree = TreeHead.decode(verify_sign1(head, public_key))
+    return payload
+
+
+def check_inclusion(
+    message: bytes, payload: ReceiptPayload, tree: TreeHead, path: Sequence[bytes]
+) -> None:
+    """Step 4 of `check_receipt`: the receipt is leaf ``payload.seq`` of `tree`.
+
+    Raises:
+        LogError: the path does not lead from the receipt to the tree's root.
+    """
     if len(path) > _MAX_PATH or not all(isinstance(p, bytes) and len(p) == 32 for p in path):
         raise LogError("inclusion proof: expected at most 64 hashes of 32 bytes")
     verify_inclusion(leaf_hash(message), payload.seq, tree.size, path, tree.root)
-    return payload, tree
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,9 +273,14 @@ def verify_proof(
     2. Appraise the evidence at that time with the embedded collateral, under `policy` and
        `trust` (`veil.attestation.verifier.verify_evidence`).
     3. Check the report data binds the certificate and the key map; take the receipt key.
-    4. `check_receipt`: signatures, evidence digest, inclusion in the signed tree head.
+    4. The receipt's signature under that key, and the evidence digest it names
+       (`check_signed_receipt`).
     5. Compare the inputs and outputs digests with the ones given (``--inputs``/``--outputs``).
-    6. With `log_head` (a head the auditor trusts), the receipt's tree head must be that one.
+    6. Inclusion: with `log_head` (a head the auditor kept and trusts), the proof's path must
+       lead from the receipt to that head's root; the proof's own signed head is then not
+       needed (after a key rotation or a restart it is signed by a later receipt key, which
+       this proof's evidence does not bind). Without it, the proof's head must be signed by
+       the receipt key and the path must lead to it.
 
     Raises:
         ReceiptError: the file, the receipt, a digest or the log does not verify.
@@ -284,7 +310,7 @@ def verify_proof(
     if public_key is None:
         raise ReceiptError("proof: the evidence binds no receipt key")
     # Step 4.
-    payload, tree = check_receipt(message, head, path, public_key=public_key, evidence=evidence)
+    payload = check_signed_receipt(message, public_key=public_key, evidence=evidence)
     # Step 5.
     for name, given, signed in (
         ("inputs", inputs_digest, payload.inputs),
@@ -296,12 +322,19 @@ def verify_proof(
                 f"(the digest of the {name} given)"
             )
     # Step 6.
-    if log_head is not None and (log_head.size, log_head.root) != (tree.size, tree.root):
-        raise LogError(
-            f"log head: the receipt's tree head is size {tree.size} root {tree.root.hex()}, "
-            f"expected size {log_head.size} root {log_head.root.hex()}; ask the server for an "
-            "inclusion proof at that head (Connection.prove_inclusion)"
-        )
+    if log_head is None:
+        tree = TreeHead.decode(verify_sign1(head, public_key))
+        check_inclusion(message, payload, tree, path)
+    else:
+        tree = log_head
+        try:
+            check_inclusion(message, payload, tree, path)
+        except LogError as exc:
+            raise LogError(
+                f"log head: the proof's path does not lead to the head kept (size {tree.size}, "
+                f"root {tree.root.hex()}): {exc}; ask the server for an inclusion proof at that "
+                "head (Connection.prove_inclusion)"
+            ) from None
     return VerifiedReceipt(payload=payload, tree_head=tree, evidence=verified)
 
 

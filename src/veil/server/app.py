@@ -10,7 +10,9 @@
   the transparency log of receipts: ``GET /log/head``,
   ``GET /log/inclusion?index=I&size=N``, ``GET /log/consistency?first=M&second=N``;
 - management (HTTPS, attested certificate): ``POST /upload``, ``POST /delete``, ``GET /models``,
-  and the admin-key API (``/admin/keys``, ``/admin/keys/revoke``: `veil.server.admin`).
+  the admin-key API (``/admin/keys``, ``/admin/keys/revoke``: `veil.server.admin`), and
+  ``POST /admin/rotate-keys`` (admin keys: new TLS and receipt keys and new evidence,
+  `veil.server.rotation`).
 
 Errors are turned into statuses in one place, `error_response`. Bodies are counted while they
 are read, whatever Content-Length says. An upload is decoded while it arrives (the body is never
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import hashlib
 import logging
 import math
@@ -77,7 +80,6 @@ from veil.errors import (
     TensorError,
     api_error_for_status,
 )
-from veil.keymap import EMPTY_KEY_MAP, KeyMap
 from veil.receipts.payload import tensors_digest
 from veil.server.admin import admin_handlers
 from veil.server.admission import AdmittedModel
@@ -92,6 +94,7 @@ from veil.server.keys import (
     Principal,
     can_delete,
     can_list,
+    can_manage_keys,
     can_predict,
     can_upload,
 )
@@ -100,10 +103,12 @@ from veil.server.metrics import CONTENT_TYPE, OTHER_ROUTE, Metrics
 from veil.server.models import LoadedModel, ModelRegistry, cost_of
 from veil.server.oip import OipBackend, oip_routes
 from veil.server.receipts import RECEIPT_HEADER, ReceiptIssuer
+from veil.server.rotation import KeyRing
 from veil.server.sealing import SealedModelStore
 from veil.server.state import ModelEntry
 from veil.server.store import ModelStoreProtocol, StoredModel
 from veil.tensors import WireTensor, numpy_dtype
+from veil.tls import certificate_digest
 
 __all__ = ["ServerState", "build_apps", "error_response", "error_status"]
 
@@ -128,8 +133,6 @@ class ServerState:
     """What the routes serve.
 
     Attributes:
-        certificate_der: the certificate served on the unattested port.
-        quote: the evidence binding the TLS certificate and `key_map`.
         collateral: keeps the collateral served on ``/collateral`` fresh, and its health.
         simulated: whether the platform is simulated (the Server header then says ``mock``).
         registry: the loaded models.
@@ -137,12 +140,10 @@ class ServerState:
         config: the server's settings.
         auth: who is asking (API keys, or nobody checked with ``--no-auth``).
         access: owner, visibility and allowed keys of every loaded model, by id.
-        key_map: the server's other public keys, bound by the evidence's report data.
-        receipts: signs receipts and keeps the transparency log (None: no receipts).
+        keys: the current certificate, evidence, key map and receipt issuer, and their
+            rotation (`veil.server.rotation`).
     """
 
-    certificate_der: bytes
-    quote: bytes
     collateral: CollateralKeeper
     simulated: bool
     registry: ModelRegistry
@@ -150,8 +151,7 @@ class ServerState:
     config: ServerConfig
     auth: AuthGate
     access: dict[str, StoredModel]
-    key_map: KeyMap = EMPTY_KEY_MAP
-    receipts: ReceiptIssuer | None = None
+    keys: KeyRing
 
 
 def error_status(exc: BaseException) -> tuple[int, str, dict[str, str] | None]:
@@ -461,19 +461,45 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
             raise
         return model, admitted, room
 
-    certificate = cbor2.dumps(state.certificate_der)
-    quote = cbor2.dumps(state.quote)
-    key_map = cbor2.dumps(state.key_map.encoded)
     keeper = state.collateral
+    ring = state.keys
+    served: dict[str, Any] = {}
+
+    def identity_replies() -> dict[str, bytes]:
+        """The encoded certificate, evidence and key map of the current keys (made once per
+        rotation; read on every request, since a rotation swaps them)."""
+        keys = ring.current
+        if served.get("keys") is not keys:
+            served["keys"] = keys
+            served["replies"] = {
+                "certificate": cbor2.dumps(keys.certificate_der),
+                "quote": cbor2.dumps(keys.quote),
+                "key_map": cbor2.dumps(keys.key_map.encoded),
+            }
+        replies: dict[str, bytes] = served["replies"]
+        return replies
 
     async def get_certificate(request: Request) -> Response:
-        return Response(certificate, media_type=_CBOR)
+        return Response(identity_replies()["certificate"], media_type=_CBOR)
 
     async def get_quote(request: Request) -> Response:
-        return Response(quote, media_type=_CBOR)
+        return Response(identity_replies()["quote"], media_type=_CBOR)
 
     async def get_key_map(request: Request) -> Response:
-        return Response(key_map, media_type=_CBOR)
+        return Response(identity_replies()["key_map"], media_type=_CBOR)
+
+    async def rotate_keys(request: Request) -> Response:
+        principal = await authenticate(request)
+        if principal.key_id is None or not can_manage_keys(principal):
+            raise api_error_for_status(
+                403, f"rotating keys needs an admin key; this caller's role is {principal.role}"
+            )
+        keys = await ring.rotate()
+        reply = {
+            "generation": keys.generation,
+            "certificate_sha256": certificate_digest(keys.certificate_der),
+        }
+        return _cbor(reply)
 
     async def get_collateral(request: Request) -> Response:
         # Read on every request: a background refresh swaps the served copy.
@@ -514,9 +540,12 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         server issues none), else None."""
         if request.headers.get(RECEIPT_HEADER) != "1":
             return None
-        if state.receipts is None:
+        # Taken when the request starts: a rotation meanwhile does not change the key that
+        # signs this request's receipt, the one its client attested.
+        issuer = ring.current.receipts
+        if issuer is None:
             raise BadRequestError(400, "this server issues no receipts")
-        return state.receipts
+        return issuer
 
     def with_receipt(response: Response, header: str | None) -> Response:
         if header is not None:
@@ -524,9 +553,10 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         return response
 
     def log_issuer() -> ReceiptIssuer:
-        if state.receipts is None:
+        issuer = ring.current.receipts
+        if issuer is None:
             raise api_error_for_status(404, "this server keeps no receipt log")
-        return state.receipts
+        return issuer
 
     def int_param(request: Request, name: str) -> int:
         value = request.query_params.get(name, "")
@@ -741,7 +771,11 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
                 report.get("mode"),
                 "kept" if report.get("kept") else "not kept",
             )
-        receipt = issuer.issue("upload", model_id, model.model_hash) if issuer else None
+        receipt = (
+            await run_in_threadpool(issuer.issue, "upload", model_id, model.model_hash)
+            if issuer
+            else None
+        )
         reply = Response(
             wire.encode_upload_reply(model.model_hash, model_id, report), media_type=_CBOR
         )
@@ -903,13 +937,16 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         response = Response(reply, media_type=_CBOR)
         if issuer is None:
             return response
-        receipt = issuer.issue(
+        issue = functools.partial(
+            issuer.issue,
             "predict",
             model.model_id,
             model.model_hash,
             inputs=tensors_digest(message.inputs),
             outputs=digests["outputs"],
         )
+        # In a worker thread: the receipt waits for its log record's fsync.
+        receipt = await run_in_threadpool(issue)
         return with_receipt(response, receipt)
 
     async def delete(request: Request) -> Response:
@@ -936,7 +973,11 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         if removed is not None:
             await removed.close()
         _log.info("model %s deleted", model_id)
-        receipt = issuer.issue("delete", model_id, meta.model_hash) if issuer else None
+        receipt = (
+            await run_in_threadpool(issuer.issue, "delete", model_id, meta.model_hash)
+            if issuer
+            else None
+        )
         return with_receipt(_cbor(None), receipt)
 
     async def list_models(request: Request) -> Response:
@@ -1035,5 +1076,6 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         *model_management,
         route("/models", list_models, "GET"),
         *admin_routes,
+        route("/admin/rotate-keys", rotate_keys, "POST"),
     )
     return unattested, attested, management

@@ -13,7 +13,7 @@ from veil.server.batching import BatchingConfig
 from veil.server.collateral import RefreshSettings
 from veil.server.limits import Limits
 
-__all__ = ["DEFAULT_DATA_DIR", "ServerConfig"]
+__all__ = ["DEFAULT_DATA_DIR", "ServerConfig", "parse_duration"]
 
 # `veil serve` and `veil keys` both default to this, relative to the working directory.
 DEFAULT_DATA_DIR = Path("veil-data")
@@ -87,8 +87,15 @@ class ServerConfig:
     # replica_name: ``--replica-name``: sent as the ``Veil-Replica`` header of every response,
     #   so that tests and operators see which replica behind a balancer answered.
     replica_name: str | None = None
+    # rotate_keys_every_s: ``--rotate-keys-every``: rotate the TLS and receipt keys (new
+    #   evidence) this often, in seconds (`veil.server.rotation`); None: only on request.
+    rotate_keys_every_s: float | None = None
 
     def __post_init__(self) -> None:
+        if self.rotate_keys_every_s is not None and not self.rotate_keys_every_s >= 1:
+            raise ValueError(
+                f"rotate_keys_every_s: got {self.rotate_keys_every_s}, expected at least 1 second"
+            )
         if self.replica_name is not None and not _REPLICA_NAME.fullmatch(self.replica_name):
             raise ValueError(
                 f"replica_name: got {self.replica_name[:80]!r}, expected 1-64 of A-Z a-z 0-9 . _ -"
@@ -106,3 +113,19 @@ class ServerConfig:
             raise ValueError(f"optimization: got {self.optimization!r}, expected off or graph")
         if self.threads < 1:
             raise ValueError(f"threads: got {self.threads}, expected at least 1")
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
+_UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as ``90``, ``90s``, ``30m``, ``24h`` or ``7d``.
+
+    Raises:
+        ValueError: not a number with an optional unit s, m, h or d.
+    """
+    match = _DURATION.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"duration: got {text[:40]!r}, expected a number and s, m, h or d")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]

@@ -7,7 +7,7 @@ Order at start (each step inside the TEE):
    (`veil.keymap`: the receipt key made in step 1, and other keys the server is given);
 3. the receipt log and the stored models, checked, unsealed and loaded into ONNX Runtime;
 4. the unattested, attested and management servers; when all three listen, one ready line.
-SIGINT and SIGTERM stop all three cleanly.
+SIGINT and SIGTERM stop all three cleanly; SIGHUP rotates the keys (`veil.server.rotation`).
 
 Storage fails closed: the state (`veil.server.state`: a sealed, versioned manifest of the
 models and the API key records) and the model blobs (`SealedModelStore`, under
@@ -34,7 +34,7 @@ import math
 import signal
 import socket
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -45,7 +45,7 @@ from veil.attestation.claims import Platform
 from veil.attestation.trust import TrustStore
 from veil.attestation.verifier import detect_platform
 from veil.cluster.exchange import ClusterSecrets
-from veil.errors import ApiError, SealedStateError
+from veil.errors import ApiError, SealedStateError, VeilError
 from veil.keymap import RECEIPT_KEY, KeyMap
 from veil.providers import Evidence, EvidenceProvider, SimulatedSgxProvider, detect_provider
 from veil.providers.devicefs import DeviceFilesystem
@@ -66,10 +66,11 @@ from veil.server.keys import NO_AUTH_BANNER, AuthGate, KeyStore
 from veil.server.models import ModelRegistry, cost_of
 from veil.server.ready import ReadyLine
 from veil.server.receipts import LOG_FILENAME, ReceiptIssuer, ReceiptLog
+from veil.server.rotation import KeyRing, ServerKeys
 from veil.server.sealing import SealedModelStore
 from veil.server.state import StateBackend, open_state
 from veil.server.store import ModelStore, ModelStoreProtocol, StoredModel
-from veil.tls import TlsIdentity, binding_report_data, generate_identity, server_context
+from veil.tls import TlsIdentity, binding_report_data, generate_identity
 
 __all__ = [
     "UNSEALED_STORE_WARNING",
@@ -215,16 +216,24 @@ def prepare_state(
             cached copy is valid).
     """
     provider = provider or make_provider(config, clock=clock)
-    # 1. TLS identity and receipt key, made here so their private keys never leave this process
-    #    (or the cluster's identity, which reached it sealed to a key of this TEE).
-    identity = cluster.identity if cluster is not None else generate_identity()
-    signer = Signer()
     if RECEIPT_KEY in (bound_keys or {}):
         raise ValueError(f"bound_keys: {RECEIPT_KEY!r} is the server's own receipt key")
-    key_map = KeyMap.build({**(bound_keys or {}), RECEIPT_KEY: signer.public_key})
-    # 2. Evidence binding SHA-256(certificate DER) and the key map; its collateral is kept fresh
-    #    from now on.
-    evidence = provider.evidence(binding_report_data(identity.certificate_der, key_map))
+    given = dict(bound_keys or {})
+
+    def attest(identity: TlsIdentity) -> tuple[Signer, KeyMap, Evidence]:
+        # Steps 1-2 (and again at each rotation, `veil.server.rotation`): the receipt key is
+        # made here so its private key never leaves this process, and the evidence binds
+        # SHA-256(certificate DER) and the key map.
+        signer = Signer()
+        key_map = KeyMap.build({**given, RECEIPT_KEY: signer.public_key})
+        evidence = provider.evidence(binding_report_data(identity.certificate_der, key_map))
+        return signer, key_map, evidence
+
+    # 1. TLS identity, made here so its private key never leaves this process (or the cluster's
+    #    identity, which reached it sealed to a key of this TEE); 2. evidence binding it and the
+    #    receipt key; its collateral is kept fresh from now on.
+    identity = cluster.identity if cluster is not None else generate_identity()
+    signer, key_map, evidence = attest(identity)
     keeper = collateral_keeper(config, provider, evidence, clock=clock)
     # 3. The sealed state (keys, and the manifest of the models), checked whole before anything
     #    is served: a tampered or rolled-back file stops the start (fail closed).
@@ -237,11 +246,24 @@ def prepare_state(
         blob_dir=config.store_dir,
     )
     store = store or open_store(config, sealed)
-    receipts = ReceiptIssuer(
-        signer,
-        evidence.quote,
-        ReceiptLog(config.data_dir / LOG_FILENAME, sealed.receipt_log_key),
-        clock=clock,
+    log = ReceiptLog(config.data_dir / LOG_FILENAME, sealed.receipt_log_key)
+    receipts = ReceiptIssuer(signer, evidence.quote, log, clock=clock)
+
+    def renew(generation: int) -> tuple[ServerKeys, TlsIdentity]:
+        fresh = generate_identity()
+        new_signer, new_map, new_evidence = attest(fresh)
+        keeper.adopt(new_evidence.quote, new_evidence.collateral)
+        if _host_supplied_snp_key(new_evidence.quote, new_evidence.collateral) is not None:
+            keeper.refresh()  # as at start: AMD's CRL from KDS, not only the host's copy
+        issuer = ReceiptIssuer(new_signer, new_evidence.quote, log, clock=clock)
+        keys = ServerKeys(fresh.certificate_der, new_evidence.quote, new_map, issuer, generation)
+        return keys, fresh
+
+    ring = KeyRing(
+        ServerKeys(identity.certificate_der, evidence.quote, key_map, receipts),
+        identity,
+        # A cluster's replicas share the broker's identity: one replica cannot rotate it.
+        renew if cluster is None else None,
     )
     registry = ModelRegistry(limits=config.limits)
     registry.admitter.start()
@@ -284,8 +306,6 @@ def prepare_state(
         except ApiError as exc:
             _log.warning("stored model %s not loaded: %s", meta.model_id, exc.message)
     state = ServerState(
-        certificate_der=identity.certificate_der,
-        quote=evidence.quote,
         collateral=keeper,
         simulated=provider.simulated,
         registry=registry,
@@ -298,8 +318,7 @@ def prepare_state(
             anonymous=not config.no_anonymous,
         ),
         access=access,
-        key_map=key_map,
-        receipts=receipts,
+        keys=ring,
     )
     return state, identity
 
@@ -365,10 +384,35 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def close_connections(servers: Iterable[uvicorn.Server]) -> None:
+    """After a rotation: close every open connection of `servers` once it is idle (now, or
+    after the response in progress), so that clients' next requests meet the new certificate.
+    Connections still in their TLS handshake took the new identity already, or will fail."""
+    for server in servers:
+        for connection in list(server.server_state.connections):
+            connection.shutdown()
+
+
+async def rotate_keys(ring: KeyRing) -> None:
+    """One rotation (SIGHUP, the schedule); a failure is logged and the keys stay as they were."""
+    try:
+        await ring.rotate()
+    except VeilError as exc:
+        _log.error("key rotation failed, keys unchanged: %s", exc)
+    except Exception as exc:  # never let a rotation bug stop the server; the type says why
+        _log.error("key rotation failed, keys unchanged: unexpected %s", type(exc).__name__)
+
+
+async def rotate_keys_every(ring: KeyRing, period_s: float) -> None:
+    """Forever: rotate the keys every `period_s` seconds (``--rotate-keys-every``)."""
+    while True:
+        await asyncio.sleep(period_s)
+        await rotate_keys(ring)
+
+
 async def _run(
     config: ServerConfig,
     state: ServerState,
-    identity: TlsIdentity,
     ready: Callable[[str], None],
 ) -> int:
     unattested, attested, management = build_apps(state)
@@ -415,8 +459,10 @@ async def _run(
         )
         uv_config.load()
         if tls:
-            uv_config.ssl = server_context(identity)
+            # One context for both TLS ports; a rotation swaps the identity it presents.
+            uv_config.ssl = state.keys.server_context
         servers.append(_Server(uv_config, guard=guard, limits=limits))
+    state.keys.on_rotate(lambda: close_connections(servers[1:]))
 
     _say_lifecycle_once()
     loop = asyncio.get_running_loop()
@@ -425,14 +471,26 @@ async def _run(
         for server in servers:
             server.should_exit = True
 
+    rotations: set[asyncio.Task[None]] = set()
+
+    def rotate_now() -> None:
+        task = asyncio.create_task(rotate_keys(state.keys))
+        rotations.add(task)  # held until done: the loop keeps only weak references
+        task.add_done_callback(rotations.discard)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
+    loop.add_signal_handler(signal.SIGHUP, rotate_now)
     tasks = [
         asyncio.create_task(server.serve(sockets=[sock]))
         for server, sock in zip(servers, sockets, strict=True)
     ]
     refresher = asyncio.create_task(keep_collateral_fresh(state.collateral))
     trimmer = asyncio.create_task(trim_after_unloads())
+    if config.rotate_keys_every_s is not None:
+        rotator = asyncio.create_task(rotate_keys_every(state.keys, config.rotate_keys_every_s))
+    else:
+        rotator = None
     try:
         while not all(server.started for server in servers):
             if any(task.done() for task in tasks):
@@ -448,11 +506,12 @@ async def _run(
         )
         results = await asyncio.gather(*tasks, return_exceptions=True)
     finally:
-        for task in (refresher, trimmer):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for background in (refresher, trimmer, rotator, *rotations):
+            if background is not None:
+                background.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await background
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         for sock in sockets:
             sock.close()
@@ -503,9 +562,9 @@ def serve(
     if config.join is not None:
         provider = provider or make_provider(config)
         cluster = _join(config, provider, trust)
-    state, identity = prepare_state(config, provider=provider, cluster=cluster)
+    state, _ = prepare_state(config, provider=provider, cluster=cluster)
 
     def announce(line: str) -> None:
         print(line, flush=True)
 
-    return asyncio.run(_run(config, state, identity, ready or announce))
+    return asyncio.run(_run(config, state, ready or announce))
