@@ -87,6 +87,8 @@ __all__ = ["API_KEY_HEADER", "MAX_EVIDENCE_RESPONSE_BYTES", "Connection", "conne
 
 API_KEY_HEADER = "X-Veil-Api-Key"
 _RECEIPT_HEADER = "X-Veil-Receipt"
+# The receipt key this connection attested: the server refuses (421) to sign with another.
+_RECEIPT_KEY_HEADER = "X-Veil-Receipt-Key"
 _SNI = {"sni_hostname": SERVER_NAME}
 _UPLOAD_CHUNK = 1 << 20
 # Certificate, evidence and collateral each fit in a few dozen KiB; this leaves room for long
@@ -336,6 +338,8 @@ class Connection:
         # Kept for receipts: a proof file embeds the evidence and collateral as verified here.
         self._evidence, self._collateral, self._key_map_encoded = quote, chosen, key_map
         self._receipt_key = self.key_map.get(RECEIPT_KEY)
+        if self._receipt_key is not None:
+            headers[_RECEIPT_KEY_HEADER] = self._receipt_key.hex()
         self.certificate_der = certificate
         # Step 5: channels that trust only the attested certificate.
         try:
@@ -437,7 +441,8 @@ class Connection:
         """One call, (body, response headers).
 
         A call refused at the TLS handshake because the server shows another certificate than
-        the attested one (a key rotation, another replica) was never sent: it is sent again
+        the attested one (a key rotation, another replica), or refused before any work because
+        the server's receipt key is not the attested one (421), had no effect: it is sent again
         after attesting the server anew. An `idempotent` call (predict, list) whose connection
         was lost is sent again the same way. Both up to `failover_retries` times with bounded
         backoff, if the body can be produced again; a non-idempotent call (an upload, a delete)
@@ -448,7 +453,8 @@ class Connection:
             try:
                 return self._call_once(method, url, body, timeout, headers)
             except (TransportError, BindingError) as exc:
-                unsent = isinstance(exc, BindingError)  # only the handshake raises it here
+                # Refused at the handshake, or (421) before any work: nothing was done.
+                unsent = isinstance(exc, BindingError)
                 replayable = body is None or isinstance(body, bytes) or callable(body)
                 if not (idempotent or unsent) or not replayable:
                     raise
@@ -503,6 +509,9 @@ class Connection:
         headers: Mapping[str, str] | None = None,
     ) -> tuple[bytes, httpx.Headers]:
         status, answer, content = self._exchange(method, url, body, timeout, headers)
+        if status == 421:
+            # Refused before any work: the server's keys are not the ones attested here.
+            raise BindingError(f"{url}: {wire.decode_error(content)}; attest the server again")
         if status >= 400:
             error = api_error_for_status(status, wire.decode_error(content))
             if isinstance(error, ServiceUnavailableError):
@@ -984,6 +993,24 @@ class Connection:
             f"{self._management_url}/admin/keys/revoke",
             admin_wire.encode_revoke_key_request(key_id),
         )
+
+    def rotate_keys(self) -> int:
+        """Have the server make new TLS and receipt keys and new evidence binding them (admin
+        keys only); returns the new generation (1 after the first rotation since start).
+
+        This connection, like every other client's, attests the new keys on its next request.
+
+        Raises:
+            PermissionDeniedError: not an admin key. ConflictError: the server cannot rotate
+                alone (it joined a cluster).
+        """
+        reply = wire.decode_reply(
+            self._request("POST", f"{self._management_url}/admin/rotate-keys", b""), "rotation"
+        )
+        generation = reply.get("generation") if isinstance(reply, dict) else None
+        if not isinstance(generation, int):
+            raise ApiError(200, "rotation: malformed reply")
+        return generation
 
     # ---- lifetime -----------------------------------------------------------------------------
 

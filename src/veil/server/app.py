@@ -35,7 +35,9 @@ before ONNX Runtime sees it.
 
 Receipts (veil extension): a run, upload or delete sent with ``X-Veil-Receipt: 1`` is answered
 with an ``X-Veil-Receipt`` header holding a signed receipt, the signed log head that includes it
-and the inclusion path (`veil.server.receipts`); the body is what it always is.
+and the inclusion path (`veil.server.receipts`); the body is what it always is. A request that
+names the receipt key its client attested (``X-Veil-Receipt-Key``) and names a key rotated away
+is refused with 421 before any work (`veil.server.rotation`).
 
 Access rules (`veil.server.keys`): uploads need an ``owner`` or ``admin`` key; a model is
 deleted by its uploader or an admin; it is listed to its uploader (admins: all); it is run by
@@ -102,7 +104,7 @@ from veil.server.limits import AdmissionQueue, RateLimiter, limit_error
 from veil.server.metrics import CONTENT_TYPE, OTHER_ROUTE, Metrics
 from veil.server.models import LoadedModel, ModelRegistry, cost_of
 from veil.server.oip import OipBackend, oip_routes
-from veil.server.receipts import RECEIPT_HEADER, ReceiptIssuer
+from veil.server.receipts import RECEIPT_HEADER, RECEIPT_KEY_HEADER, ReceiptIssuer
 from veil.server.rotation import KeyRing
 from veil.server.sealing import SealedModelStore
 from veil.server.state import ModelEntry
@@ -535,14 +537,25 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
     async def handshake(request: Request) -> Response:
         return _cbor(None)
 
+    def current_issuer(request: Request) -> ReceiptIssuer | None:
+        """The issuer of the current keys, taken once (no await after): a rotation meanwhile
+        does not change the key that signs this request's receipts. A client that names the
+        receipt key it attested (``X-Veil-Receipt-Key``, hex) and names another is refused
+        with 421 before any work: it attests again and sends the request again."""
+        issuer = ring.current.receipts
+        named = request.headers.get(RECEIPT_KEY_HEADER)
+        if named is not None and issuer is not None and named != issuer.public_key.hex():
+            raise api_error_for_status(
+                421, "the server's keys were rotated since this client attested them"
+            )
+        return issuer
+
     def receipts_wanted(request: Request) -> ReceiptIssuer | None:
         """The issuer when the request asks for a receipt (refused before any work if the
         server issues none), else None."""
         if request.headers.get(RECEIPT_HEADER) != "1":
             return None
-        # Taken when the request starts: a rotation meanwhile does not change the key that
-        # signs this request's receipt, the one its client attested.
-        issuer = ring.current.receipts
+        issuer = current_issuer(request)
         if issuer is None:
             raise BadRequestError(400, "this server issues no receipts")
         return issuer
@@ -552,8 +565,8 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
             response.headers[RECEIPT_HEADER] = header
         return response
 
-    def log_issuer() -> ReceiptIssuer:
-        issuer = ring.current.receipts
+    def log_issuer(request: Request) -> ReceiptIssuer:
+        issuer = current_issuer(request)
         if issuer is None:
             raise api_error_for_status(404, "this server keeps no receipt log")
         return issuer
@@ -565,10 +578,10 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         return int(value)
 
     async def log_head(request: Request) -> Response:
-        return _cbor({"head": log_issuer().head()})
+        return _cbor({"head": log_issuer(request).head()})
 
     async def log_inclusion(request: Request) -> Response:
-        issuer = log_issuer()
+        issuer = log_issuer(request)
         index, size = int_param(request, "index"), int_param(request, "size")
         try:
             return _cbor({"path": list(issuer.inclusion(index, size))})
@@ -576,7 +589,7 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
             raise BadRequestError(400, str(exc)) from None
 
     async def log_consistency(request: Request) -> Response:
-        issuer = log_issuer()
+        issuer = log_issuer(request)
         first, second = int_param(request, "first"), int_param(request, "second")
         try:
             return _cbor({"path": list(issuer.consistency(first, second))})

@@ -39,10 +39,12 @@ from veil.receipts.merkle import MerkleTree, leaf_hash
 from veil.receipts.payload import ReceiptPayload, TreeHead, evidence_digest
 from veil.receipts.proof import encode_bundle
 
-__all__ = ["LOG_FILENAME", "RECEIPT_HEADER", "ReceiptIssuer", "ReceiptLog"]
+__all__ = ["LOG_FILENAME", "RECEIPT_HEADER", "RECEIPT_KEY_HEADER", "ReceiptIssuer", "ReceiptLog"]
 
 LOG_FILENAME = "receipts.log"
 RECEIPT_HEADER = "x-veil-receipt"
+RECEIPT_KEY_HEADER = "x-veil-receipt-key"
+"""Hex of the receipt key the client attested: receipts and log heads must be signed by it."""
 _RECORD = 64
 
 
