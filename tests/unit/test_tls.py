@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from veil.tls import (
     SERVER_NAME,
+    RotatingServerContext,
     TlsIdentity,
     binding_report_data,
     generate_identity,
@@ -69,3 +70,44 @@ def test_pinned_context_accepts_only_its_certificate() -> None:
         handshake(other, identity.certificate_der)
     with pytest.raises(ssl.SSLCertVerificationError, match="mismatch"):
         handshake(identity, identity.certificate_der, name="someone-else")
+
+
+def presented(context: ssl.SSLContext, name: str | None) -> tuple[bytes, ssl.SSLSocket]:
+    """The certificate a server with `context` presents to a client sending SNI `name`, and the
+    client's open connection (the caller closes it)."""
+    left, right = socket.socketpair()
+    server: list[ssl.SSLSocket] = []
+
+    def serve() -> None:
+        server.append(context.wrap_socket(right, server_side=True))
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname = False
+    client.verify_mode = ssl.CERT_NONE
+    tls = client.wrap_socket(left, server_hostname=name)
+    thread.join(timeout=10)
+    der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    tls.sendall(b"ping")
+    assert server[0].recv(4) == b"ping"
+    server[0].close()
+    return der, tls
+
+
+@pytest.mark.parametrize("name", [SERVER_NAME, None])
+def test_a_rotating_context_presents_the_identity_current_at_each_handshake(
+    name: str | None,
+) -> None:
+    first, second = generate_identity(), generate_identity()
+    rotating = RotatingServerContext(first)
+    der, before = presented(rotating.context, name)
+    assert der == first.certificate_der
+    rotating.use(server_context(second))
+    der, after = presented(rotating.context, name)
+    assert der == second.certificate_der  # with or without SNI
+    # The connection made before keeps the certificate it was made with.
+    assert before.getpeercert(binary_form=True) == first.certificate_der
+    before.close()
+    after.close()

@@ -145,6 +145,12 @@ class LocalServer:
         state = "did not start" if status is None else f"exited with status {status}"
         raise RuntimeError(f"veil serve {state} within {self._start_timeout:g} s:\n{self.log()}")
 
+    def send_signal(self, sig: int) -> None:
+        """Send `sig` to the server process (e.g. ``signal.SIGHUP``: rotate its keys)."""
+        if self._process is None:
+            raise RuntimeError("server not started")
+        self._process.send_signal(sig)
+
     def log(self) -> str:
         """What the server wrote to stderr so far (its last 4000 characters)."""
         if self._log is None:

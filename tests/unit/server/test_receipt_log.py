@@ -3,6 +3,8 @@ stops the start (SealedStateError); receipts name their sequence number and log 
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -120,3 +122,60 @@ def test_receipt_payload_names_the_evidence(tmp_path: Path) -> None:
     assert payload.evidence != b"\x00" * 32
     assert payload.op == "upload"
     assert payload.inputs is None
+
+
+def test_a_receipt_leaves_only_once_its_record_is_on_disk_and_fsyncs_are_shared(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Group commit: while the first fsync runs, two more receipts are written; one more fsync
+    covers both, and no receipt is returned before an fsync that covers its record."""
+    server = issuer(tmp_path)
+    log = server.log
+    release = threading.Event()
+    syncs: list[int] = []
+
+    def slow_fsync(path: Path) -> None:
+        syncs.append(log.tree.size)
+        if len(syncs) == 1:
+            assert release.wait(timeout=60)
+
+    monkeypatch.setattr("veil.server.receipts._fsync", slow_fsync)
+    issued: dict[int, str] = {}
+
+    def issue(n: int) -> None:
+        issued[n] = server.issue("upload", f"m{n}", b"\x01" * 32)
+
+    first = threading.Thread(target=issue, args=(0,))
+    first.start()
+    give_up = time.monotonic() + 60
+    while not syncs:  # the first fsync has begun (and waits)
+        assert time.monotonic() < give_up
+        time.sleep(0.01)
+    others = [threading.Thread(target=issue, args=(n,)) for n in (1, 2)]
+    for thread in others:
+        thread.start()
+    while log.tree.size < 3:  # both written, both waiting for their fsync
+        assert time.monotonic() < give_up
+        time.sleep(0.01)
+    assert issued == {}  # nothing handed out before its record is durable
+    assert log.durable == 0
+    release.set()
+    for thread in (first, *others):
+        thread.join(timeout=60)
+    assert sorted(issued) == [0, 1, 2]
+    assert syncs == [1, 3]  # two fsyncs for three receipts: the second covered records 1 and 2
+    assert log.durable == 3
+
+
+def test_a_failed_fsync_hands_out_no_receipt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = issuer(tmp_path)
+
+    def failing(path: Path) -> None:
+        raise OSError(5, "I/O error")
+
+    monkeypatch.setattr("veil.server.receipts._fsync", failing)
+    with pytest.raises(OSError, match="I/O error"):
+        server.issue("upload", "m", b"\x01" * 32)
+    assert server.log.durable == 0
