@@ -1,10 +1,13 @@
 """Cost of receipts: what ``receipt=True`` adds to a request, in parts and end to end.
 
-    python bench/bench_receipts.py [--n 300] [--log-size 100000]
+    python bench/bench_receipts.py [--n 300] [--log-size 100000] [--threads 8] [--dir DIR]
 
 Prints p50/p90 per part (server: sign the receipt, append it to the log, sign the tree head,
-build the inclusion path; client: check both signatures, the evidence digest and the inclusion
-path) with a log of `--log-size` earlier receipts, then the p50 of predict with and without
+build the inclusion path, fsync the record; client: check both signatures, the evidence digest
+and the inclusion path) with a log of `--log-size` earlier receipts; what the fsync of a log
+record costs, with one writer and with `--threads` writers sharing fsyncs (group commit), in
+`--dir` (default: a temporary directory: put it on the disk the server's data directory is
+on); then the p50 of predict with and without
 ``receipt=True`` against an in-process simulated server (a 1x8 identity model: the delta is the
 receipt's cost, the model's own time cancels out).
 """
@@ -15,6 +18,7 @@ import argparse
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -29,6 +33,7 @@ import veil
 from veil.errors import SimulationModeWarning
 from veil.receipts.cose import Signer
 from veil.receipts.proof import check_receipt, decode_bundle
+from veil.server import receipts as receipts_module
 from veil.server.config import ServerConfig
 from veil.server.receipts import LOG_FILENAME, ReceiptIssuer, ReceiptLog
 from veil.server.runner import prepare_state
@@ -80,7 +85,7 @@ def parts(n: int, log_size: int, directory: Path) -> None:
     checked = (_times(check, n), _times(check, n, time.thread_time))
     header = f"{'part (log of ' + str(log_size) + ' receipts)':<44}"
     print(header + f"{'p50 ms':>10}{'p90 ms':>10}{'cpu p50':>10}")
-    _row("server: issue (sign, append, sign head, path)", *issued)
+    _row("server: issue (sign, append, sign head, path, fsync)", *issued)
     _row("client: check (2 signatures, digest, path)", *checked)
     # Scale: one bare Ed25519 signature and verification (no COSE), on this machine now.
     raw = Ed25519PrivateKey.generate()
@@ -88,6 +93,48 @@ def parts(n: int, log_size: int, directory: Path) -> None:
     public = raw.public_key()
     _row("reference: bare Ed25519 sign", _times(lambda: raw.sign(digest), n))
     _row("reference: bare Ed25519 verify", _times(lambda: public.verify(signature, digest), n))
+
+
+def durability(n: int, directory: Path, threads: int) -> None:
+    """What the fsync of each receipt's record costs, alone and under group commit."""
+    log = ReceiptLog(directory / ("durability-" + LOG_FILENAME), b"\x01" * 32)
+    entries = iter(range(10**9))
+
+    def append() -> int:
+        with log.lock:
+            return log.append(next(entries).to_bytes(8, "big"))
+
+    print(f"{'log record (' + str(directory) + ')':<44}{'p50 ms':>10}{'p90 ms':>10}")
+    _row("append only (written, not durable)", _times(append, n))
+    _row("append + fsync, one writer", _times(lambda: log.sync(append()), n))
+    fsyncs = 0
+    plain_fsync = receipts_module._fsync
+
+    def counted(path: Path) -> None:
+        nonlocal fsyncs
+        fsyncs += 1
+        plain_fsync(path)
+
+    receipts_module._fsync = counted  # type: ignore[assignment]
+    try:
+        per_thread = max(1, n // threads)
+        waits: list[float] = []
+
+        def writer() -> None:
+            waits.extend(_times(lambda: log.sync(append()), per_thread))
+
+        start = time.perf_counter()
+        workers = [threading.Thread(target=writer) for _ in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        elapsed = time.perf_counter() - start
+    finally:
+        receipts_module._fsync = plain_fsync  # type: ignore[assignment]
+    _row(f"append + fsync, {threads} writers (group commit)", waits)
+    total = per_thread * threads
+    print(f"{'  records/s; fsyncs per record':<44}{total / elapsed:>10.0f}{fsyncs / total:>10.2f}")
 
 
 def end_to_end(n: int, directory: Path) -> None:
@@ -126,9 +173,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=300)
     parser.add_argument("--log-size", type=int, default=100_000)
+    parser.add_argument("--threads", type=int, default=8, help="writers in the group-commit row")
+    parser.add_argument(
+        "--dir", type=Path, default=None, help="where the logs go (default: a temporary directory)"
+    )
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         parts(args.n, args.log_size, Path(tmp))
+        print()
+        durability(args.n, Path(tmp), args.threads)
         print()
         end_to_end(args.n, Path(tmp))
 

@@ -9,6 +9,7 @@ binding it is refused.
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 import time
 import warnings
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 from inprocess import listening
 from onnx_models import identity_model
+from server_process import veil_cli
 
 import veil
 from veil.attestation.trust import TrustStore
@@ -199,3 +201,42 @@ def test_a_joined_server_does_not_rotate_alone(tmp_path: Path) -> None:
             client.rotate_keys()
         client.list_models()  # still served, under the keys it had
         assert client.reattestations == 0
+
+
+def test_inclusion_and_log_head_across_a_restart(tmp_path: Path) -> None:
+    """The log continues across a restart (new keys, as across a rotation): a head kept before
+    is extended, and a receipt from before is proved in a later head, which the command line
+    checks with --log-head."""
+    config = ServerConfig(tmp_path / "data", platform="simulated")
+    state, identity = prepare_state(config)
+    admin, _ = _keys(state)
+    with listening(state, identity) as ports, connect(ports, admin) as client:
+        client.upload_model(identity_model("float32", (1, 4)), model_id="m")
+        old = client.predict("m", X, receipt=True).receipt
+        kept = client.log_head()
+        first_key = client.key_map.get(RECEIPT_KEY)
+    assert old is not None
+    state, identity = prepare_state(config)  # the restart: the same data directory
+    with listening(state, identity) as ports, connect(ports, admin) as client:
+        assert client.key_map.get(RECEIPT_KEY) != first_key
+        new = client.predict("m", X, receipt=True).receipt
+        assert new is not None
+        assert new.payload.seq == old.payload.seq + 1
+        later = client.check_consistency(kept.head)
+        moved = client.prove_inclusion(old, later)
+    old.save(tmp_path / "old.cbor")
+    moved.save(tmp_path / "moved.cbor")
+    kept.save(tmp_path / "kept.cose")
+    later.save(tmp_path / "later.cose")
+    for proof, head, status in (
+        ("old.cbor", "kept.cose", 0),  # the receipt's own head, kept
+        ("moved.cbor", "later.cose", 0),  # the head after the restart, signed by the new key
+        ("moved.cbor", "kept.cose", 1),  # its path leads to the later head, not this one
+    ):
+        done = veil_cli(
+            "verify-receipt", str(tmp_path / proof), "--simulated", "--log-head",
+            str(tmp_path / head), "--json",
+        )  # fmt: skip
+        assert done.returncode == status, (proof, head, done.stdout, done.stderr)
+        if status:
+            assert json.loads(done.stdout)["error_type"] == "LogError"
