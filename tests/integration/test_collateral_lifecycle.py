@@ -110,7 +110,9 @@ def get(state: ServerState, path: str) -> tuple[int, Any]:
 def tdx_client_accepts(state: ServerState, intel: IntelPki, at: datetime) -> None:
     _, served = get(state, "/collateral")
     policy = Policy(tdx=TdxPolicy(mr_td=(MR_TD,)))
-    verify_evidence(state.quote, served, policy=policy, trust=hazmat(intel_root=intel.root), now=at)
+    verify_evidence(
+        state.keys.current.quote, served, policy=policy, trust=hazmat(intel_root=intel.root), now=at
+    )
 
 
 def test_tdx_server_31_days_on_is_still_accepted(
@@ -245,7 +247,7 @@ def test_snp_guest_without_host_certificates_gets_its_vcek_from_kds(
         )
     )
     trust = hazmat(amd_arks={"Genoa": genoa.ark})
-    verify_evidence(state.quote, served, policy=policy, trust=trust, now=clock())
+    verify_evidence(state.keys.current.quote, served, policy=policy, trust=trust, now=clock())
 
 
 def test_snp_kds_down_and_no_cache_refuses_to_start(
@@ -282,7 +284,7 @@ def test_snp_foreign_kds_answer_refuses_to_start(
     policy = Policy(sev_snp=SnpPolicy(measurement=(SNP_MEASUREMENT,), min_tcb=genoa.chip().tcb))
     trust = hazmat(amd_arks={"Genoa": genoa.ark})
     with pytest.raises((ChainError, SignatureError)):
-        verify_evidence(state.quote, served, policy=policy, trust=trust, now=clock())
+        verify_evidence(state.keys.current.quote, served, policy=policy, trust=trust, now=clock())
 
 
 def snp_server_with_host_certificates(
@@ -327,7 +329,7 @@ def test_snp_host_certificates_are_completed_with_the_kds_crl(
         )
     )
     trust = hazmat(amd_arks={"Genoa": genoa.ark})
-    verify_evidence(state.quote, served, policy=policy, trust=trust, now=clock())
+    verify_evidence(state.keys.current.quote, served, policy=policy, trust=trust, now=clock())
     assert get(state, "/healthz")[1]["status"] == "ok"
 
 

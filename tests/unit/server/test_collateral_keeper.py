@@ -220,7 +220,7 @@ def _server(tmp_path: Path, clock: Clock, service: Service | None = None) -> Ser
         return state
     # The same server, refreshing from a service that can go down.
     k = CollateralKeeper(tmp_path / "data", None, clock=clock, source=service)
-    k.adopt(state.quote, state.collateral.current())
+    k.adopt(state.keys.current.quote, state.collateral.current())
     return replace(state, collateral=k)
 
 
@@ -234,15 +234,15 @@ def test_a_server_31_days_on_is_still_accepted(tmp_path: Path, clock: Clock) -> 
     state = _server(tmp_path, clock)
     unattested, _, _ = build_apps(state)
     _, first = _get(unattested, "/collateral")
-    client_accepts(state.quote, first, clock())
+    client_accepts(state.keys.current.quote, first, clock())
     for _ in range(31):  # the background task's work, one day at a time
         clock.advance(timedelta(days=1))
         state.collateral.refresh_if_due()
     with pytest.raises(ExpiredError):
-        client_accepts(state.quote, first, clock())
+        client_accepts(state.keys.current.quote, first, clock())
     _, served = _get(unattested, "/collateral")
     assert served != first  # changed without a restart
-    client_accepts(state.quote, served, clock())
+    client_accepts(state.keys.current.quote, served, clock())
     status, health = _get(unattested, "/healthz")
     assert (status, health["status"], health["simulated"]) == (200, "ok", True)
 
@@ -260,15 +260,15 @@ def test_service_gone_is_degraded_before_clients_refuse(tmp_path: Path, clock: C
     assert health["status"] == "degraded"
     assert health["collateral"]["last_error"] == "ConnectionRefusedError"
     # Degraded, and clients still accept: the operator has until `expires` to act.
-    client_accepts(state.quote, served, clock())
+    client_accepts(state.keys.current.quote, served, clock())
     clock.now = expires - timedelta(seconds=1)
-    client_accepts(state.quote, served, clock())
+    client_accepts(state.keys.current.quote, served, clock())
     assert _get(unattested, "/healthz")[1]["status"] == "degraded"
     clock.now = expires + timedelta(seconds=1)
     status, health = _get(unattested, "/healthz")
     assert (status, health["status"]) == (503, "failing")
     with pytest.raises(ExpiredError):
-        client_accepts(state.quote, served, clock())
+        client_accepts(state.keys.current.quote, served, clock())
     # The service comes back: the next due refresh heals it.
     service.down = False
     clock.advance(RefreshSettings().retry)
