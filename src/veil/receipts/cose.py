@@ -1,14 +1,23 @@
-"""COSE_Sign1 (RFC 9052 §4.2) with EdDSA over Ed25519 (RFC 9053 §2.2), through pycose.
+"""COSE_Sign1 (RFC 9052 §4.2) with EdDSA over Ed25519 (RFC 9053 §2.2).
 
-pycose builds the Sig_structure and signs or verifies; the outer message is read here, strictly
-(tag 18, four items, byte-string payload, a protected header naming EdDSA), because pycose's own
-decoder expects mutable lists that cbor2 6 no longer returns, and because a verifier should
-refuse what it did not expect rather than let a library interpret it.
+Signing is written out here: a receipt costs two signatures, and building them through pycose
+(its header objects, its key re-imported on every call) cost three times the signatures
+themselves. The protected header is encoded once per key, and the Sig_structure and the message
+are the fixed byte layouts of RFC 9052 §4.4 and §4.2 around the payload. The bytes are the
+ones pycose produces for the same key and payload (Ed25519 signatures are deterministic; a test
+holds the two to each other).
+
+Verification goes through pycose, an independent implementation of the same layouts; the outer
+message is read here, strictly (tag 18, four items, byte-string payload, a protected header
+naming EdDSA), because pycose's own decoder expects mutable lists that cbor2 6 no longer
+returns, and because a verifier should refuse what it did not expect rather than let a library
+interpret it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +36,22 @@ MAX_MESSAGE_BYTES = 64 << 10
 _COSE_SIGN1_TAG = 18
 _ALG_EDDSA = -8
 _HEADER_ALG = 1
+_HEADER_KID = 4
+_SIGNATURE1 = b"\x6aSignature1"  # the text "Signature1" (RFC 9052 §4.4), CBOR-encoded
+_TAGGED_ARRAY4 = b"\xd2\x84"  # tag 18, then an array of 4 items
+_ARRAY4 = b"\x84"
+_EMPTY_MAP = b"\xa0"
+_EMPTY_BSTR = b"\x40"
+
+
+def _bstr_head(length: int) -> bytes:
+    """The shortest CBOR head of a byte string of `length` bytes (RFC 8949 §3.1, major 2)."""
+    if length < 24:
+        return bytes([0x40 | length])
+    for extra, fmt in ((24, ">B"), (25, ">H"), (26, ">I")):
+        if length < 1 << (8 * struct.calcsize(fmt)):
+            return bytes([0x40 | extra]) + struct.pack(fmt, length)
+    return b"\x5b" + struct.pack(">Q", length)
 
 
 def key_id(public_key: bytes) -> bytes:
@@ -38,29 +63,22 @@ class Signer:
     """Signs COSE_Sign1 messages with an Ed25519 key made in this process. Never log it."""
 
     def __init__(self, private_key: Ed25519PrivateKey | None = None) -> None:
-        # pycose is imported when first needed: it costs a third of a second, and a client
-        # that never asks for a receipt should not pay it at ``import veil``.
-        from pycose.algorithms import EdDSA
-        from pycose.headers import KID, Algorithm
-        from pycose.keys.curves import Ed25519
-        from pycose.keys.okp import OKPKey
-
-        private_key = private_key or Ed25519PrivateKey.generate()
-        self.public_key = private_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        self._private = private_key or Ed25519PrivateKey.generate()
+        self.public_key = self._private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
         """The raw 32-byte Ed25519 public key (what the key map binds)."""
-        self._key = OKPKey(
-            crv=Ed25519,
-            d=private_key.private_bytes_raw(),
-            x=self.public_key,
-        )
-        self._protected = {Algorithm: EdDSA, KID: key_id(self.public_key)}
+        # The protected header {alg: EdDSA, kid}, as pycose orders it, and the byte strings
+        # around the payload, made once for this key.
+        header = cbor2.dumps({_HEADER_ALG: _ALG_EDDSA, _HEADER_KID: key_id(self.public_key)})
+        protected = _bstr_head(len(header)) + header
+        self._to_be_signed = _ARRAY4 + _SIGNATURE1 + protected + _EMPTY_BSTR
+        self._message = _TAGGED_ARRAY4 + protected + _EMPTY_MAP
 
     def sign(self, payload: bytes) -> bytes:
-        """A tagged COSE_Sign1 over `payload`."""
-        from pycose.messages.sign1message import Sign1Message
-
-        message = Sign1Message(phdr=self._protected, payload=payload, key=self._key)
-        return bytes(message.encode(tag=True))
+        """A tagged COSE_Sign1 over `payload`: ``18([protected, {}, payload, signature])``, the
+        signature over ``["Signature1", protected, h'', payload]`` (RFC 9052 §4.4)."""
+        payload_bstr = _bstr_head(len(payload)) + payload
+        signature = self._private.sign(self._to_be_signed + payload_bstr)
+        return self._message + payload_bstr + _bstr_head(len(signature)) + signature
 
     def __repr__(self) -> str:
         return f"Signer(kid={key_id(self.public_key).hex()})"

@@ -166,3 +166,26 @@ def test_tensors_digest_binds_names_types_shapes_and_bytes() -> None:
     digests = {tensors_digest(v) for v in variants}
     assert base not in digests
     assert len(digests) == len(variants)
+
+
+@pytest.mark.parametrize("size", [0, 1, 23, 24, 255, 256, 65535, 65536])
+def test_the_signer_writes_the_bytes_pycose_writes(size: int) -> None:
+    """The hand-written COSE_Sign1 is byte for byte pycose's, for payloads across every CBOR
+    length encoding (Ed25519 is deterministic: the same key signs the same bytes alike)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from pycose.algorithms import EdDSA
+    from pycose.headers import KID, Algorithm
+    from pycose.keys.curves import Ed25519
+    from pycose.keys.okp import OKPKey
+    from pycose.messages.sign1message import Sign1Message
+
+    private = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+    signer = Signer(private)
+    payload = bytes(i % 251 for i in range(size))
+    key = OKPKey(crv=Ed25519, d=private.private_bytes_raw(), x=signer.public_key)
+    reference = Sign1Message(
+        phdr={Algorithm: EdDSA, KID: key_id(signer.public_key)}, payload=payload, key=key
+    ).encode(tag=True)
+    assert signer.sign(payload) == bytes(reference)
+    if size < 1024:  # larger messages are past what a verifier reads (MAX_MESSAGE_BYTES)
+        assert verify_sign1(signer.sign(payload), signer.public_key) == payload
