@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from veil.client.connection import _retry_after, busy_retry_delay
@@ -38,3 +40,70 @@ def test_failover_backoff_doubles_from_a_tenth_of_a_second_and_is_capped() -> No
     for attempt, high in ((0, 0.1), (1, 0.2), (3, 0.8), (10, 2.0)):
         delays = [failover_delay(attempt) for _ in range(100)]
         assert all(high / 2 <= d <= high for d in delays)
+
+
+def _lost_upload_lookup(
+    monkeypatch: pytest.MonkeyPatch, listings: list[list[tuple[str, bytes, int]]], retries: int = 4
+) -> tuple[Any, list[str]]:
+    """A connection whose `list_models` answers `listings` in turn (then the last again)."""
+    from types import SimpleNamespace
+
+    import veil.client.connection as connection_module
+    from veil.client.connection import Connection
+
+    monkeypatch.setattr(connection_module, "failover_delay", lambda attempt: 0.0)
+    calls: list[str] = []
+    connection = object.__new__(Connection)
+    connection._failover_retries = retries
+    connection.reattestations = 0
+
+    def attest() -> None:
+        calls.append("attest")
+
+    def list_models() -> list[SimpleNamespace]:
+        calls.append("list")
+        listing = listings.pop(0) if len(listings) > 1 else listings[0]
+        return [SimpleNamespace(model_id=i, hash=h, size=s) for i, h, s in listing]
+
+    monkeypatch.setattr(connection, "_attest", attest)
+    monkeypatch.setattr(connection, "list_models", list_models)
+    return connection, calls
+
+
+def test_a_lost_upload_is_looked_up_until_the_server_has_admitted_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import time
+
+    # Not there for the first looks (still being admitted), then there: found, one attestation,
+    # more looks than failover_retries since the upload's own time is not up.
+    listings = [[]] * 6 + [[("m", b"h" * 32, 10)]]
+    connection, calls = _lost_upload_lookup(monkeypatch, list(listings))
+    found = connection._find_upload("m", b"h" * 32, 10, time.monotonic() + 60)
+    assert found is not None
+    assert found.model_id == "m"
+    assert calls == ["attest"] + ["list"] * 7
+
+
+def test_a_lost_upload_whose_id_holds_other_bytes_is_not_there(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import time
+
+    connection, calls = _lost_upload_lookup(monkeypatch, [[("m", b"x" * 32, 10)]])
+    assert connection._find_upload("m", b"h" * 32, 10, time.monotonic() + 60) is None
+    assert calls == ["attest", "list"]  # answered at once: that upload was refused
+
+
+def test_a_lost_upload_is_looked_up_no_longer_than_its_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import time
+
+    connection, calls = _lost_upload_lookup(monkeypatch, [[]], retries=3)
+    # The upload's time is already up: failover_retries looks, then not there.
+    assert connection._find_upload("m", b"h" * 32, 10, time.monotonic()) is None
+    assert calls == ["attest", "list", "list", "list"]
+    connection, calls = _lost_upload_lookup(monkeypatch, [[("m", b"h" * 32, 10)]], retries=0)
+    assert connection._find_upload("m", b"h" * 32, 10, time.monotonic() + 60) is None
+    assert calls == []  # failover_retries=0: never

@@ -204,9 +204,11 @@ class Connection:
             lost (a replica died, the certificate rotated) is sent again, each time after
             attesting whichever server now answers (backoff from 0.1 s doubling to 2 s,
             jittered); ``0`` never. Uploads and deletes are never sent twice: when an upload
-            with a `model_id` loses its answer, the client attests the server again and looks
-            the id up (`list_models`); the upload counts only if that id holds exactly the bytes
-            sent, else `TransportError` says the model is not there.
+            with a `model_id` loses its answer after its whole body was sent, the client
+            attests the server again and looks the id up (`list_models`) until it appears or
+            `upload_timeout` has passed (the server may still be admitting it); the upload
+            counts only if that id holds exactly the bytes sent, else `TransportError` says the
+            model is not there.
 
     Raises:
         AttestationError: (or a subclass) the server could not prove what it runs; nothing
@@ -760,12 +762,15 @@ class Connection:
             optimization=optimization,
         )
         digest = hashlib.sha256()
+        whole_body_produced = False
+        deadline = time.monotonic() + self._upload_total
 
         def body(report: Progress) -> Iterator[bytes]:
             # The fields, then the model in pieces: a file is never read whole. Made again for
             # a second attempt (one refused at the handshake), whose digest starts over.
-            nonlocal digest
+            nonlocal digest, whole_body_produced
             digest = hashlib.sha256()
+            whole_body_produced = False
             yield head
             sent = 0
             if path is None:
@@ -776,6 +781,7 @@ class Connection:
                     yield copied
                     sent += len(copied)
                     report(sent, size)
+                whole_body_produced = True
                 return
             with path.open("rb") as f:
                 while sent < size:
@@ -786,6 +792,7 @@ class Connection:
                     sent += len(piece)
                     yield piece
                     report(sent, size)
+            whole_body_produced = True
 
         url = f"{self._management_url}/upload"
         request_headers = {"content-length": str(len(head) + size)}
@@ -806,7 +813,9 @@ class Connection:
                 # With an id to look for, ask whichever server now answers (attested anew).
                 if model_id is None or receipt:
                     raise
-                landed = self._find_upload(model_id, digest.digest(), size)
+                landed = None
+                if whole_body_produced:  # else the server cannot have it
+                    landed = self._find_upload(model_id, digest.digest(), size, deadline)
                 if landed is None:
                     raise TransportError(
                         f"{exc}; model {model_id!r} is not on the server"
@@ -828,19 +837,35 @@ class Connection:
             optimization=wire.decode_upload_optimization(reply),
         )
 
-    def _find_upload(self, model_id: str, expected: bytes, size: int) -> UploadResponse | None:
-        """After a lost upload answer: the upload, if `model_id` now names exactly these bytes."""
-        for attempt in range(self._failover_retries):
+    def _find_upload(
+        self, model_id: str, expected: bytes, size: int, deadline: float
+    ) -> UploadResponse | None:
+        """After a lost upload answer: the upload, if `model_id` names exactly these bytes.
+
+        The server may still be admitting the model when the first look finds nothing, so the
+        id is looked up until it appears, holds other bytes, or `deadline` (the upload's own
+        time limit, on the monotonic clock) has passed.
+        """
+        attempt, attested = 0, False
+        while self._failover_retries and (
+            attempt < self._failover_retries or time.monotonic() < deadline
+        ):
             time.sleep(failover_delay(attempt))
+            attempt += 1
             try:
-                self._attest()
+                if not attested:  # whichever server now answers, attested anew
+                    self._attest()
+                    self.reattestations += 1
+                    attested = True
+                listed = self.list_models()
             except TransportError:
+                attested = False
                 continue
-            self.reattestations += 1
-            for info in self.list_models():
-                if info.model_id == model_id and info.hash == expected and info.size == size:
-                    return UploadResponse(model_id=model_id, hash=expected)
-            return None
+            for info in listed:
+                if info.model_id == model_id:
+                    if info.hash == expected and info.size == size:
+                        return UploadResponse(model_id=model_id, hash=expected)
+                    return None  # the id holds other bytes: this upload was refused
         return None
 
     def predict(
