@@ -150,7 +150,8 @@ def main() -> None:
         client = subprocess.Popen(
             loop, cwd=bi.REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
-        assert client.stdin is not None and client.stdout is not None
+        assert client.stdin is not None
+        assert client.stdout is not None
         try:
             if client.stdout.readline().strip() != "READY":
                 raise RuntimeError("the client loop did not start")

@@ -81,11 +81,21 @@ class Metrics:
         )
         self._queued = Gauge("veil_requests_queued", "Requests waiting for a slot.", registry=r)
         self._models = Gauge("veil_models_loaded", "Models loaded.", registry=r)
+        # Each request's counter and histogram, by (port, route, status): `labels()` checks and
+        # locks on every call. Bounded: ports and routes are the server's, statuses HTTP's.
+        self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     def observe_request(self, port: str, route: str, status: int, seconds: float) -> None:
         """One answered request; `route` must be a route the server declares, or ``other``."""
-        self._requests.labels(port, route, str(status)).inc()
-        self._latency.labels(port, route).observe(seconds)
+        children = self._children.get((port, route, status))
+        if children is None:
+            children = (
+                self._requests.labels(port, route, str(status)),
+                self._latency.labels(port, route),
+            )
+            self._children[(port, route, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_batch(self, requests: int, rows: int) -> None:
         """One ONNX Runtime run that served `requests` requests (`rows` is not exposed)."""
