@@ -362,8 +362,8 @@ def load_model(
 
     `batching` configures the model's `DynamicBatcher` (default `BatchingConfig()`); `executor`
     is where its ONNX Runtime calls run (the event loop's default executor if None); `limits`
-    bound its outputs; `loaded_bytes` is what admission measured. Untrusted bytes go through
-    `ModelRegistry.admit_and_load`, which admits them first.
+    bound its outputs; `loaded_bytes` is what admission measured. Untrusted bytes are admitted
+    first (`ModelRegistry.admitter`), then loaded with `ModelRegistry.load_admitted`.
 
     Raises:
         BadRequestError: (422) the bytes are not a model ONNX Runtime can load, or it has inputs
@@ -417,58 +417,6 @@ class ModelRegistry:
         self.on_run: Callable[[int, int], None] | None = None
         """Given to the batcher of every model added from now on (`DynamicBatcher.on_run`)."""
 
-    def admit_and_load(
-        self,
-        blob: bytes,
-        *,
-        model_id: str,
-        model_name: str,
-        threads: int,
-        model_hash: bytes | None = None,
-        batching: BatchingConfig | None = None,
-    ) -> LoadedModel:
-        """Admit untrusted `blob` in a child process, then load what it accepted (blocking).
-
-        The model is not added; `model_hash` defaults to the SHA-256 of `blob` (what the
-        uploader sent, whatever graph admission returns).
-
-        Raises:
-            ApiError: 413 / 422 / 429 from admission (`veil.server.admission`), 422 from loading.
-        """
-        return self.admit_optimize_and_load(
-            blob,
-            model_id=model_id,
-            model_name=model_name,
-            threads=threads,
-            model_hash=model_hash,
-            batching=batching,
-        )[0]
-
-    def admit_optimize_and_load(
-        self,
-        blob: bytes,
-        *,
-        model_id: str,
-        model_name: str,
-        threads: int,
-        model_hash: bytes | None = None,
-        batching: BatchingConfig | None = None,
-        optimization: str = "off",
-    ) -> tuple[LoadedModel, AdmittedModel]:
-        """`admit_and_load`, optimizing the graph in the admission child first
-        (`veil.server.optimize`); also returns what admission did (the graph to store, the
-        optimization report)."""
-        admitted = self.admitter.admit(blob, optimization)
-        loaded = self.load_admitted(
-            admitted,
-            model_id=model_id,
-            model_name=model_name,
-            threads=threads,
-            model_hash=model_hash or hashlib.sha256(blob).digest(),
-            batching=batching,
-        )
-        return loaded, admitted
-
     def load_admitted(
         self,
         admitted: AdmittedModel,
@@ -479,7 +427,12 @@ class ModelRegistry:
         model_hash: bytes,
         batching: BatchingConfig | None = None,
     ) -> LoadedModel:
-        """Load the graph admission accepted (blocking); `model_hash` is the upload's."""
+        """Load the graph `admitter` accepted (blocking); `model_hash` is the upload's (what
+        the client pins, whatever graph admission returned). The model is not added.
+
+        Raises:
+            BadRequestError: (422) ONNX Runtime refuses the graph.
+        """
         return load_model(
             admitted.graph,
             model_id=model_id,
