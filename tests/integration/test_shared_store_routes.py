@@ -126,6 +126,7 @@ def replicas(url: str, tmp_path: Path) -> Iterator[Any]:
     opened: list[Replica] = []
 
     def start(name: str, limits: Limits | None = None, *, no_auth: bool = True) -> Replica:
+        (tmp_path / name).mkdir()  # as `veil serve` makes its data directory
         config = ServerConfig(
             data_dir=tmp_path / name,
             platform="simulated",
