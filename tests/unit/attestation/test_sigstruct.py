@@ -77,7 +77,9 @@ def test_wrong_einit_helpers_are_refused(signed: bytes, offset: int, name: str) 
 def test_other_key_modulus_is_refused(signed: bytes) -> None:
     other = generate_enclave_key().public_key().public_numbers().n.to_bytes(384, "little")
     data = signed[:128] + other + signed[512:]
-    with pytest.raises(SignatureError, match="does not verify"):
+    # A random modulus is below the signature's value about half the time: that refusal comes
+    # first, and is as much a refusal as the signature check's.
+    with pytest.raises(SignatureError, match=r"does not verify|not below the modulus"):
         verify_sigstruct(Sigstruct.parse(data))
 
 
