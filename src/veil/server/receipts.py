@@ -80,6 +80,7 @@ class ReceiptLog:
         except FileNotFoundError:
             # Created (empty) and its name made durable now, so that no fsync of a record
             # depends on a directory entry that a crash could still lose.
+            self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._path.touch(mode=0o600)
             _fsync(self._path.parent)
             return

@@ -179,3 +179,9 @@ def test_a_failed_fsync_hands_out_no_receipt(
     with pytest.raises(OSError, match="I/O error"):
         server.issue("upload", "m", b"\x01" * 32)
     assert server.log.durable == 0
+
+
+def test_a_new_log_makes_its_directory(tmp_path: Path) -> None:
+    server = issuer(tmp_path / "not" / "yet")
+    decode_bundle(server.issue("upload", "m", b"\x01" * 32))
+    assert (tmp_path / "not" / "yet" / LOG_FILENAME).stat().st_size == 64
