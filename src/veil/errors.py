@@ -26,7 +26,7 @@
         ├── AuthenticationError          401: missing or unknown API key
         ├── PermissionDeniedError        403: the key may not do this
         ├── NotFoundError                404: unknown model
-        ├── ConflictError                409: model id already taken
+        ├── ConflictError                409: model id already taken, or ambiguous
         ├── RateLimitError               429: too many requests
         └── ServiceUnavailableError      503: queue full (retry after `retry_after`) or state broken
 
@@ -180,7 +180,9 @@ class NotFoundError(ApiError):
 
 
 class ConflictError(ApiError):
-    """409: the model id is already taken, or the server cannot do this in its setup."""
+    """409: the model id is already taken (by the caller's own model), names several models
+    the caller may use (name one as ``<owner key id>/<id>``, or by its hash), or the server
+    cannot do this in its setup."""
 
 
 class RateLimitError(ApiError):

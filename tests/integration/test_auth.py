@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Iterator
@@ -340,3 +341,88 @@ def test_run_by_hash_finds_the_copy_this_key_may_run(server: VeilServer, keys: K
     with as_(server, keys.carol) as carol, pytest.raises(veil.NotFoundError) as info:
         carol.run_model(model_hash=digest, input_tensors=x)
     assert info.value.message == f"no model with hash {digest!r}"
+
+
+# --- model ids belong to their owners: no existence oracle (issue 10) --------------------------
+
+
+def refusal(server: VeilServer, key: tuple[str, str], call: str, model_id: str) -> tuple[int, str]:
+    """(status, message) of a run or delete of `model_id` by `key`, with the id blanked out."""
+    with as_(server, key) as client:
+        act = (
+            functools.partial(client.predict, model_id, X)
+            if call == "run"
+            else functools.partial(client.delete_model, model_id)
+        )
+        with pytest.raises(veil.ApiError) as info:
+            act()
+    return info.value.status, info.value.message.replace(repr(model_id), "ID")
+
+
+def test_another_owners_id_answers_as_a_fresh_one(server: VeilServer, keys: Keys) -> None:
+    upload(server, keys.alice, "oracle-private", visibility="restricted")
+    # Probing by run and delete: the same answer as for an id nobody uses.
+    for call in ("run", "delete"):
+        assert refusal(server, keys.bob, call, "oracle-private") == refusal(
+            server, keys.bob, call, "oracle-never-used"
+        )
+    # Probing by upload: bob gets "oracle-private" exactly as he gets a fresh id.
+    wide = identity_model("float32", (3, 2))
+    with as_(server, keys.bob) as bob:
+        taken = bob.upload_model(wide, model_id="oracle-private")
+        fresh = bob.upload_model(wide, model_id="oracle-fresh")
+        assert (taken.model_id, taken.hash) == ("oracle-private", fresh.hash)
+    # Each owner runs, lists and deletes its own "oracle-private".
+    x = X.reshape(3, 2)
+    with as_(server, keys.bob) as bob:
+        assert np.array_equal(bob.predict("oracle-private", x).output[0].as_numpy(), x)
+        assert [m.owner for m in bob.list_models() if m.model_id == "oracle-private"] == [
+            keys.bob[0]
+        ]
+    assert predicts(server, keys.alice, "oracle-private")
+    with as_(server, keys.bob) as bob:
+        bob.delete_model("oracle-private")
+        bob.delete_model("oracle-fresh")
+    assert predicts(server, keys.alice, "oracle-private")  # alice's is untouched
+    # An owner's own id stays taken, for that owner only.
+    with as_(server, keys.alice) as alice, pytest.raises(veil.ConflictError) as info:
+        alice.upload_model(identity_model("float32"), model_id="oracle-private")
+    assert info.value.message == "model id 'oracle-private' is already taken"
+
+
+def test_public_ids_shared_by_owners(server: VeilServer, keys: Keys) -> None:
+    upload(server, keys.alice, "oracle-public", visibility="public")
+    assert predicts(server, keys.carol, "oracle-public")  # reachable by id by any key
+    blob = identity_model("float32", (3, 2)).SerializeToString()
+    with as_(server, keys.bob) as bob:
+        bob.upload_model(blob, model_id="oracle-public", visibility="public")
+    x = X.reshape(3, 2)
+    # Each owner gets its own; carol may run both: which one she means must be said.
+    assert predicts(server, keys.alice, "oracle-public")
+    with as_(server, keys.bob) as bob:
+        assert np.array_equal(bob.predict("oracle-public", x).output[0].as_numpy(), x)
+    with as_(server, keys.carol) as carol:
+        with pytest.raises(veil.ConflictError) as info:
+            carol.predict("oracle-public", X)
+        assert info.value.status == 409
+        assert "is ambiguous: 2 models you may use have it" in info.value.message
+        # ... by the qualified id, or by id and hash
+        out = carol.predict(f"{keys.alice[0]}/oracle-public", X).output[0].as_numpy()
+        assert np.array_equal(out, X)
+        digest = hashlib.sha256(blob).hexdigest()
+        # (the wire takes both, the public methods one: both as a client pinning a hash sends)
+        out = carol._run("oracle-public", digest, x, None, None)
+        assert np.array_equal(out.output[0].as_numpy(), x)
+    # An admin may delete either: it names which.
+    with as_(server, keys.admin) as admin:
+        with pytest.raises(veil.ConflictError):
+            admin.delete_model("oracle-public")
+        admin.delete_model(f"{keys.bob[0]}/oracle-public")
+    # One visible model of that id again: the plain id reaches it.
+    assert predicts(server, keys.carol, "oracle-public")
+    # A qualified id of a model the caller may not run is as unknown as any other.
+    upload(server, keys.alice, "oracle-hidden", visibility="restricted")
+    qualified = f"{keys.alice[0]}/oracle-hidden"
+    assert refusal(server, keys.bob, "run", qualified) == refusal(
+        server, keys.bob, "run", f"{keys.alice[0]}/oracle-none"
+    )

@@ -29,6 +29,7 @@ class Oip:
 
     def __init__(self, server: VeilServer, secret: str) -> None:
         self.data_dir = server.data_dir
+        self.server = server
         certificate = httpx.get(f"http://127.0.0.1:{server.unattested_port}/").content
         context = pinned_client_context(cbor2.loads(certificate))
         self.base = f"https://127.0.0.1:{server.attested_port}"
@@ -268,3 +269,36 @@ def test_metrics_count_oip_routes_by_template(oip: Oip) -> None:
     metrics = httpx.get(oip.plain + "/metrics").text
     assert 'route="/v2/models/{name}/infer"' in metrics
     assert "dense" not in metrics
+
+
+def test_names_resolve_per_owner(oip: Oip) -> None:
+    # Ids belong to their owners: bob's "dense" is not alice's; a key that may run several
+    # models of one name is told to say which (409), never handed one of them.
+    _, bob = create_key(oip.data_dir, "owner", "bob-oip")
+    _, carol = create_key(oip.data_dir, "user", "carol-oip")
+
+    def shape(secret: str | None, name: str) -> Any:
+        headers = {} if secret is None else {"X-Veil-Api-Key": secret}
+        reply = oip.client.get(f"{oip.base}/v2/models/{name}", headers=headers, extensions=SNI)
+        return reply.json()["inputs"][0]["shape"] if reply.status_code == 200 else reply
+
+    with oip.server.connect(api_key=bob) as client:
+        model = identity_model("float32").SerializeToString()
+        client.upload_model(model, model_id="dense", visibility="public")
+        client.upload_model(model, model_id="pub", visibility="public")
+        try:
+            assert shape(bob, "dense") == [2, 3]  # his own
+            assert shape(None, "dense") == [-1, 4]  # the client's key: alice's own
+            assert shape(carol, "dense") == [2, 3]  # the one carol may run
+            with oip.server.connect(api_key=oip.client.headers["X-Veil-Api-Key"]) as alice:
+                alice.upload_model(model, model_id="pub", visibility="public")
+                try:
+                    refused = shape(carol, "pub")
+                    assert refused.status_code == 409
+                    assert "is ambiguous: 2 models you may use have it" in refused.json()["error"]
+                    assert shape(bob, "pub") == [2, 3]
+                finally:
+                    alice.delete_model("pub")
+        finally:
+            client.delete_model("dense")
+            client.delete_model("pub")

@@ -11,12 +11,13 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import cbor2
 import psycopg
 import pytest
 
-from veil.errors import SealedStateError
+from veil.errors import ConflictError, SealedStateError
 from veil.server.keys import KeyStore
-from veil.server.pgstate import PostgresState
+from veil.server.pgstate import PostgresState, _digest
 from veil.server.sealing import SealedModelStore
 from veil.server.state import Manifest, ModelEntry
 from veil.server.store import StoredModel
@@ -211,3 +212,64 @@ def test_commits_are_atomic_across_replicas(url: str, tmp_path: Path) -> None:
     assert final.version == 30
     assert len(final.models) == 30
     assert {e.blob_version for e in final.models.values()} == set(range(1, 31))
+
+
+# --- model ids belong to their owners ------------------------------------------------------------
+
+ALICE, BOB = "a" * 16, "b" * 16
+
+
+def owned(model_id: str, blob: bytes, owner: str | None) -> StoredModel:
+    return StoredModel(model_id, hashlib.sha256(blob).digest(), "name", len(blob), owner=owner)
+
+
+def test_two_owners_keep_one_id_each_cluster_wide(url: str, tmp_path: Path) -> None:
+    a, b = replica(url, tmp_path), replica(url, tmp_path)
+    SealedModelStore(tmp_path / "sealed", a).put_stream(
+        owned("m", b"alice", ALICE), [b"alice"], exclusive=True
+    )
+    store_b = SealedModelStore(tmp_path / "sealed", b)
+    store_b.put_stream(owned("m", b"bob", BOB), [b"bob"], exclusive=True)
+    with pytest.raises(ConflictError, match="model id 'm' is already taken"):
+        store_b.put_stream(owned("m", b"again", ALICE), [b"again"], exclusive=True)
+    assert sorted(str(r[0]) for r in sql(url, "SELECT id FROM veil_rows")) == [
+        f"{ALICE}/m",
+        f"{BOB}/m",
+    ]
+    assert {m.key: blob for m, blob in SealedModelStore(tmp_path / "sealed", a).load_all()} == {
+        f"{ALICE}/m": b"alice",
+        f"{BOB}/m": b"bob",
+    }
+    # The owner is MACed with the row: a row handed to another owner is refused.
+    sql(url, "UPDATE veil_rows SET id = %s WHERE id = %s", f"{BOB}/x", f"{ALICE}/m")
+    with pytest.raises(SealedStateError, match="does not authenticate"):
+        replica(url, tmp_path)
+
+
+def test_rows_of_before_owner_scoped_ids_are_carried_over(url: str, tmp_path: Path) -> None:
+    # veil before owner-scoped ids wrote alice's "m" as row "m", its blob sealed under "m": what
+    # today's replica writes for an owner-less "m", with alice's metadata MACed in its place.
+    s = replica(url, tmp_path)
+    SealedModelStore(tmp_path / "sealed", s).put(owned("m", b"w", None), b"w")
+    (version,) = sql(url, "SELECT version FROM veil_head")[0]
+    entry = ModelEntry(owned("m", b"w", ALICE), int(version))  # type: ignore[call-overload]
+    body = cbor2.dumps(entry.to_cbor())
+    mac = s._row_mac("model", "m", body)
+    digest = _digest([("model", "m", mac)])
+    sql(url, "UPDATE veil_rows SET body = %s, mac = %s WHERE id = 'm'", body, mac)
+    sql(url, "UPDATE veil_head SET digest = %s, mac = %s", digest, s._head_mac(version, digest))  # type: ignore[arg-type]
+
+    fresh = replica(url, tmp_path)
+    store = SealedModelStore(tmp_path / "sealed", fresh)
+    assert {m.key: blob for m, blob in store.load_all()} == {f"{ALICE}/m": b"w"}
+    # The next commit writes it under its key; its blob keeps its name.
+    store.put(owned("m", b"bob", BOB), b"bob")
+    assert sorted(str(r[0]) for r in sql(url, "SELECT id FROM veil_rows")) == [
+        f"{ALICE}/m",
+        f"{BOB}/m",
+    ]
+    again = SealedModelStore(tmp_path / "sealed", replica(url, tmp_path))
+    assert {m.key: blob for m, blob in again.load_all()} == {
+        f"{ALICE}/m": b"w",
+        f"{BOB}/m": b"bob",
+    }

@@ -861,8 +861,12 @@ class Connection:
             except TransportError:
                 attested = False
                 continue
+            # Ids belong to their owners: an admin key lists every tenant's model of that id.
+            # (No owner: a server with authentication off, which ignores the key.)
+            api_key = self._settings[0]
+            owner = api_key.split("_")[1] if api_key and api_key.count("_") == 2 else None
             for info in listed:
-                if info.model_id == model_id:
+                if info.model_id == model_id and info.owner in (owner, None):
                     if info.hash == expected and info.size == size:
                         return UploadResponse(model_id=model_id, hash=expected)
                     return None  # the id holds other bytes: this upload was refused

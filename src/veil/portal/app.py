@@ -290,10 +290,16 @@ def build_portal(
         session = current(request)
         account = logged_in(session)
         fields = await form(request, session)
-        model_id = fields.get("model_id", "")
-        if model_id not in {m.model_id for m in await own_models(account)}:
+        model_id, owner = fields.get("model_id", ""), fields.get("owner")
+        found = [
+            m
+            for m in await own_models(account)
+            if m.model_id == model_id and owner in (None, m.owner)
+        ]
+        if len(found) != 1:
             raise _Refused(404, "no such model")
-        await call(admin.delete_model, model_id)
+        # Qualified: ids belong to their owners, and the admin key may use every tenant's "m".
+        await call(admin.delete_model, f"{found[0].owner}/{model_id}")
         return redirect(session, "/models")
 
     async def asset(request: Request) -> Response:

@@ -77,7 +77,6 @@ from veil.errors import (
     ApiError,
     BadRequestError,
     ConflictError,
-    NotFoundError,
     SealedStateError,
     ServiceUnavailableError,
     TensorError,
@@ -408,19 +407,19 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
     # Model bytes stored, and reserved by uploads in progress: checked and updated on the event
     # loop with no await in between, so two uploads cannot both take the last free bytes.
     # The quota counts what each model costs loaded (`LoadedModel.cost`), measured at admission.
-    # Charged per model id, loaded or evicted (an evicted model is still stored).
-    charged = {i: cost for i, cost in registry.costs().items() if i in access}
+    # Charged per model key (owner and id), loaded or evicted (an evicted model is still stored).
+    charged = {k: cost for k, cost in registry.costs().items() if k in access}
     storage = {"used": sum(charged.values()), "pending": 0}
     # Evicted models are loaded again from the sealed store; the plain one cannot, so there
     # nothing is evicted (past the budget a load is refused).
     can_reload = isinstance(state.store, SealedModelStore)
 
-    def charge(model_id: str, cost: int) -> None:
-        storage["used"] += cost - charged.get(model_id, 0)
-        charged[model_id] = cost
+    def charge(key: str, cost: int) -> None:
+        storage["used"] += cost - charged.get(key, 0)
+        charged[key] = cost
 
-    def uncharge(model_id: str) -> None:
-        storage["used"] -= charged.pop(model_id, 0)
+    def uncharge(key: str) -> None:
+        storage["used"] -= charged.pop(key, 0)
 
     async def room_for(cost: int) -> int:
         """Reserve `cost` of the memory budget (`ModelRegistry.make_room`), evicting what it
@@ -443,7 +442,12 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         return cost
 
     async def admit_and_load(
-        blob: bytes, meta_id: str, name: str, model_hash: bytes, optimization: str
+        blob: bytes,
+        meta_id: str,
+        name: str,
+        model_hash: bytes,
+        optimization: str,
+        owner: str | None,
     ) -> tuple[LoadedModel, AdmittedModel, int]:
         """Admission (a child process), room in the memory budget, then the load; returns the
         model, what admission did and the room reserved for it (give it to `registry.add`, or
@@ -459,6 +463,7 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
                 threads=config.threads,
                 model_hash=model_hash,
                 batching=config.batching,
+                owner=owner,
             )
         except BaseException:
             registry.release_room(room)
@@ -639,14 +644,67 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
             return api_error_for_status(404, f"unknown model id {model_id!r}")
         return api_error_for_status(404, f"no model with hash {(model_hash or '')[:80]!r}")
 
-    def meta_of(model_id: str) -> StoredModel:
-        meta = access.get(model_id)
-        if meta is None:  # loaded but not described: refuse rather than guess (fail closed)
-            raise not_found(model_id, None)
-        return meta
-
     def visible(principal: Principal, meta: StoredModel) -> bool:
         return can_predict(principal, meta.visibility, meta.allowed_keys, meta.owner)
+
+    def lookup(
+        principal: Principal,
+        model_id: str,
+        may_use: Callable[[StoredModel], bool],
+        model_hash: str | None = None,
+    ) -> StoredModel:
+        """The model `model_id` names for `principal`: the one lookup rule of every route.
+
+        An id belongs to its owner, so several owners may each have a model "m". Only models
+        the caller may use (`may_use`) are considered, so that the answer never depends on the
+        others (no existence oracle):
+
+        1. a qualified ``<owner key id>/<id>`` names that one model;
+        2. else the caller's own model of that id;
+        3. else the one model of that id the caller may use, among those of `model_hash` when
+           it is given; none: 404, as for an id nobody uses; several: 409, naming the ways to
+           say which (the qualified form, or the hash).
+
+        Models loaded and evicted alike (`access` knows both); `ensure_loaded` loads it.
+        """
+        if "/" in model_id:
+            usable = [access[model_id]] if model_id in access else []
+        else:
+            usable = [access[k] for k in sorted(access) if access[k].model_id == model_id]
+        usable = [meta for meta in usable if may_use(meta)]
+        if not principal.anonymous:
+            own = [meta for meta in usable if meta.owner == principal.key_id]
+            if own and "/" not in model_id:
+                return own[0]
+        if model_hash:
+            wanted = model_hash.lower()
+            usable = [meta for meta in usable if meta.model_hash.hex() == wanted]
+        if len(usable) == 1:
+            return usable[0]
+        if not usable:
+            raise not_found(model_id, None)
+        raise api_error_for_status(
+            409,
+            f"model id {model_id!r} is ambiguous: {len(usable)} models you may use have it; "
+            f"name one as '<owner key id>/{model_id}' or by its hash",
+        )
+
+    async def ensure_loaded(meta: StoredModel) -> LoadedModel:
+        """The loaded model of `meta` (`lookup`'s answer), loaded again from the sealed store
+        when it was evicted. The caller takes its lease with no await after this returns."""
+        if registry.loaded(meta.key):
+            return registry.get(meta.key)
+        store = state.store
+        if isinstance(store, SealedModelStore):
+            async with adopting:
+                if not registry.loaded(meta.key):
+                    entries = await run_in_threadpool(store.find, meta.key, None)
+                    entry = next((e for e in entries if e.meta.key == meta.key), None)
+                    if entry is not None:
+                        await adopt_reserved(store, entry)
+        if not registry.loaded(meta.key):  # deleted meanwhile, or being uploaded here now
+            raise not_found(meta.model_id, None)
+        return registry.get(meta.key)
 
     def check_model_size(size: int) -> None:
         # As soon as the model's header arrives: nothing is received for a model refused here.
@@ -728,7 +786,9 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         _note(request, model_id=model_id)
         size = len(blob)
         limits.check_model_bytes(size)
-        registry.reserve(model_id)
+        owner = principal.key_id
+        # Only the caller's own ids can be taken: another owner's "m" is never told of.
+        registry.reserve(owner, model_id)
         try:
             limits.check_storage(storage["used"] + storage["pending"], size)
             storage["pending"] += size
@@ -737,7 +797,12 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
                 # ONNX Runtime never sees what it refuses.
                 try:
                     model, admitted, room = await admit_and_load(
-                        blob, model_id, model_name, hashlib.sha256(blob).digest(), optimization
+                        blob,
+                        model_id,
+                        model_name,
+                        hashlib.sha256(blob).digest(),
+                        optimization,
+                        owner,
                     )
                 except ApiError as exc:
                     if exc.status != 503:  # admitted, but no room in the memory budget now
@@ -756,7 +821,7 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
                         model.model_hash,
                         model_name,
                         size,
-                        owner=principal.key_id,
+                        owner=owner,
                         visibility=visibility,
                         allowed_keys=allowed,
                         created_at=time.time(),
@@ -772,12 +837,12 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
                     raise
             finally:
                 storage["pending"] -= size
-            charge(model_id, model.cost)
-            access[model_id] = meta
+            charge(meta.key, model.cost)
+            access[meta.key] = meta
             registry.add(model, room=room)
             metrics.observe_load("upload")
         finally:
-            registry.release(model_id)
+            registry.release(owner, model_id)
         _log.info("model %s uploaded (%d bytes)", model_id, model.size)
         if report is not None:
             _log.info(
@@ -796,19 +861,19 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         )
         return with_receipt(reply, receipt)
 
-    def registry_has(model_id: str | None, model_hash: str | None) -> bool:
-        try:
-            registry.get(model_id, model_hash)
-        except ApiError:
-            return False
-        return True
-
     adopting = asyncio.Lock()
 
-    async def adopt(model_id: str | None, model_hash: str | None) -> None:
+    async def adopt(
+        model_id: str | None, model_hash: str | None, usable: Callable[[StoredModel], bool]
+    ) -> None:
         """Load, on its first use here, a model another replica committed to the shared state
         (``--database-url``): admitted and measured as at upload, from its sealed blob, within
-        the same model-size and storage limits (413)."""
+        the same model-size and storage limits (413).
+
+        Every model of that id or hash the caller may use (`usable`), whoever owns it, so that
+        `lookup` sees what it would see had this replica stored them all; never the others:
+        loading them (or failing to, 413) would answer differently for ids the caller may not
+        see."""
         store = state.store
         if not isinstance(store, SealedModelStore):
             return
@@ -816,22 +881,28 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
             by_hash = bytes.fromhex(model_hash) if model_hash and not model_id else None
         except ValueError:
             return
+        entries = await run_in_threadpool(store.find, model_id, by_hash)
+        entries = [e for e in entries if e.meta.key not in access and usable(e.meta)]
+        if not entries:
+            return
         async with adopting:  # one load at a time: a burst of first uses loads a model once
-            entry = await run_in_threadpool(store.find, model_id, by_hash)
-            if entry is None or registry_has(entry.meta.model_id, None):
-                return
-            try:
-                registry.reserve(entry.meta.model_id)
-            except ConflictError:  # uploaded here right now: that upload adds it
-                return
-            try:
-                await adopt_entry(store, entry)
-            finally:
-                registry.release(entry.meta.model_id)
+            for entry in entries:
+                if entry.meta.key not in access:
+                    await adopt_reserved(store, entry)
+
+    async def adopt_reserved(store: SealedModelStore, entry: ModelEntry) -> None:
+        try:
+            registry.reserve(entry.meta.owner, entry.meta.model_id)
+        except ConflictError:  # uploaded here right now: that upload adds it
+            return
+        try:
+            await adopt_entry(store, entry)
+        finally:
+            registry.release(entry.meta.owner, entry.meta.model_id)
 
     async def adopt_entry(store: SealedModelStore, entry: ModelEntry) -> None:
         # An evicted model is stored and charged already: its own charge is not counted twice.
-        used = storage["used"] - charged.get(entry.meta.model_id, 0)
+        used = storage["used"] - charged.get(entry.meta.key, 0)
         limits.check_model_bytes(entry.meta.size)
         limits.check_storage(used + storage["pending"], entry.meta.size)
         found = await _in_thread(store.load_latest, entry)
@@ -845,59 +916,63 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         storage["pending"] += size
         try:
             model, _, room = await admit_and_load(
-                blob, meta.model_id, meta.model_name, meta.model_hash, "off"
+                blob, meta.model_id, meta.model_name, meta.model_hash, "off", meta.owner
             )
             del blob
             try:
-                used = storage["used"] - charged.get(meta.model_id, 0)
+                used = storage["used"] - charged.get(meta.key, 0)
                 limits.check_storage(used + storage["pending"] - size, model.cost)
             except BaseException:
                 registry.release_room(room)
                 raise
         finally:
             storage["pending"] -= size
-        charge(meta.model_id, model.cost)
-        access[meta.model_id] = meta
+        charge(meta.key, model.cost)
+        access[meta.key] = meta
         registry.add(model, room=room)
         metrics.observe_load("store")
         _log.info("model %s loaded from the store", meta.model_id)
 
-    async def up_to_date(model_id: str | None, model_hash: str | None) -> None:
-        """Before a model answers (BlindAI's /run by id or by hash, OIP by name): drop here
-        what another replica deleted or replaced, and load what it stored that is not loaded
-        here."""
+    async def up_to_date(
+        model_id: str | None, model_hash: str | None, usable: Callable[[StoredModel], bool]
+    ) -> None:
+        """Before a model answers (BlindAI's /run by id or by hash, OIP by name, /delete): drop
+        here what another replica deleted or replaced, and load what it stored that this
+        replica does not know yet, of the models the caller may use (`usable`)."""
         if model_id:
             await drop_if_superseded(model_id)
         elif model_hash:
             wanted = model_hash.lower()
-            for loaded in registry.all():
-                if loaded.model_hash.hex() == wanted:
-                    await drop_if_superseded(loaded.model_id)
-        if not registry_has(model_id, model_hash):
-            await adopt(model_id, model_hash)
+            for meta in list(access.values()):
+                if meta.model_hash.hex() == wanted:
+                    await drop_if_superseded(meta.model_id)
+        await adopt(model_id, model_hash, usable)
 
     async def drop_if_superseded(model_id: str) -> None:
-        """Shared state (``--database-url``): a model loaded here that another replica deleted,
-        or replaced under the same id (other bytes, owner or visibility), is dropped here too
-        before it could answer."""
+        """Shared state (``--database-url``): a model known here (loaded or evicted) that
+        another replica deleted, or stored again under the same owner and id (other bytes or
+        visibility), is dropped here too before it could answer."""
         store = state.store
         if config.database_url is None or not isinstance(store, SealedModelStore):
             return
-        if model_id not in access:  # neither loaded nor evicted here
+        known = [k for k, m in access.items() if model_id in (k, m.model_id)]
+        if not known:  # neither loaded nor evicted here
             return
-        entry = await run_in_threadpool(store.find, model_id, None)
-        # The whole record, not only the hash: the same bytes uploaded again by another owner,
-        # or with other visibility, must not run under the old record's access rules.
-        if entry is not None and entry.meta == access.get(model_id):
-            return
-        async with adopting:
-            if access.pop(model_id, None) is None:  # dropped meanwhile by another request
-                return
-            removed = registry.forget(model_id)
-            uncharge(model_id)
-            if removed is not None:
-                await removed.close()
-        _log.info("model %s dropped: deleted or replaced through another replica", model_id)
+        entries = await run_in_threadpool(store.find, model_id, None)
+        committed = {e.meta.key: e.meta for e in entries}
+        for key in known:
+            # The whole record, not only the hash: the same bytes stored again with other
+            # visibility must not run under the old record's access rules.
+            if committed.get(key) == access.get(key):
+                continue
+            async with adopting:
+                if access.pop(key, None) is None:  # dropped meanwhile by another request
+                    continue
+                removed = registry.forget(key)
+                uncharge(key)
+                if removed is not None:
+                    await removed.close()
+            _log.info("model %s dropped: deleted or replaced through another replica", model_id)
 
     async def run(request: Request) -> Response:
         principal = await authenticate(request, allow_anonymous=True)
@@ -915,24 +990,22 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         for tensor in message.inputs:
             itemsize = numpy_dtype(tensor.datum_type).itemsize
             limits.check_tensor(tensor.shape, itemsize, name=tensor.name or "")
-        await up_to_date(message.model_id, message.model_hash)
+        may_run = functools.partial(visible, principal)
+        await up_to_date(message.model_id, message.model_hash, may_run)
         if message.model_id is None and message.model_hash:
             # By hash (BlindAI): several models may share one; take one this key may run.
             wanted = message.model_hash.lower()
             runnable = [
-                m
-                for m in registry.all()
-                if m.model_hash.hex() == wanted
-                and m.model_id in access
-                and visible(principal, access[m.model_id])
+                access[k]
+                for k in sorted(access)
+                if access[k].model_hash.hex() == wanted and may_run(access[k])
             ]
             if not runnable:
                 raise not_found(None, message.model_hash)
-            model = runnable[0]
+            model = await ensure_loaded(runnable[0])
         else:
-            model = registry.get(message.model_id, message.model_hash)
-            if not visible(principal, meta_of(model.model_id)):
-                raise not_found(message.model_id, message.model_hash)
+            meta = lookup(principal, message.model_id or "", may_run, message.model_hash)
+            model = await ensure_loaded(meta)
             if message.model_hash and model.model_hash.hex() != message.model_hash.lower():
                 # Both given: both must match, so a client can pin what it runs.
                 raise api_error_for_status(
@@ -955,7 +1028,8 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         issue = functools.partial(
             issuer.issue,
             "predict",
-            model.model_id,
+            # The id as the caller named it (its own, or qualified ``owner/id``) and the hash.
+            message.model_id or model.model_id,
             model.model_hash,
             inputs=tensors_digest(message.inputs),
             outputs=digests["outputs"],
@@ -970,21 +1044,22 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         body = await _read_body(request, limits.max_request_bytes, "max_request_bytes")
         message = await run_in_threadpool(wire.decode_delete_request, body)
         model_id = message.model_id
-        await drop_if_superseded(model_id)  # the owner as the shared state says now
-        if model_id not in access:  # stored through another replica, never loaded here
-            await adopt(model_id, None)
-        meta = meta_of(model_id)
+
+        # Seen: the models it may delete (an admin: all), and those it may run (a 403 then).
+        def may_see(meta: StoredModel) -> bool:
+            return can_delete(principal, meta.owner) or visible(principal, meta)
+
+        await up_to_date(model_id, None, may_see)  # the owner as the shared state says now
+        meta = lookup(principal, model_id, may_see)
         if not can_delete(principal, meta.owner):
-            if not visible(principal, meta):
-                raise not_found(model_id, None)
             raise api_error_for_status(
                 403, f"model {model_id!r} may be deleted only by its owner's key or an admin key"
             )
         _note(request, model_id=model_id)
-        await run_in_threadpool(state.store.delete, model_id)
-        removed = registry.forget(model_id)
-        access.pop(model_id, None)
-        uncharge(model_id)
+        await run_in_threadpool(state.store.delete, meta.key)
+        removed = registry.forget(meta.key)
+        access.pop(meta.key, None)
+        uncharge(meta.key)
         if removed is not None:
             await removed.close()
         _log.info("model %s deleted", model_id)
@@ -998,8 +1073,8 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
     async def list_models(request: Request) -> Response:
         principal = await authenticate(request)
         listed = []
-        for entry in registry.describe():
-            meta = access.get(str(entry["model_id"]))
+        for key, entry in registry.describe().items():
+            meta = access.get(key)
             if meta is not None and can_list(principal, meta.owner):
                 listed.append(
                     {
@@ -1012,14 +1087,9 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         return _cbor(listed)
 
     async def runnable(principal: Principal, model_id: str) -> LoadedModel:
-        await up_to_date(model_id, None)
-        try:
-            model = registry.get(model_id)
-        except NotFoundError:
-            raise not_found(model_id, None) from None
-        if not visible(principal, meta_of(model.model_id)):
-            raise not_found(model_id, None)
-        return model
+        may_run = functools.partial(visible, principal)
+        await up_to_date(model_id, None, may_run)
+        return await ensure_loaded(lookup(principal, model_id, may_run))
 
     async def authenticate_run(request: Request) -> Principal:
         # As for /run: a public model may be run without a key (unless --no-anonymous).

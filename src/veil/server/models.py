@@ -46,6 +46,7 @@ from veil.server.batching import BatchingConfig, DynamicBatcher, has_dynamic_bat
 from veil.server.demotion import WATCHDOG, HeavyFlag, capture_new_threads
 from veil.server.limits import Limits
 from veil.server.onnx_guard import create_session
+from veil.server.store import scoped_key
 from veil.tensors import (
     DatumType,
     WireTensor,
@@ -142,6 +143,8 @@ class LoadedModel:
     outputs: tuple[TensorSpec, ...]
     session: ort.InferenceSession
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    # The key id that uploaded it (None: authentication off): ids are unique per owner.
+    owner: str | None = None
     executor: Executor | None = None
     # Resident bytes the session cost when admitted (0: not measured) and the output limits.
     loaded_bytes: int = 0
@@ -170,6 +173,11 @@ class LoadedModel:
 
     def __repr__(self) -> str:
         return f"LoadedModel(model_id={self.model_id!r}, hash={self.model_hash.hex()})"
+
+    @property
+    def key(self) -> str:
+        """Owner and id (`veil.server.store.scoped_key`): unique among the loaded models."""
+        return scoped_key(self.owner, self.model_id)
 
     @property
     def cost(self) -> int:
@@ -357,6 +365,7 @@ def load_model(
     executor: Executor | None = None,
     limits: Limits | None = None,
     loaded_bytes: int = 0,
+    owner: str | None = None,
 ) -> LoadedModel:
     """Build an ONNX Runtime session from model bytes already admitted (blocking).
 
@@ -388,11 +397,13 @@ def load_model(
         executor=executor,
         loaded_bytes=loaded_bytes,
         limits=limits,
+        owner=owner,
     )
 
 
 class ModelRegistry:
-    """The loaded models by id; safe to use from the event loop and worker threads.
+    """The loaded models by key (owner and id, `LoadedModel.key`); safe to use from the event
+    loop and worker threads.
 
     `executor` is where every model's ONNX Runtime calls run: ``max_concurrent_runs`` threads
     shared by all models, each model using at most one at a time (its batcher), so one model
@@ -406,8 +417,8 @@ class ModelRegistry:
         )
         self.admitter = Admitter(self.limits)
         self._lock = threading.Lock()
-        # Loaded models, least recently used first (`get` and `lease` move one to the end).
-        self._models: dict[str, LoadedModel] = {m.model_id: m for m in models}
+        # Loaded models by key, least recently used first (`get` and `lease` move one to the end).
+        self._models: dict[str, LoadedModel] = {m.key: m for m in models}
         self._reserved: set[str] = set()
         # Evicted under the memory budget: their description, until they are loaded again.
         self._evicted: dict[str, Mapping[str, Any]] = {}
@@ -426,6 +437,7 @@ class ModelRegistry:
         threads: int,
         model_hash: bytes,
         batching: BatchingConfig | None = None,
+        owner: str | None = None,
     ) -> LoadedModel:
         """Load the graph `admitter` accepted (blocking); `model_hash` is the upload's (what
         the client pins, whatever graph admission returned). The model is not added.
@@ -443,37 +455,40 @@ class ModelRegistry:
             executor=self.executor,
             limits=self.limits,
             loaded_bytes=admitted.loaded_bytes,
+            owner=owner,
         )
 
-    def reserve(self, model_id: str) -> None:
-        """Claim an id for an upload in progress.
+    def reserve(self, owner: str | None, model_id: str) -> None:
+        """Claim `owner`'s id for an upload in progress. Only the owner's own models count:
+        whether another owner uses the id is never told.
 
         Raises:
-            ConflictError: (409) the id is taken or being uploaded.
+            ConflictError: (409) the owner's id is taken or being uploaded.
         """
+        key = scoped_key(owner, model_id)
         with self._lock:
-            if model_id in self._models or model_id in self._reserved:
+            if key in self._models or key in self._reserved:
                 raise ConflictError(409, f"model id {model_id!r} is already taken")
-            self._reserved.add(model_id)
+            self._reserved.add(key)
 
-    def release(self, model_id: str) -> None:
+    def release(self, owner: str | None, model_id: str) -> None:
         with self._lock:
-            self._reserved.discard(model_id)
+            self._reserved.discard(scoped_key(owner, model_id))
 
     def add(self, model: LoadedModel, *, room: int = 0) -> None:
         """Serve `model`; `room` is what `make_room` reserved for it (now counted as loaded)."""
         model.batcher.on_run = self.on_run
         with self._lock:
-            self._reserved.discard(model.model_id)
-            self._evicted.pop(model.model_id, None)
-            self._evicted_cost.pop(model.model_id, None)
-            self._models[model.model_id] = model
+            self._reserved.discard(model.key)
+            self._evicted.pop(model.key, None)
+            self._evicted_cost.pop(model.key, None)
+            self._models[model.key] = model
             self._room_reserved -= room
 
     def costs(self) -> dict[str, int]:
-        """`LoadedModel.cost` of every model, loaded or evicted, by id."""
+        """`LoadedModel.cost` of every model, loaded or evicted, by key."""
         with self._lock:
-            return {**self._evicted_cost, **{i: m.cost for i, m in self._models.items()}}
+            return {**self._evicted_cost, **{k: m.cost for k, m in self._models.items()}}
 
     @property
     def loaded_cost(self) -> int:
@@ -500,21 +515,21 @@ class ModelRegistry:
         evicted: list[LoadedModel] = []
         with self._lock:
             used = sum(m.cost for m in self._models.values()) + self._room_reserved
-            for model_id in list(self._models):
+            for key in list(self._models):
                 if used + cost <= budget:
                     break
-                if not evict or self._leases.get(model_id):
+                if not evict or self._leases.get(key):
                     continue  # running or about to: never evicted mid-run
-                model = self._models.pop(model_id)
-                self._evicted[model_id] = _description(model)
-                self._evicted_cost[model_id] = model.cost
+                model = self._models.pop(key)
+                self._evicted[key] = _description(model)
+                self._evicted_cost[key] = model.cost
                 used -= model.cost
                 evicted.append(model)
             if used + cost > budget:
                 for model in evicted:  # nothing evicted for a load that cannot happen
-                    self._evicted.pop(model.model_id, None)
-                    self._evicted_cost.pop(model.model_id, None)
-                    self._models[model.model_id] = model
+                    self._evicted.pop(model.key, None)
+                    self._evicted_cost.pop(model.key, None)
+                    self._models[model.key] = model
                 raise ServiceUnavailableError(
                     503,
                     "models_memory_budget_bytes: the models in use leave no room to load "
@@ -528,73 +543,69 @@ class ModelRegistry:
         with self._lock:
             self._room_reserved -= cost
 
-    def evicted(self, model_id: str) -> bool:
+    def evicted(self, key: str) -> bool:
         with self._lock:
-            return model_id in self._evicted
+            return key in self._evicted
+
+    def loaded(self, key: str) -> bool:
+        with self._lock:
+            return key in self._models
 
     @contextlib.contextmanager
     def lease(self, model: LoadedModel) -> Iterator[None]:
         """Hold `model` loaded while a request uses it: `make_room` never evicts it meanwhile.
         Take it on the event loop with no await since the model was looked up."""
-        model_id = model.model_id
+        key = model.key
         with self._lock:
-            self._leases[model_id] = self._leases.get(model_id, 0) + 1
-            if self._models.get(model_id) is model:
-                self._models[model_id] = self._models.pop(model_id)  # most recently used
+            self._leases[key] = self._leases.get(key, 0) + 1
+            if self._models.get(key) is model:
+                self._models[key] = self._models.pop(key)  # most recently used
         try:
             yield
         finally:
             with self._lock:
-                left = self._leases[model_id] - 1
+                left = self._leases[key] - 1
                 if left:
-                    self._leases[model_id] = left
+                    self._leases[key] = left
                 else:
-                    del self._leases[model_id]
+                    del self._leases[key]
 
-    def get(self, model_id: str | None, model_hash: str | None = None) -> LoadedModel:
-        """A model by id, else by hex hash.
+    def get(self, key: str) -> LoadedModel:
+        """The model of `key` (`LoadedModel.key`).
 
         Raises:
             NotFoundError: (404) no such model.
         """
         with self._lock:
-            if model_id:
-                model = self._models.get(model_id)
-                if model is None:
-                    raise NotFoundError(404, f"unknown model id {model_id!r}")
-                return model
-            if model_hash:
-                wanted = model_hash.lower()
-                for model in self._models.values():
-                    if model.model_hash.hex() == wanted:
-                        return model
-                raise NotFoundError(404, f"no model with hash {model_hash[:80]!r}")
-        raise BadRequestError(400, "expected a model_id or a model_hash")
-
-    def remove(self, model_id: str) -> LoadedModel:
-        with self._lock:
-            model = self._models.pop(model_id, None)
+            model = self._models.get(key)
         if model is None:
-            raise NotFoundError(404, f"unknown model id {model_id!r}")
+            raise NotFoundError(404, f"unknown model id {key.rpartition('/')[2]!r}")
         return model
 
-    def forget(self, model_id: str) -> LoadedModel | None:
-        """Remove a model, loaded or evicted; the loaded one, if it was."""
+    def remove(self, key: str) -> LoadedModel:
         with self._lock:
-            self._evicted.pop(model_id, None)
-            self._evicted_cost.pop(model_id, None)
-            return self._models.pop(model_id, None)
+            model = self._models.pop(key, None)
+        if model is None:
+            raise NotFoundError(404, f"unknown model id {key.rpartition('/')[2]!r}")
+        return model
+
+    def forget(self, key: str) -> LoadedModel | None:
+        """Remove the model of `key`, loaded or evicted; the loaded one, if it was."""
+        with self._lock:
+            self._evicted.pop(key, None)
+            self._evicted_cost.pop(key, None)
+            return self._models.pop(key, None)
 
     def all(self) -> list[LoadedModel]:
         with self._lock:
             return list(self._models.values())
 
-    def describe(self) -> list[Mapping[str, Any]]:
-        """Every model, loaded or evicted."""
+    def describe(self) -> dict[str, Mapping[str, Any]]:
+        """What ``GET /models`` says of every model, loaded or evicted, by key."""
         with self._lock:
-            loaded = list(self._models.values())
-            evicted = list(self._evicted.values())
-        return [*(_description(m) for m in loaded), *evicted]
+            loaded = {k: _description(m) for k, m in self._models.items()}
+            evicted = dict(self._evicted)
+        return {**loaded, **evicted}
 
 
 def _description(m: LoadedModel) -> Mapping[str, Any]:

@@ -5,7 +5,8 @@ records, one version), kept as rows that every replica reads and writes. Postgre
 every TEE, so it is trusted with nothing: each row carries an HMAC under a key derived from the
 cluster (or platform) key, and one head row binds the version to a digest of every row's MAC::
 
-    veil_rows(kind, id, body, mac)     kind 'model' or 'key'; body the entry's CBOR;
+    veil_rows(kind, id, body, mac)     kind 'model' or 'key'; id the model's key (owner and
+                                       id, `StoredModel.key`) or the key id; body the entry's CBOR;
                                        mac = HMAC(row key, ["veil row", kind, id, body])
     veil_head(id = 1, version, digest, mac)
                                        digest = SHA-256 of the sorted (kind, id, mac) of all rows;
@@ -152,9 +153,15 @@ class PostgresState:
                 value = cbor2.loads(body)
                 if kind == "model":
                     entry = ModelEntry.from_cbor(value)
-                    if entry.meta.model_id != row_id or entry.blob_version > version:
-                        raise ValueError("id or blob version out of place")
-                    models[row_id] = entry
+                    if row_id != entry.meta.key and row_id == entry.meta.model_id:
+                        # A row from before ids belonged to owners (named by the bare id, as
+                        # its blob is): read as such, written under its key at the next commit.
+                        entry = ModelEntry.from_cbor(value, legacy=True)
+                    elif row_id != entry.meta.key:
+                        raise ValueError("id out of place")
+                    if entry.blob_version > version or entry.meta.key in models:
+                        raise ValueError("blob version or key out of place")
+                    models[entry.meta.key] = entry
                 elif kind == "key":
                     record = KeyRecord.from_cbor(value)
                     if record.key_id != row_id:
@@ -208,10 +215,11 @@ class PostgresState:
         with self._lock, self._reader.transaction():
             return self._reader.execute("SELECT 1 FROM veil_head").fetchone() is None
 
-    def names_blob(self, model_id: str, blob_version: int) -> bool:
-        """Whether the committed state names this blob; True when that cannot be read."""
+    def names_blob(self, key: str, blob_version: int) -> bool:
+        """Whether the committed state names this blob of the model of `key`; True when that
+        cannot be read."""
         try:
-            entry = self.current().models.get(model_id)
+            entry = self.current().models.get(key)
         except (SealedStateError, psycopg.Error):
             return True
         return entry is not None and entry.blob_version == blob_version
@@ -257,7 +265,14 @@ class PostgresState:
                 version = current.version + 1
                 new = change(current, version)
                 new = Manifest(version, new.models, new.keys)
-                old_rows, new_rows = _rows_of(current), _rows_of(new)
+                # The rows as they are (a row from before owner-scoped ids has another id than
+                # the one it is written back under), not as `current` would write them.
+                stored = self._writer.execute("SELECT kind, id, body FROM veil_rows").fetchall()
+                old_rows = {
+                    (str(k), str(i)): bytes(b)
+                    for k, i, b in cast(list[tuple[str, str, bytes]], stored)
+                }
+                new_rows = _rows_of(new)
                 for kind, row_id in old_rows.keys() - new_rows.keys():
                     self._writer.execute(
                         "DELETE FROM veil_rows WHERE kind = %s AND id = %s", (kind, row_id)

@@ -296,13 +296,14 @@ def prepare_state(
                     threads=config.threads,
                     model_hash=meta.model_hash,
                     batching=config.batching,
+                    owner=meta.owner,
                 )
             except BaseException:
                 registry.release_room(cost)
                 raise
             used += cost
             registry.add(model, room=cost)
-            access[meta.model_id] = meta
+            access[meta.key] = meta
         except ApiError as exc:
             _log.warning("stored model %s not loaded: %s", meta.model_id, exc.message)
     state = ServerState(

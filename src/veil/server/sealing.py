@@ -7,8 +7,10 @@ entry keeps the upload's SHA-256 (the hash clients pin) and adds the graph's SHA
 which the blob is checked against (`StoredModel.stored_hash`), so a restart serves the graph
 that was served before it. The blob is
 ``<directory>/<tag>-<blob version>.sealed``, sealed under the state's blob key with context
-``blob`` || tag || u64 blob version, where tag = HMAC-SHA256(name key, model id): the directory
-reveals no model ids, and a blob renamed to another id or version fails authentication.
+``blob`` || tag || u64 blob version, where tag = HMAC-SHA256(name key, model key): the model key
+is owner and id (`veil.server.store.scoped_key`; the bare id for a blob sealed before ids
+belonged to owners, `ModelEntry.blob_name`). The directory reveals no model ids, and a blob
+renamed to another model or version fails authentication.
 
 - put: (under the state lock) write the blob of version v+1 → commit manifest v+1 naming it →
   remove the previous blob of that id. A crash before the commit leaves an unnamed new blob; a
@@ -85,14 +87,14 @@ class SealedModelStore:
     def directory(self) -> Path:
         return self._dir
 
-    def _tag(self, model_id: str) -> bytes:
-        return hmac.new(self._name_key, model_id.encode("utf-8"), hashlib.sha256).digest()
+    def _tag(self, name: str) -> bytes:
+        return hmac.new(self._name_key, name.encode("utf-8"), hashlib.sha256).digest()
 
-    def _path(self, model_id: str, version: int) -> Path:
-        return self._dir / f"{self._tag(model_id).hex()}-{version}{_SUFFIX}"
+    def _path(self, name: str, version: int) -> Path:
+        return self._dir / f"{self._tag(name).hex()}-{version}{_SUFFIX}"
 
-    def _context(self, model_id: str, version: int) -> bytes:
-        return b"blob" + self._tag(model_id) + struct.pack(">Q", version)
+    def _context(self, name: str, version: int) -> bytes:
+        return b"blob" + self._tag(name) + struct.pack(">Q", version)
 
     # --- writing ------------------------------------------------------------------------------
 
@@ -106,18 +108,18 @@ class SealedModelStore:
         """Store a model whose bytes arrive as `chunks`, holding one chunk at a time.
 
         Returns the number of bytes written. If `chunks` raises, or the bytes do not match
-        ``meta.stored_size`` and ``meta.stored_hash``, nothing is stored. With `exclusive`, an
-        id the committed state already names is a `ConflictError` (409), decided in the commit
-        itself, so two replicas uploading one id at once store one model.
+        ``meta.stored_size`` and ``meta.stored_hash``, nothing is stored. With `exclusive`, a
+        model of the same owner and id in the committed state is a `ConflictError` (409),
+        decided in the commit itself, so two replicas uploading one id at once store one model.
         """
-        model_id = meta.model_id
+        model_id, key = meta.model_id, meta.key
         written: list[int] = []
-        replaced: list[int] = []
+        replaced: list[ModelEntry] = []
 
         def change(current: Manifest, version: int) -> Manifest:
-            if exclusive and model_id in current.models:
+            if exclusive and key in current.models:
                 raise ConflictError(409, f"model id {model_id!r} is already taken")
-            path = self._path(model_id, version)
+            path = self._path(key, version)
             digest = hashlib.sha256()
 
             def hashing() -> Iterator[bytes]:
@@ -129,16 +131,16 @@ class SealedModelStore:
             size = write_sealed(
                 path,
                 self._key,
-                self._context(model_id, version),
+                self._context(key, version),
                 hashing(),
                 chunk_size=self._chunk_size,
             )
             if size != meta.stored_size or digest.digest() != meta.stored_hash:
                 raise ValueError(f"model {model_id!r}: bytes differ from its size or hash")
-            old = current.models.get(model_id)
+            old = current.models.get(key)
             if old is not None:
-                replaced.append(old.blob_version)
-            return current.replace(models={**current.models, model_id: ModelEntry(meta, version)})
+                replaced.append(old)
+            return current.replace(models={**current.models, key: ModelEntry(meta, version)})
 
         try:
             self._state.update(change)
@@ -146,39 +148,37 @@ class SealedModelStore:
             # Remove the new blob unless the manifest names it (the commit's rename happened
             # before the failure, e.g. in the directory fsync): then the blob is the model.
             for version in written:
-                if not self._state.names_blob(model_id, version):
+                if not self._state.names_blob(key, version):
                     with contextlib.suppress(FileNotFoundError):
-                        self._path(model_id, version).unlink()
+                        self._path(key, version).unlink()
             raise
-        for version in replaced:
-            self._remove(self._path(model_id, version))
+        for entry in replaced:
+            self._remove(self._path(entry.sealed_name, entry.blob_version))
         return meta.stored_size
 
-    def delete(self, model_id: str) -> None:
-        """Remove a model if present. Durable once this returns."""
-        removed: list[int] = []
+    def delete(self, key: str) -> None:
+        """Remove the model of `key` (`StoredModel.key`) if present. Durable once this returns."""
+        removed: list[ModelEntry] = []
 
         def change(current: Manifest, version: int) -> Manifest:
-            entry = current.models.get(model_id)
+            entry = current.models.get(key)
             if entry is not None:
-                removed.append(entry.blob_version)
-            return current.replace(
-                models={k: v for k, v in current.models.items() if k != model_id}
-            )
+                removed.append(entry)
+            return current.replace(models={k: v for k, v in current.models.items() if k != key})
 
-        if model_id not in self._state.current().models:
+        if key not in self._state.current().models:
             return
         self._state.update(change)
-        for version in removed:
-            self._remove(self._path(model_id, version))
+        for entry in removed:
+            self._remove(self._path(entry.sealed_name, entry.blob_version))
 
     def _remove(self, path: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         fsync_dir(self._dir)
 
-    def __contains__(self, model_id: str) -> bool:
-        return model_id in self._state.current().models
+    def __contains__(self, key: str) -> bool:
+        return key in self._state.current().models
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -203,15 +203,15 @@ class SealedModelStore:
         self._state.open()
         with self._state.locked() as manifest:
             self._remove_unnamed(manifest)
-        for model_id in sorted(manifest.models):
-            found = self.load_latest(manifest.models[model_id])
+        for key in sorted(manifest.models):
+            found = self.load_latest(manifest.models[key])
             if found is not None:
                 yield found
 
     def _remove_unnamed(self, manifest: Manifest) -> None:
         for name in remove_temp_files(self._dir):
             _log.warning("removed interrupted write %s", name)
-        named = {self._path(i, e.blob_version).name for i, e in manifest.models.items()}
+        named = {self._path(e.sealed_name, e.blob_version).name for e in manifest.models.values()}
         for path in sorted(self._dir.iterdir()):
             if path.name in named:
                 continue
@@ -228,18 +228,18 @@ class SealedModelStore:
             )
             self._remove(path)
 
-    def find(self, model_id: str | None, model_hash: bytes | None) -> ModelEntry | None:
-        """The committed entry of a model by id, else by SHA-256 (the first in id order): what
-        a replica loads on first use of a model another replica stored."""
+    def find(self, model_id: str | None, model_hash: bytes | None) -> list[ModelEntry]:
+        """The committed entries of the models with this id (of every owner; the one of a
+        qualified ``owner/id``), else with this SHA-256, in key order: what a replica loads on
+        first use of a model another replica stored."""
         models = self._state.current().models
+        if model_id and "/" in model_id:
+            return [models[model_id]] if model_id in models else []
         if model_id:
-            return models.get(model_id)
+            return [models[k] for k in sorted(models) if models[k].meta.model_id == model_id]
         if model_hash is not None:
-            return next(
-                (models[i] for i in sorted(models) if models[i].meta.model_hash == model_hash),
-                None,
-            )
-        return None
+            return [models[k] for k in sorted(models) if models[k].meta.model_hash == model_hash]
+        return []
 
     def load_latest(self, entry: ModelEntry) -> tuple[StoredModel, bytes] | None:
         """`entry`'s model and bytes, unsealed and checked against its size and hash, as the
@@ -251,10 +251,10 @@ class SealedModelStore:
             blob = self._read(entry)
             if blob is not None:
                 return entry.meta, blob
-            model_id = entry.meta.model_id
-            if self._state.names_blob(model_id, entry.blob_version):
+            key = entry.meta.key
+            if self._state.names_blob(key, entry.blob_version):
                 raise self._missing(entry)
-            latest = self._state.current().models.get(model_id)
+            latest = self._state.current().models.get(key)
             if latest is None:
                 return None
             entry = latest
@@ -269,9 +269,9 @@ class SealedModelStore:
     def _read(self, entry: ModelEntry) -> bytes | None:
         """`load`, None when the blob file does not exist."""
         meta, version = entry.meta, entry.blob_version
-        path = self._path(meta.model_id, version)
+        path = self._path(entry.sealed_name, version)
         try:
-            blob = read_sealed(path, self._key, self._context(meta.model_id, version))
+            blob = read_sealed(path, self._key, self._context(entry.sealed_name, version))
         except FileNotFoundError:
             return None
         except SealedFileError as exc:

@@ -1,10 +1,11 @@
 """The server's state at rest: one sealed manifest, versioned, naming everything the server trusts.
 
 The manifest holds every stored model (id, SHA-256, name, size, owner, visibility, allowed keys
-and the version of its blob) and every API key record (role, name, SHA-256 of the secret,
-creation and revocation times), under a version that grows by one with each change. It is one
-sealed file (`veil.server.sealed_file`, context ``manifest``), so a change to models and keys
-commits with one rename, and nothing in it can be edited, added or removed without the key.
+and the version of its blob; keyed by owner and id, since an id belongs to its owner) and every
+API key record (role, name, SHA-256 of the secret, creation and revocation times), under a
+version that grows by one with each change. It is one sealed file (`veil.server.sealed_file`,
+context ``manifest``), so a change to models and keys commits with one rename, and nothing in it
+can be edited, added or removed without the key.
 
 Files in ``<data dir>``::
 
@@ -81,7 +82,10 @@ LEGACY_KEYS_FILENAME = "keys.sqlite3"
 UNSEALED_STATE_KEY = bytes(32)
 _MANIFEST_CONTEXT = b"manifest"
 _WITNESS_CONTEXT = b"version witness"
-_FORMAT = 1
+# 2: models keyed by owner and id (`StoredModel.key`). 1 (before ids belonged to owners) is read,
+# its blobs keeping their names, and written back as 2 at the next commit.
+_FORMAT = 2
+_FORMATS = (1, 2)
 _MAX_MANIFEST = 64 << 20
 
 Role = Literal["admin", "owner", "user"]
@@ -145,22 +149,45 @@ def _opt_float(value: object) -> float | None:
 
 @dataclass(frozen=True, slots=True)
 class ModelEntry:
-    """A stored model: its metadata and the version of the blob that holds its bytes."""
+    """A stored model: its metadata and the version of the blob that holds its bytes.
+
+    `blob_name` is what its blob is sealed and named under (`veil.server.sealing`): None for the
+    model's key (`StoredModel.key`); the bare model id for a blob sealed before ids belonged to
+    owners (format 1), kept as it was rather than sealed again.
+    """
 
     meta: StoredModel
     blob_version: int
+    blob_name: str | None = None
+
+    @property
+    def sealed_name(self) -> str:
+        return self.meta.key if self.blob_name is None else self.blob_name
 
     def to_cbor(self) -> dict[str, Any]:
-        return {"meta": self.meta.to_json(), "blob_version": self.blob_version}
+        value: dict[str, Any] = {"meta": self.meta.to_json(), "blob_version": self.blob_version}
+        if self.blob_name is not None:
+            value["blob_name"] = self.blob_name
+        return value
 
     @classmethod
-    def from_cbor(cls, value: object) -> ModelEntry:
+    def from_cbor(cls, value: object, *, legacy: bool = False) -> ModelEntry:
+        """An entry as encoded; `legacy`: one of format 1, whose blob is named by its bare id."""
         if not isinstance(value, dict):
             raise ValueError("model entry: expected a map")
         version = value.get("blob_version")
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
             raise ValueError("model entry: bad blob_version")
-        return cls(StoredModel.from_json(value.get("meta")), version)
+        meta = StoredModel.from_json(value.get("meta"))
+        blob_name = value.get("blob_name")
+        if legacy:
+            if blob_name is not None:
+                raise ValueError("model entry: blob_name in a format 1 manifest")
+            blob_name = meta.model_id
+        elif blob_name is not None and blob_name != meta.model_id:
+            # Only the bare id of a migrated entry: a blob is never named after another model.
+            raise ValueError(f"model entry: blob_name got {str(blob_name)[:130]!r}, expected none")
+        return cls(meta, version, None if blob_name == meta.key else blob_name)
 
 
 def _frozen(mapping: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -169,7 +196,10 @@ def _frozen(mapping: Mapping[str, Any]) -> Mapping[str, Any]:
 
 @dataclass(frozen=True, slots=True)
 class Manifest:
-    """Everything the state vouches for, at one version (0: nothing committed yet)."""
+    """Everything the state vouches for, at one version (0: nothing committed yet).
+
+    `models` is keyed by each model's key (`StoredModel.key`: owner and id), `keys` by key id.
+    """
 
     version: int = 0
     models: Mapping[str, ModelEntry] = field(default_factory=dict)
@@ -212,16 +242,17 @@ class Manifest:
     @classmethod
     def decode(cls, data: bytes) -> Manifest:
         value = cbor2.loads(data)
-        if not isinstance(value, dict) or value.get("format") != _FORMAT:
-            raise ValueError(f"manifest format: expected {_FORMAT}")
+        if not isinstance(value, dict) or value.get("format") not in _FORMATS:
+            raise ValueError(f"manifest format: expected one of {_FORMATS}")
         version, models, keys = value.get("version"), value.get("models"), value.get("keys")
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
             raise ValueError("manifest: bad version")
         if not isinstance(models, list) or not isinstance(keys, list):
             raise ValueError("manifest: models and keys must be lists")
-        entries = [ModelEntry.from_cbor(m) for m in models]
+        legacy = value["format"] == 1
+        entries = [ModelEntry.from_cbor(m, legacy=legacy) for m in models]
         records = [KeyRecord.from_cbor(k) for k in keys]
-        by_id = {e.meta.model_id: e for e in entries}
+        by_id = {e.meta.key: e for e in entries}
         by_key = {r.key_id: r for r in records}
         if len(by_id) != len(entries) or len(by_key) != len(records):
             raise ValueError("manifest: duplicate model or key id")
@@ -243,7 +274,7 @@ class StateBackend(Protocol):
     def current(self) -> Manifest: ...
     def open(self) -> Manifest: ...
     def is_new(self) -> bool: ...
-    def names_blob(self, model_id: str, blob_version: int) -> bool: ...
+    def names_blob(self, key: str, blob_version: int) -> bool: ...
     def update(self, change: Callable[[Manifest, int], Manifest]) -> Manifest: ...
     def locked(self) -> contextlib.AbstractContextManager[Manifest]: ...
 
@@ -421,17 +452,17 @@ class SealedState:
         with self._exclusive():
             yield self._load()
 
-    def names_blob(self, model_id: str, blob_version: int) -> bool:
-        """Whether the manifest on disk names this blob; True when that cannot be read (after a
-        failed commit, a caller keeps a blob in doubt: an unnamed blob is removed at the next
-        start, a named one that is missing stops it)."""
+    def names_blob(self, key: str, blob_version: int) -> bool:
+        """Whether the manifest on disk names this blob of the model of `key`; True when that
+        cannot be read (after a failed commit, a caller keeps a blob in doubt: an unnamed blob is
+        removed at the next start, a named one that is missing stops it)."""
         try:
             manifest = self._read_manifest()
         except (SealedStateError, OSError):
             return True
         if manifest is None:
             return False
-        entry = manifest.models.get(model_id)
+        entry = manifest.models.get(key)
         return entry is not None and entry.blob_version == blob_version
 
     def is_new(self) -> bool:

@@ -1,6 +1,9 @@
 """Models kept in the data directory, so a restart serves the same ids and hashes.
 
-Each model is two files named after SHA-256 of its id (ids are user-chosen; names on disk must
+A model id belongs to its owner: two keys may each upload a model "m", and neither learns that
+the other did. Where models are kept they are named by their *key* (`scoped_key`: owner and id).
+
+Each model is two files named after SHA-256 of its key (ids are user-chosen; names on disk must
 not be): ``<key>.onnx`` (the blob) and ``<key>.json`` (its metadata). Both are written to a
 temporary file, fsynced and renamed; the metadata goes last, so a crash leaves either nothing
 or an orphan blob, which `load_all` removes.
@@ -30,7 +33,7 @@ from typing import Any, Protocol, cast
 
 from veil.errors import ConflictError
 
-__all__ = ["ModelStore", "ModelStoreProtocol", "StoredModel"]
+__all__ = ["ModelStore", "ModelStoreProtocol", "StoredModel", "scoped_key"]
 
 _log = logging.getLogger("veil.server.store")
 _TMP_PREFIX = ".tmp-"
@@ -39,6 +42,16 @@ _LOCK_FILENAME = ".store.lock"
 
 _VISIBILITIES = ("public", "restricted")
 _OPTIMIZATIONS = ("graph", "int8")
+
+
+def scoped_key(owner: str | None, model_id: str) -> str:
+    """Where a model is kept: ``<owner>/<model id>``, or the bare id for a model without an
+    owner (uploaded with authentication off).
+
+    Unambiguous: an id never holds a ``/`` and a key id never does either. It is also the
+    *qualified* form a caller may name a model by when several it may use share an id.
+    """
+    return model_id if owner is None else f"{owner}/{model_id}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +118,11 @@ class StoredModel:
     def stored_size(self) -> int:
         """Byte count of the stored bytes: the optimized graph's, else the upload's."""
         return self.graph_size if self.graph_size is not None else self.size
+
+    @property
+    def key(self) -> str:
+        """The model's key where models are kept (`scoped_key`): unique, unlike the id."""
+        return scoped_key(self.owner, self.model_id)
 
     def to_json(self) -> dict[str, object]:
         value: dict[str, object] = {
@@ -177,13 +195,13 @@ class ModelStoreProtocol(Protocol):
         self, meta: StoredModel, chunks: Iterable[bytes], *, exclusive: bool = False
     ) -> int: ...
 
-    def delete(self, model_id: str) -> None: ...
+    def delete(self, key: str) -> None: ...
 
     def load_all(self) -> Iterator[tuple[StoredModel, bytes]]: ...
 
 
-def _key(model_id: str) -> str:
-    return hashlib.sha256(model_id.encode("utf-8")).hexdigest()
+def _key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -236,8 +254,8 @@ class ModelStore:
         self, meta: StoredModel, chunks: Iterable[bytes], *, exclusive: bool = False
     ) -> int:
         """Like `put`, the blob arriving as `chunks`; returns the blob's byte count. With
-        `exclusive`, a stored model of that id is a `ConflictError` (409)."""
-        key = _key(meta.model_id)
+        `exclusive`, a stored model of that key (owner and id) is a `ConflictError` (409)."""
+        key = _key(meta.key)
         with self._locked(fcntl.LOCK_SH):
             if exclusive and (self.root / f"{key}.json").exists():
                 raise ConflictError(409, f"model id {meta.model_id!r} is already taken")
@@ -248,13 +266,14 @@ class ModelStore:
             _fsync_dir(self.root)
         return written
 
-    def delete(self, model_id: str) -> None:
-        """Forget a model: metadata first, so a crash leaves only an orphan blob."""
-        key = _key(model_id)
+    def delete(self, key: str) -> None:
+        """Forget the model of `key` (`StoredModel.key`): metadata first, so a crash leaves only
+        an orphan blob."""
+        name = _key(key)
         with self._locked(fcntl.LOCK_SH):
             for suffix in (".json", ".onnx"):
                 with contextlib.suppress(FileNotFoundError):
-                    (self.root / f"{key}{suffix}").unlink()
+                    (self.root / f"{name}{suffix}").unlink()
             _fsync_dir(self.root)
 
     def load_all(self) -> Iterator[tuple[StoredModel, bytes]]:
@@ -275,8 +294,26 @@ class ModelStore:
             except (OSError, ValueError) as exc:
                 _log.warning("skipping stored model %s: %s", path.name, type(exc).__name__)
                 continue
+            if path.stem == _key(meta.model_id) != _key(meta.key):
+                # Named by its bare id, before ids belonged to owners: renamed to its key.
+                path, blob_path = self._rename_legacy(meta, path, blob_path)
             digest = hashlib.sha256(blob).digest()
-            if _key(meta.model_id) != path.stem or digest != meta.stored_hash:
+            if _key(meta.key) != path.stem or digest != meta.stored_hash:
                 _log.warning("skipping stored model %s: contents do not match", path.name)
                 continue
             yield meta, blob
+
+    def _rename_legacy(self, meta: StoredModel, path: Path, blob_path: Path) -> tuple[Path, Path]:
+        target = self.root / _key(meta.key)
+        # Exclusive: no put of another process is between its blob and its metadata. A second
+        # name for the blob, then the metadata moved, then the old name dropped: a crash at any
+        # point leaves one whole model plus an orphan blob, which the start removes.
+        with self._locked(fcntl.LOCK_EX):
+            if target.with_suffix(".json").exists():
+                return path, blob_path  # taken: left alone (skipped as not matching)
+            target.with_suffix(".onnx").unlink(missing_ok=True)  # an orphan: nothing names it
+            os.link(blob_path, target.with_suffix(".onnx"))
+            os.replace(path, target.with_suffix(".json"))
+            blob_path.unlink()
+            _fsync_dir(self.root)
+        return target.with_suffix(".json"), target.with_suffix(".onnx")

@@ -42,9 +42,12 @@ class FakeAdmin:
         return list(self.models)
 
     def delete_model(self, model_id: str) -> None:
-        if model_id not in {m.model_id for m in self.models}:
+        # The portal names a tenant's model as veil's admin must: "<owner key id>/<id>".
+        owner, _, plain = model_id.rpartition("/")
+        found = [m for m in self.models if (m.owner, m.model_id) == (owner, plain)]
+        if not found:
             raise NotFoundError(404, f"unknown model id {model_id!r}")
-        self.models = [m for m in self.models if m.model_id != model_id]
+        self.models = [m for m in self.models if m not in found]
 
 
 def model(model_id: str, owner: str | None, visibility: str = "public") -> ModelInfo:
@@ -253,7 +256,11 @@ def test_users_see_and_delete_only_their_own(app: TestClient, admin: FakeAdmin) 
     signup(app, "alice@example.com")
     mine = create_key(app).split("_")[1]
     other = admin.create_key("owner", "portal:mallory@example.com")[0].key_id
-    admin.models += [model("alice-m", mine, "restricted"), model("mallory-m", other)]
+    admin.models += [
+        model("alice-m", mine, "restricted"),
+        model("mallory-m", other),
+        model("alice-m", other),  # the same id, another tenant's: left alone
+    ]
     page = app.get("/models").text
     assert "alice-m" in page
     assert "mallory-m" not in page
@@ -264,9 +271,14 @@ def test_users_see_and_delete_only_their_own(app: TestClient, admin: FakeAdmin) 
     r = app.post("/settings/revoke", data={"csrf": token, "key_id": other})
     assert r.status_code == 404
     assert admin.keys[other].revoked_at is None
-    r = app.post("/models/delete", data={"csrf": token, "model_id": "alice-m"})
+    r = app.post("/models/delete", data={"csrf": token, "model_id": "alice-m", "owner": other})
+    assert r.status_code == 404
+    r = app.post("/models/delete", data={"csrf": token, "model_id": "alice-m", "owner": mine})
     assert r.status_code == 200
-    assert [m.model_id for m in admin.models] == ["mallory-m"]
+    assert [(m.model_id, m.owner) for m in admin.models] == [
+        ("mallory-m", other),
+        ("alice-m", other),
+    ]
 
 
 def test_catalogue_lists_public_models_only(app: TestClient, admin: FakeAdmin) -> None:

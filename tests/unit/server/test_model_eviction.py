@@ -67,7 +67,7 @@ def test_the_least_recently_used_model_is_evicted_and_stays_listed(
     assert not registry.evicted("a")
     registry.add(load_model(add_model(3), model_id="c", model_name="", threads=1), room=COST)
     assert loaded_ids(registry) == ["a", "c"]
-    assert sorted(str(d["model_id"]) for d in registry.describe()) == ["a", "b", "c"]
+    assert sorted(str(d["model_id"]) for d in registry.describe().values()) == ["a", "b", "c"]
     assert registry.costs() == {"a": COST, "b": COST, "c": COST}
     assert registry.loaded_cost == 2 * COST
     # loaded again: no longer evicted; the least recently used (a) makes room for it
@@ -124,6 +124,6 @@ def test_forget_removes_a_loaded_or_evicted_model(registry: ModelRegistry) -> No
     assert not registry.evicted("a")
     assert "a" not in registry.costs()
     assert registry.forget("b") is not None
-    assert registry.describe() == []
+    assert registry.describe() == {}
     assert registry.costs() == {}
     assert a.model_id == "a"

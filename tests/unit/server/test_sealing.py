@@ -46,7 +46,7 @@ def test_round_trip_and_restart(tmp_path: Path, size: int) -> None:
     blob = os.urandom(size)
     store = open_store(tmp_path, chunk_size=4096)
     store.put(meta("m", blob, owner="k", visibility="restricted"), blob)
-    assert "m" in store
+    assert "k/m" in store  # kept under its owner and id
     ((m, b),) = list(open_store(tmp_path).load_all())
     assert (m, b) == (meta("m", blob, owner="k", visibility="restricted"), blob)
 
