@@ -15,9 +15,10 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -28,10 +29,14 @@ from server_process import STOP_TIMEOUT_S, VeilServer, create_key, start_server
 import veil
 
 webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.common.exceptions import (  # noqa: E402
+    StaleElementReferenceException,
+    WebDriverException,
+)
 from selenium.webdriver.chrome.options import Options  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.expected_conditions import staleness_of  # noqa: E402
+from selenium.webdriver.remote.webelement import WebElement  # noqa: E402
 from selenium.webdriver.support.wait import WebDriverWait  # noqa: E402
 
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -141,6 +146,24 @@ def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
 
 def shot(service: Running, driver: webdriver.Chrome, name: str) -> None:
     driver.save_screenshot(str(service.shots / f"portal-{name}.png"))
+
+
+def staleness_of(element: WebElement) -> Callable[[Any], bool]:
+    """Selenium's condition of that name, plus the answer Chrome gives when the old page is
+    being replaced as it is asked (an "unknown error" in place of "stale element")."""
+
+    def gone(_: Any) -> bool:
+        try:
+            element.is_enabled()
+        except StaleElementReferenceException:
+            return True
+        except WebDriverException as exc:
+            if "does not belong to the document" in (exc.msg or ""):
+                return True
+            raise
+        return False
+
+    return gone
 
 
 def click(driver: webdriver.Chrome, element_id: str) -> None:
