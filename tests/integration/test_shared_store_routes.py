@@ -233,3 +233,25 @@ def test_a_model_loaded_on_first_use_counts_against_the_storage_limit(replicas: 
     d = replicas("d", Limits(max_total_stored_bytes=len(blob) - 1))
     assert "m" not in d.state.access
     assert d.run(None, model_id="m") == (413, expected)
+
+
+def test_two_owners_keep_one_id_each_across_replicas(replicas: Any) -> None:
+    # Ids belong to their owners cluster-wide: bob uploads "m" through one replica while
+    # alice's "m" is stored through the other, and each replica serves each owner their own.
+    a = replicas("a", no_auth=False)
+    (_, alice), (_, bob) = (a.state.auth.store.create("owner") for _ in range(2))
+    b = replicas("b", no_auth=False)
+    blob_a, w_a = add_model(7)
+    blob_b, w_b = add_model(8)
+    a.upload(blob_a, "m", alice)
+    b.upload(blob_b, "m", bob)
+    for replica in (a, b):
+        status, y = replica.run(alice, model_id="m")
+        assert status == 200
+        np.testing.assert_array_equal(y, X + w_a)
+        status, y = replica.run(bob, model_id="m")
+        assert status == 200
+        np.testing.assert_array_equal(y, X + w_b)
+    assert b.delete("m", alice) == 200  # alice's, through the replica bob uploaded to
+    assert a.run(alice, model_id="m") == (404, "unknown model id 'm'")
+    assert a.run(bob, model_id="m")[0] == 200
