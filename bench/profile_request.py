@@ -35,7 +35,8 @@ import bench_inference as bi
 # (component, pattern on "function (file:line)"), tried in order on each frame from the leaf up;
 # the first frame with any match names the sample's component.
 COMPONENTS: tuple[tuple[str, str], ...] = (
-    ("TLS (ssl / sslproto)", r"\((ssl|sslproto)\.py:"),
+    ("socket send/recv (server: asyncio transport)", r"_SelectorSocketTransport\.(write|_read)"),
+    ("TLS (ssl / sslproto; on the client with its send/recv)", r"\((ssl|sslproto)\.py:"),
     ("logging", r"\(logging/"),
     ("metrics (prometheus_client)", r"prometheus_client/|veil/server/metrics\.py"),
     ("ORT run", r"onnxruntime/"),
@@ -47,10 +48,14 @@ COMPONENTS: tuple[tuple[str, str], ...] = (
     ("uvicorn protocol", r"uvicorn/"),
     ("starlette routing/request/response", r"starlette/"),
     ("auth/limits/handler (veil.server.app...)", r"veil/server/"),
-    ("thread hops (anyio, concurrent, threading)", r"anyio/|concurrent/|threading\.py|queue\.py"),
+    (
+        "thread hops (executor hand-off, loop wake-ups)",
+        r"anyio/|concurrent/|threading\.py|queue\.py|_write_to_self|_read_from_self"
+        r"|_process_self_data|call_soon_threadsafe|run_in_executor|wrap_future|_chain_future",
+    ),
     ("client transport (httpx/httpcore)", r"httpx/|httpcore/|veil/client/transport\.py"),
     ("client (veil.client)", r"veil/client/"),
-    ("asyncio event loop", r"asyncio/|selectors\.py"),
+    ("asyncio event loop (tasks, timers, select)", r"asyncio/|selectors\.py"),
     ("socket", r"socket\.py"),
 )
 OTHER = "other (interpreter, imports, unmatched)"

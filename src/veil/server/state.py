@@ -290,6 +290,7 @@ class SealedState:
     def __init__(self, data_dir: Path | str, key: bytes) -> None:
         self._dir = Path(data_dir)
         self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._manifest_path = self._dir / MANIFEST_FILENAME  # once: `current` runs per request
         self._manifest_key = derive_key(key, b"state manifest")
         self._blob_key = derive_key(key, b"state blobs")
         self._receipt_log_key = derive_key(key, b"receipt log")
@@ -315,7 +316,7 @@ class SealedState:
 
     @property
     def manifest_path(self) -> Path:
-        return self._dir / MANIFEST_FILENAME
+        return self._manifest_path
 
     def _signature_now(self) -> tuple[int, int, int, bytes] | None:
         # The header's random nonce prefix changes with every write, whatever the clock's
