@@ -3,15 +3,16 @@
     .venv/bin/python bench/profile_request.py [--requests 3000] [--rate 250] [--keep DIR]
 
 Starts ``veil serve --platform simulated`` (capacity limits lifted, as bench_inference.py's
-``veil`` system) under py-spy, uploads the ``null`` model (``output = Identity(input)``, int64
-[1, 8]), then runs a client loop of ``predict`` calls (one thread, one attested connection) in a
-second process, also under py-spy. Each on-CPU sample (py-spy leaves out idle threads) is put in
-one component by the innermost frame that belongs to a known module (`COMPONENTS`, first
-match from the leaf up); the tables give each component's fraction of the process's samples.
+``veil`` system), uploads the ``null`` model (``output = Identity(input)``, int64 [1, 8]), starts
+a client loop of ``predict`` calls (one thread, one attested connection) in a second process and,
+once both are warm, attaches py-spy to each for the loop. Each on-CPU sample (py-spy and `IDLE`
+leave out waiting threads) is put in one component by the innermost frame that belongs to a known
+module (`COMPONENTS`, first match from the leaf up); the tables give each component's fraction
+of the process's samples.
 
 Fractions, not milliseconds: the machine this runs on is usually shared, and py-spy's sampling
-is the same for every component. Needs py-spy (the dev extra) and permission to trace a child
-process (the default on Linux).
+is the same for every component. Needs py-spy (the dev extra) and permission to trace another
+process (root, or ``kernel.yama.ptrace_scope`` 0).
 """
 
 from __future__ import annotations

@@ -44,3 +44,14 @@ def test_each_server_has_its_own_registry() -> None:
     a, b = Metrics(), Metrics()
     a.observe_request("attested", "/run", 200, 0.01)
     assert "veil_requests_total{" not in b.render().decode()
+
+
+def test_statuses_of_one_route_count_apart_and_time_together() -> None:
+    m = Metrics()
+    for status in (200, 500, 200, 429):
+        m.observe_request("attested", "/run", status, 0.003)
+    text = m.render().decode()
+    for status, count in (("200", 2), ("500", 1), ("429", 1)):
+        sample = f'veil_requests_total{{port="attested",route="/run",status="{status}"}}'
+        assert _value(text, sample) == count
+    assert _value(text, 'veil_request_duration_seconds_count{port="attested",route="/run"}') == 4

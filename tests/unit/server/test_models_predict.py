@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from typing import Any
 
@@ -143,3 +144,21 @@ def test_closed_model_refuses() -> None:
         assert info.value.status == 404
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(("rows", "inline"), [(1, True), (341, True), (342, False), (1000, False)])
+def test_small_outputs_encoded_on_the_loop_large_ones_in_a_thread(rows: int, inline: bool) -> None:
+    # y is [rows, 3] float32: 341 rows are 4092 bytes (on the event loop), 342 rows 4104.
+    registry = ModelRegistry()
+    model = load(dense(), registry)
+    x = np.random.default_rng(rows).standard_normal((rows, 4)).astype(np.float32)
+    threads: list[threading.Thread] = []
+
+    def encode(outputs: list[WireTensor]) -> bytes:
+        threads.append(threading.current_thread())
+        return outputs[0].data
+
+    got = asyncio.run(model.predict_encoded(wire(x), 10.0, encode))
+    (alone,) = model.run(wire(x))
+    assert got == alone.data
+    assert (threads == [threading.main_thread()]) is inline
