@@ -670,7 +670,9 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         if "/" in model_id:
             usable = [access[model_id]] if model_id in access else []
         else:
-            usable = [access[k] for k in sorted(access) if access[k].model_id == model_id]
+            # Filtered, then sorted: one pass over the models known here per request.
+            named = sorted(k for k, m in access.items() if m.model_id == model_id)
+            usable = [access[k] for k in named]
         usable = [meta for meta in usable if may_use(meta)]
         if not principal.anonymous:
             own = [meta for meta in usable if meta.owner == principal.key_id]
@@ -995,11 +997,10 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         if message.model_id is None and message.model_hash:
             # By hash (BlindAI): several models may share one; take one this key may run.
             wanted = message.model_hash.lower()
-            runnable = [
-                access[k]
-                for k in sorted(access)
-                if access[k].model_hash.hex() == wanted and may_run(access[k])
-            ]
+            runnable = sorted(
+                (m for m in access.values() if m.model_hash.hex() == wanted and may_run(m)),
+                key=lambda m: m.key,
+            )
             if not runnable:
                 raise not_found(None, message.model_hash)
             model = await ensure_loaded(runnable[0])
