@@ -230,7 +230,10 @@ def test_sigkill_during_uploads_loses_nothing_acknowledged(
 
     def writer() -> None:
         try:
-            with server.connect() as client:
+            # No failover: an upload cut by the kill fails at once, instead of looking for its
+            # model on the dead server until the upload's 600 s are up (the thread would outlive
+            # the test and hold up pytest's exit).
+            with server.connect(failover_retries=0) as client:
                 for i in range(10_000):
                     n = (16, 4096, 262_144, 1_048_576)[i % 4]
                     blob, _ = add_model(n, i)
@@ -250,6 +253,7 @@ def test_sigkill_during_uploads_loses_nothing_acknowledged(
     time.sleep(1.0)
     server.stop(signal.SIGKILL)
     thread.join(60)
+    assert not thread.is_alive(), "the writer still runs after the kill"
     assert acked, "no upload was acknowledged before the kill"
 
     restarted = server_factory(data_dir=data)
