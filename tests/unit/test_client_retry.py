@@ -56,6 +56,7 @@ def _lost_upload_lookup(
     connection = object.__new__(Connection)
     connection._failover_retries = retries
     connection.reattestations = 0
+    connection._settings = (None, True, None, None, None, None)  # no API key: ids of no owner
 
     def attest() -> None:
         calls.append("attest")
@@ -63,7 +64,7 @@ def _lost_upload_lookup(
     def list_models() -> list[SimpleNamespace]:
         calls.append("list")
         listing = listings.pop(0) if len(listings) > 1 else listings[0]
-        return [SimpleNamespace(model_id=i, hash=h, size=s) for i, h, s in listing]
+        return [SimpleNamespace(model_id=i, hash=h, size=s, owner=None) for i, h, s in listing]
 
     monkeypatch.setattr(connection, "_attest", attest)
     monkeypatch.setattr(connection, "list_models", list_models)
@@ -107,3 +108,36 @@ def test_a_lost_upload_is_looked_up_no_longer_than_its_time(
     connection, calls = _lost_upload_lookup(monkeypatch, [[("m", b"h" * 32, 10)]], retries=0)
     assert connection._find_upload("m", b"h" * 32, 10, time.monotonic() + 60) is None
     assert calls == []  # failover_retries=0: never
+
+
+def test_a_lost_upload_is_not_looked_for_on_a_server_that_is_gone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import time
+
+    from veil.errors import TransportError
+
+    connection, calls = _lost_upload_lookup(monkeypatch, [[]], retries=3)
+
+    def unreachable() -> None:
+        calls.append("attest")
+        raise TransportError("connection refused")
+
+    monkeypatch.setattr(connection, "_attest", unreachable)
+    # A far deadline, but the server cannot be reached: failover_retries tries, then not there.
+    assert connection._find_upload("m", b"h" * 32, 10, time.monotonic() + 600) is None
+    assert calls == ["attest"] * 3
+
+
+def test_a_lost_upload_is_looked_for_a_bounded_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    import veil.client.connection as connection_module
+
+    monkeypatch.setattr(connection_module, "LOST_UPLOAD_LOOKUP_S", 0.2)
+    connection, calls = _lost_upload_lookup(monkeypatch, [[]], retries=2)
+    started = time.monotonic()
+    assert connection._find_upload("m", b"h" * 32, 10, time.monotonic() + 600) is None
+    # Looked more than failover_retries times (the window was open), and stopped with it.
+    assert calls.count("list") > 2
+    assert time.monotonic() - started < 60

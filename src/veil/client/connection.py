@@ -139,6 +139,10 @@ def busy_retry_delay(
     return delay * jitter
 
 
+LOST_UPLOAD_LOOKUP_S = 60.0
+"""How long, at most, an upload whose answer was lost is looked for on the server."""
+
+
 def failover_delay(attempt: int, *, first: float = 0.1, cap: float = 2.0) -> float:
     """Seconds to wait before failover attempt `attempt` (0-based): doubling, capped, jittered."""
     jitter: float = random.uniform(0.5, 1.0)  # noqa: S311 - spreading retries, not a secret
@@ -205,10 +209,11 @@ class Connection:
             attesting whichever server now answers (backoff from 0.1 s doubling to 2 s,
             jittered); ``0`` never. Uploads and deletes are never sent twice: when an upload
             with a `model_id` loses its answer after its whole body was sent, the client
-            attests the server again and looks the id up (`list_models`) until it appears or
-            `upload_timeout` has passed (the server may still be admitting it); the upload
-            counts only if that id holds exactly the bytes sent, else `TransportError` says the
-            model is not there.
+            attests the server again and looks the id up (`list_models`) until it appears, for
+            up to `LOST_UPLOAD_LOOKUP_S` (60 s) within `upload_timeout` (the server may still be
+            admitting it), or until the server cannot be reached `failover_retries` times in a
+            row; the upload counts only if that id holds exactly the bytes sent, else
+            `TransportError` says the model is not there.
 
     Raises:
         AttestationError: (or a subclass) the server could not prove what it runs; nothing
@@ -818,7 +823,9 @@ class Connection:
                     landed = self._find_upload(model_id, digest.digest(), size, deadline)
                 if landed is None:
                     raise TransportError(
-                        f"{exc}; model {model_id!r} is not on the server"
+                        f"{exc}; model {model_id!r} is not on the server (if it was still being "
+                        "admitted it may appear later: look with list_models() before sending "
+                        "it again)"
                     ) from None
                 return landed
         got_id, got_hash = wire.decode_upload_reply(reply)
@@ -843,12 +850,16 @@ class Connection:
         """After a lost upload answer: the upload, if `model_id` names exactly these bytes.
 
         The server may still be admitting the model when the first look finds nothing, so the
-        id is looked up until it appears, holds other bytes, or `deadline` (the upload's own
-        time limit, on the monotonic clock) has passed.
+        id is looked up until it appears, holds other bytes, `LOST_UPLOAD_LOOKUP_S` or the
+        upload's own `deadline` (monotonic clock) have passed, or the server could not be
+        reached `failover_retries` times in a row (it is gone, and the upload with it).
         """
-        attempt, attested = 0, False
-        while self._failover_retries and (
-            attempt < self._failover_retries or time.monotonic() < deadline
+        attempt, attested, unreachable = 0, False, 0
+        until = min(deadline, time.monotonic() + LOST_UPLOAD_LOOKUP_S)
+        while (
+            self._failover_retries
+            and unreachable < self._failover_retries
+            and (attempt < self._failover_retries or time.monotonic() < until)
         ):
             time.sleep(failover_delay(attempt))
             attempt += 1
@@ -860,7 +871,9 @@ class Connection:
                 listed = self.list_models()
             except TransportError:
                 attested = False
+                unreachable += 1
                 continue
+            unreachable = 0
             # Ids belong to their owners: an admin key lists every tenant's model of that id.
             # (No owner: a server with authentication off, which ignores the key.)
             api_key = self._settings[0]
