@@ -210,3 +210,17 @@ def matmul_model() -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
     )
     return _model(graph)
+
+
+def add_weights_model(n: int, seed: int) -> tuple[bytes, npt.NDArray[np.float32]]:
+    """y = x + w for float32 [n], w random from `seed`: models of one shape that differ in bytes
+    and in answer (a prediction tells which one ran). Returns the model and w."""
+    w = np.random.default_rng(seed).standard_normal(n).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "add",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n])],
+        initializer=[numpy_helper.from_array(w, "w")],
+    )
+    return _model(graph).SerializeToString(), w

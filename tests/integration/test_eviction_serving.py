@@ -14,7 +14,7 @@ from pathlib import Path
 import cbor2
 import numpy as np
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx_models import add_weights_model
 from starlette.testclient import TestClient
 
 from veil import wire
@@ -31,17 +31,7 @@ IDS = ("m0", "m1", "m2")
 
 
 def add_model(seed: int) -> tuple[bytes, np.ndarray]:
-    w = np.random.default_rng(seed).standard_normal(N).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "w"], ["y"])],
-        "add",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [N])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [N])],
-        initializer=[numpy_helper.from_array(w, "w")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model.SerializeToString(), w
+    return add_weights_model(N, seed)
 
 
 MODELS = {model_id: add_model(seed) for seed, model_id in enumerate(IDS)}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx_models import add_weights_model
 from starlette.testclient import TestClient
 
 from veil import wire
@@ -27,17 +27,7 @@ X = np.linspace(-1, 1, N, dtype=np.float32)
 
 
 def add_model(seed: int) -> tuple[bytes, np.ndarray]:
-    w = np.random.default_rng(seed).standard_normal(N).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "w"], ["y"])],
-        "add",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [N])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [N])],
-        initializer=[numpy_helper.from_array(w, "w")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model.SerializeToString(), w
+    return add_weights_model(N, seed)
 
 
 ALICE_M, BOB_M = add_model(1), add_model(2)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import psycopg
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx_models import add_weights_model
 from starlette.testclient import TestClient
 
 from veil import wire
@@ -56,18 +56,7 @@ def url(pg_server: str) -> str:
 
 
 def add_model(seed: int) -> tuple[bytes, np.ndarray]:
-    """y = x + w, w random float32 [N]."""
-    w = np.random.default_rng(seed).standard_normal(N).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "w"], ["y"])],
-        "add",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [N])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [N])],
-        initializer=[numpy_helper.from_array(w, "w")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model.SerializeToString(), w
+    return add_weights_model(N, seed)
 
 
 class Replica:
