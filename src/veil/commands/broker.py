@@ -10,9 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from veil.attestation.collateral_source import INTEL_PCS_URL
-from veil.attestation.kds import AMD_KDS_URL
-from veil.commands import error_line
+from veil.commands import add_collateral_source_arguments, error_line
 from veil.errors import EvidenceUnavailableError, VeilError
 
 if TYPE_CHECKING:
@@ -92,21 +90,7 @@ def register(subparsers: Any) -> None:
         "answers). A restart of the last broker makes a new identity: clients re-attest and "
         "models sealed with the old store key are lost",
     )
-    parser.add_argument(
-        "--pccs-url",
-        default=INTEL_PCS_URL,
-        help="where SGX/TDX collateral is fetched: Intel PCS (default) or your PCCS",
-    )
-    parser.add_argument(
-        "--kds-url",
-        default=AMD_KDS_URL,
-        help="where SEV-SNP collateral is fetched: AMD KDS (default) or a mirror",
-    )
-    parser.add_argument(
-        "--snp-product",
-        choices=("Milan", "Genoa", "Turin"),
-        help="SEV-SNP product, needed only to fetch a VCEK for a version 2 report",
-    )
+    add_collateral_source_arguments(parser)
     parser.add_argument(
         "--rotate",
         action="store_true",

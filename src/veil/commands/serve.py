@@ -11,9 +11,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from veil.attestation.collateral_source import INTEL_PCS_URL
-from veil.attestation.kds import AMD_KDS_URL
-from veil.commands import error_line
+from veil.commands import add_collateral_source_arguments, error_line
 from veil.errors import VeilError
 from veil.server.batching import BatchingConfig
 from veil.server.config import DEFAULT_DATA_DIR, ServerConfig, parse_duration
@@ -74,23 +72,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--log-level", default="warning", choices=("debug", "info", "warning", "error")
     )
-    parser.add_argument(
-        "--pccs-url",
-        default=INTEL_PCS_URL,
-        help="where SGX/TDX collateral is fetched: Intel PCS (default) or your PCCS",
-    )
-    parser.add_argument(
-        "--kds-url",
-        default=AMD_KDS_URL,
-        help="where SEV-SNP collateral (VCEK, ASK/ARK chain, CRL) is fetched: AMD KDS "
-        "(default) or a mirror",
-    )
-    parser.add_argument(
-        "--snp-product",
-        choices=("Milan", "Genoa", "Turin"),
-        help="SEV-SNP product, needed only to fetch a VCEK for a version 2 report (later "
-        "reports name their CPU)",
-    )
+    add_collateral_source_arguments(parser)
     cluster = parser.add_argument_group("cluster")
     cluster.add_argument(
         "--join",
