@@ -421,6 +421,13 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
     def uncharge(key: str) -> None:
         storage["used"] -= charged.pop(key, 0)
 
+    def install(meta: StoredModel, model: LoadedModel, room: int, source: str) -> None:
+        """A model admitted, loaded and stored: charged, its record kept, and served."""
+        charge(meta.key, model.cost)
+        access[meta.key] = meta
+        registry.add(model, room=room)
+        metrics.observe_load(source)
+
     async def room_for(cost: int) -> int:
         """Reserve `cost` of the memory budget (`ModelRegistry.make_room`), evicting what it
         takes. While the models in use leave no room, wait for their requests to end, at most
@@ -839,10 +846,7 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
                     raise
             finally:
                 storage["pending"] -= size
-            charge(meta.key, model.cost)
-            access[meta.key] = meta
-            registry.add(model, room=room)
-            metrics.observe_load("upload")
+            install(meta, model, room, "upload")
         finally:
             registry.release(owner, model_id)
         _log.info("model %s uploaded (%d bytes)", model_id, model.size)
@@ -929,10 +933,7 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
                 raise
         finally:
             storage["pending"] -= size
-        charge(meta.key, model.cost)
-        access[meta.key] = meta
-        registry.add(model, room=room)
-        metrics.observe_load("store")
+        install(meta, model, room, "store")
         _log.info("model %s loaded from the store", meta.model_id)
 
     async def up_to_date(
