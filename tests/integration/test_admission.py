@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 
+import httpx
 import numpy as np
 import psutil
 import pytest
@@ -166,6 +167,14 @@ def test_output_larger_than_max_tensor_bytes_is_refused(server_factory: ServerFa
     )
 
 
+def _requests_in_progress(server: VeilServer) -> float:
+    metrics = httpx.get(f"http://127.0.0.1:{server.unattested_port}/metrics", timeout=10).text
+    for line in metrics.splitlines():
+        if line.startswith("veil_requests_in_progress "):
+            return float(line.split()[1])
+    raise AssertionError("veil_requests_in_progress not served")
+
+
 def test_long_operator_does_not_stall_other_models(server_factory: ServerFactory) -> None:
     server = with_ok_model(server_factory())
     feeds = [np.ones(1, np.float32), np.array([4000, 4000], np.int64)]
@@ -180,7 +189,12 @@ def test_long_operator_does_not_stall_other_models(server_factory: ServerFactory
 
     thread = threading.Thread(target=slow)
     thread.start()
-    time.sleep(0.5)  # the MatMul is running
+    # The MatMul is running once its request holds a slot (the only request at this point).
+    deadline = time.monotonic() + 60
+    while _requests_in_progress(server) < 1:
+        assert time.monotonic() < deadline, "the slow request never started"
+        assert "slow" not in finished, "the slow request ended before it was seen running"
+        time.sleep(0.02)
     with server.connect() as client:
         assert np.array_equal(client.predict("ok", X).output[0].as_numpy(), X)
     finished["ok"] = time.monotonic()
