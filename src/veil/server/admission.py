@@ -44,7 +44,7 @@ from typing import Any
 from veil.errors import ApiError, api_error_for_status
 from veil.server.allocator import release_free_memory
 from veil.server.limits import Limits
-from veil.server.onnx_guard import check_model_lean, create_session
+from veil.server.onnx_guard import Handover, ModelBytes, check_model_lean, create_session
 from veil.server.optimize import MODES, optimize_graph
 
 __all__ = ["AdmittedModel", "Admitter"]
@@ -61,17 +61,20 @@ class AdmittedModel:
     """What the child accepted: the graph the server will run and what it costs loaded.
 
     Attributes:
-        graph: the ONNX bytes to load (the upload itself unless an optimization was kept).
+        graph: the ONNX bytes to load (the upload itself unless an optimization was kept),
+            handed over to the load that consumes them (`veil.server.onnx_guard.Handover`).
         loaded_bytes: resident memory the ONNX Runtime session added in the child.
         seconds: wall time of the admission, child start to answer.
         optimization: what the optimization step did (`veil.server.optimize.optimize_graph`'s
             report), None when none was asked for.
     """
 
-    graph: bytes
+    graph: Handover
     loaded_bytes: int
     seconds: float
     optimization: dict[str, Any] | None = None
+    optimized: bool = False
+    """Whether `graph` is the optimized graph admission kept rather than the upload."""
 
     def __repr__(self) -> str:
         return f"AdmittedModel({len(self.graph)} bytes, loaded_bytes={self.loaded_bytes})"
@@ -105,8 +108,9 @@ class Admitter:
         wait for ONNX Runtime to be imported (blocking, a second or two)."""
         self.admit(_WARM_UP)
 
-    def admit(self, blob: bytes, optimization: str = "off") -> AdmittedModel:
-        """Admit `blob` or raise (blocking: call it from a worker thread).
+    def admit(self, blob: ModelBytes | Handover, optimization: str = "off") -> AdmittedModel:
+        """Admit `blob` or raise (blocking: call it from a worker thread). Bytes handed over
+        are then held by the result only (or dropped, when an optimized graph replaces them).
 
         Raises:
             ApiError: 413 (size or measured memory) or 422 (the guard, ONNX Runtime, the CPU or
@@ -124,7 +128,11 @@ class Admitter:
             self._one_at_a_time.release()
 
 
-def _admit(blob: bytes, limits: Limits, optimization: str = "off") -> AdmittedModel:
+def _admit(
+    model: ModelBytes | Handover, limits: Limits, optimization: str = "off"
+) -> AdmittedModel:
+    blob = model.take() if isinstance(model, Handover) else model
+    del model
     if optimization not in MODES:
         raise api_error_for_status(
             400, f"optimization: got {optimization[:40]!r}, expected one of {', '.join(MODES)}"
@@ -145,11 +153,11 @@ def _admit(blob: bytes, limits: Limits, optimization: str = "off") -> AdmittedMo
         try:
             ours.send_bytes(blob)
             header = _parse_header(_receive(ours, deadline, _HEADER_MAX, limits))
-            graph = (
-                _receive(ours, deadline, limits.max_model_bytes, limits)
-                if header["graph"]
-                else blob
-            )
+            graph = blob
+            del blob
+            if header["graph"]:
+                graph = b""  # let go of the upload before the optimized graph arrives
+                graph = _receive(ours, deadline, limits.max_model_bytes, limits)
         except (EOFError, OSError):
             raise _death(process, limits) from None
     finally:
@@ -161,7 +169,11 @@ def _admit(blob: bytes, limits: Limits, optimization: str = "off") -> AdmittedMo
     if header["status"] != 200:
         raise api_error_for_status(header["status"], header["message"])
     return AdmittedModel(
-        graph, header["loaded_bytes"], time.monotonic() - started, header["optimization"]
+        Handover(graph),
+        header["loaded_bytes"],
+        time.monotonic() - started,
+        header["optimization"],
+        optimized=header["graph"],
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import mmap
 import os
 from functools import cache
 
@@ -76,3 +77,53 @@ async def trim_after_unloads(interval_s: float = TRIM_INTERVAL_S) -> None:
         if rounds:
             rounds -= 1
             await asyncio.to_thread(release_free_memory)
+
+
+class ConsumedPages:
+    """Gives a bytearray's pages back to the system as its contents are consumed, front to back.
+
+    For a buffer read once, in order, and then freed (a model's bytes fed to ONNX Runtime): its
+    memory shrinks while the reader's copy grows, instead of both existing in full at once. The
+    caller guarantees that nothing else holds the buffer: a released page reads as zeros after.
+    Only whole pages inside the buffer are released (never the allocator's headers around it);
+    where ``madvise`` is missing or refuses, nothing is released and nothing else changes.
+    """
+
+    def __init__(self, buffer: bytearray) -> None:
+        self._libc = _glibc()
+        self._address = self._released = self._end = 0
+        if self._libc is None or len(buffer) < 2 * mmap.PAGESIZE:
+            self._libc = None
+            return
+        # The address, read once; the export ends here (the buffer is not resized while read).
+        exported = (ctypes.c_char * len(buffer)).from_buffer(buffer)
+        address = ctypes.addressof(exported)
+        del exported
+        self._address, self._released = address, _page_ceil(address)
+        self._end = address + len(buffer)
+
+    @property
+    def released(self) -> bool:
+        """Whether any page was released (the buffer no longer holds what it held)."""
+        return self._released > _page_ceil(self._address)
+
+    def consumed(self, upto: int) -> None:
+        """The first `upto` bytes will not be read again: release the whole pages among them."""
+        if self._libc is None:
+            return
+        end = min(self._address + upto, self._end) & ~(mmap.PAGESIZE - 1)
+        if end <= self._released:
+            return
+        result = self._libc.madvise(
+            ctypes.c_void_p(self._released),
+            ctypes.c_size_t(end - self._released),
+            ctypes.c_int(mmap.MADV_DONTNEED),
+        )
+        if result != 0:
+            self._libc = None  # refused: keep the memory, as without this class
+            return
+        self._released = end
+
+
+def _page_ceil(address: int) -> int:
+    return (address + mmap.PAGESIZE - 1) & ~(mmap.PAGESIZE - 1)

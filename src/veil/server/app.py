@@ -104,6 +104,7 @@ from veil.server.limits import AdmissionQueue, RateLimiter, limit_error
 from veil.server.metrics import CONTENT_TYPE, OTHER_ROUTE, Metrics
 from veil.server.models import LoadedModel, ModelRegistry, cost_of
 from veil.server.oip import OipBackend, oip_routes
+from veil.server.onnx_guard import Handover, ModelBytes
 from veil.server.receipts import RECEIPT_HEADER, RECEIPT_KEY_HEADER, ReceiptIssuer
 from veil.server.rotation import KeyRing
 from veil.server.sealing import SealedModelStore
@@ -352,7 +353,11 @@ def _content_length(request: Request) -> int | None:
     return int(value) if value.isdigit() and len(value) < 20 else None
 
 
-def _slices(blob: bytes, size: int = _STORE_CHUNK) -> Iterator[bytes]:
+def _sha256(data: ModelBytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def _slices(blob: ModelBytes, size: int = _STORE_CHUNK) -> Iterator[bytes]:
     """`blob` in views of `size` bytes: the store copies one piece at a time, not the whole.
 
     Views, typed as bytes: both stores only write them or append them to a buffer.
@@ -448,34 +453,27 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
             metrics.observe_evictions(len(evicted))
         return cost
 
-    async def admit_and_load(
-        blob: bytes,
-        meta_id: str,
-        name: str,
-        model_hash: bytes,
-        optimization: str,
-        owner: str | None,
-    ) -> tuple[LoadedModel, AdmittedModel, int]:
-        """Admission (a child process), room in the memory budget, then the load; returns the
-        model, what admission did and the room reserved for it (give it to `registry.add`, or
-        to `registry.release_room` if the model is not added)."""
-        admitted = await _in_thread(registry.admitter.admit, blob, optimization)
-        room = await room_for(cost_of(len(admitted.graph), admitted.loaded_bytes))
-        try:
-            model = await _in_thread(
-                registry.load_admitted,
-                admitted,
-                model_id=meta_id,
-                model_name=name,
-                threads=config.threads,
-                model_hash=model_hash,
-                batching=config.batching,
-                owner=owner,
-            )
-        except BaseException:
-            registry.release_room(room)
-            raise
-        return model, admitted, room
+    async def admit_with_room(model: Handover, optimization: str) -> tuple[AdmittedModel, int]:
+        """Admission (a child process; it takes the handed-over bytes), then room in the memory
+        budget for what it measured: give the room to `registry.add`, or back with
+        `registry.release_room` if the model is not added."""
+        admitted = await _in_thread(registry.admitter.admit, model, optimization)
+        return admitted, await room_for(cost_of(len(admitted.graph), admitted.loaded_bytes))
+
+    async def load_admitted(
+        admitted: AdmittedModel, meta_id: str, name: str, model_hash: bytes, owner: str | None
+    ) -> LoadedModel:
+        """The server's own session of what admission accepted (its bytes freed as read)."""
+        return await _in_thread(
+            registry.load_admitted,
+            admitted,
+            model_id=meta_id,
+            model_name=name,
+            threads=config.threads,
+            model_hash=model_hash,
+            batching=config.batching,
+            owner=owner,
+        )
 
     keeper = state.collateral
     ring = state.keys
@@ -751,9 +749,9 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
             await run_in_threadpool(decoder.feed, b"".join(pending))
         return await _in_thread(decoder.finish)
 
-    async def store_model(meta: StoredModel, blob: bytes) -> None:
+    async def store_model(meta: StoredModel, graph: Handover) -> None:
         try:
-            await _in_thread(state.store.put_stream, meta, _slices(blob), exclusive=True)
+            await _in_thread(state.store.put_stream, meta, _slices(graph.view()), exclusive=True)
         except OSError as exc:
             # One line, no traceback: the path and the model stay out of the log.
             _log.error(
@@ -777,8 +775,8 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
             )
         issuer = receipts_wanted(request)
         message = await read_upload(request)
-        # ONNX Runtime takes only bytes: one copy, transient, before it loads the model.
-        blob = bytes(message.model)
+        # From here the handover holds the model's only reference: the load frees it once read.
+        upload = Handover(message.model)
         model_id, model_name = message.model_id or str(uuid.uuid4()), message.model_name
         visibility, allowed = _upload_access(message, auth_on=principal.key_id is not None)
         # Named by a veil client, else BlindAI's flag asks for the server's default.
@@ -793,7 +791,7 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
                 "starting with a letter or digit",
             )
         _note(request, model_id=model_id)
-        size = len(blob)
+        size = len(upload)
         limits.check_model_bytes(size)
         owner = principal.key_id
         # Only the caller's own ids can be taken: another owner's "m" is never told of.
@@ -802,32 +800,27 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
             limits.check_storage(storage["used"] + storage["pending"], size)
             storage["pending"] += size
             try:
+                model_hash = await _in_thread(_sha256, upload.view())
                 # Admitted (checked, loaded, measured) in a child process first: the server's
-                # ONNX Runtime never sees what it refuses.
+                # ONNX Runtime never sees what it refuses. Then stored, then loaded: the load
+                # consumes the bytes, so the server never holds them next to the session's.
                 try:
-                    model, admitted, room = await admit_and_load(
-                        blob,
-                        model_id,
-                        model_name,
-                        hashlib.sha256(blob).digest(),
-                        optimization,
-                        owner,
-                    )
+                    admitted, room = await admit_with_room(upload, optimization)
                 except ApiError as exc:
                     if exc.status != 503:  # admitted, but no room in the memory budget now
                         metrics.observe_admission(loaded=False)
                     raise
-                metrics.observe_admission(loaded=True)
                 try:
-                    limits.check_storage(storage["used"] + storage["pending"] - size, model.cost)
+                    graph = admitted.graph
+                    cost = cost_of(len(graph), admitted.loaded_bytes)
+                    limits.check_storage(storage["used"] + storage["pending"] - size, cost)
                     report = admitted.optimization
                     # What is served is what is stored: the optimized graph when admission kept
                     # one, under the upload's hash (the one clients pin) and its own.
-                    graph = admitted.graph
-                    optimized = graph is not blob
+                    optimized = admitted.optimized
                     meta = StoredModel(
                         model_id,
-                        model.model_hash,
+                        model_hash,
                         model_name,
                         size,
                         owner=owner,
@@ -835,15 +828,26 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
                         allowed_keys=allowed,
                         created_at=time.time(),
                         optimization=report["mode"] if optimized and report else None,
-                        graph_hash=hashlib.sha256(graph).digest() if optimized else None,
+                        graph_hash=await _in_thread(_sha256, graph.view()) if optimized else None,
                         graph_size=len(graph) if optimized else None,
                     )
-                    del admitted, blob
                     await store_model(meta, graph)
-                    del graph
+                    try:
+                        model = await load_admitted(
+                            admitted, model_id, model_name, model_hash, owner
+                        )
+                    except BaseException:
+                        await run_in_threadpool(state.store.delete, meta.key)
+                        raise
+                except ApiError as exc:
+                    metrics.observe_admission(loaded=False)
+                    registry.release_room(room)
+                    raise exc from None
                 except BaseException:
                     registry.release_room(room)
                     raise
+                del admitted, graph
+                metrics.observe_admission(loaded=True)
             finally:
                 storage["pending"] -= size
             install(meta, model, room, "upload")
@@ -921,11 +925,12 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         limits.check_storage(used + storage["pending"], size)
         storage["pending"] += size
         try:
-            model, _, room = await admit_and_load(
-                blob, meta.model_id, meta.model_name, meta.model_hash, "off", meta.owner
-            )
+            admitted, room = await admit_with_room(Handover(blob), "off")
             del blob
             try:
+                model = await load_admitted(
+                    admitted, meta.model_id, meta.model_name, meta.model_hash, meta.owner
+                )
                 used = storage["used"] - charged.get(meta.key, 0)
                 limits.check_storage(used + storage["pending"] - size, model.cost)
             except BaseException:

@@ -45,7 +45,7 @@ from veil.server.allocator import note_unload
 from veil.server.batching import BatchingConfig, DynamicBatcher, has_dynamic_batch_axis
 from veil.server.demotion import WATCHDOG, HeavyFlag, capture_new_threads
 from veil.server.limits import Limits
-from veil.server.onnx_guard import create_session
+from veil.server.onnx_guard import Handover, ModelBytes, create_session
 from veil.server.store import scoped_key
 from veil.tensors import (
     DatumType,
@@ -355,7 +355,7 @@ class LoadedModel:
 
 
 def load_model(
-    blob: bytes,
+    blob: ModelBytes | Handover,
     *,
     model_id: str,
     model_name: str,
@@ -372,13 +372,17 @@ def load_model(
     `batching` configures the model's `DynamicBatcher` (default `BatchingConfig()`); `executor`
     is where its ONNX Runtime calls run (the event loop's default executor if None); `limits`
     bound its outputs; `loaded_bytes` is what admission measured. Untrusted bytes are admitted
-    first (`ModelRegistry.admitter`), then loaded with `ModelRegistry.load_admitted`.
+    first (`ModelRegistry.admitter`), then loaded with `ModelRegistry.load_admitted`. Bytes
+    handed over are freed once ONNX Runtime has read them (`veil.server.onnx_guard.Handover`).
 
     Raises:
         BadRequestError: (422) the bytes are not a model ONNX Runtime can load, or it has inputs
             or outputs of a type the protocol cannot carry.
     """
     limits = limits if limits is not None else Limits()
+    size = len(blob)
+    if model_hash is None:
+        model_hash = hashlib.sha256(blob.view() if isinstance(blob, Handover) else blob).digest()
     session, session_tids = capture_new_threads(
         lambda: create_session(blob, limits, intra_op_threads=threads, checked=True)
     )
@@ -387,8 +391,8 @@ def load_model(
     return LoadedModel(
         model_id=model_id,
         model_name=model_name,
-        model_hash=model_hash or hashlib.sha256(blob).digest(),
-        size=len(blob),
+        model_hash=model_hash,
+        size=size,
         inputs=inputs,
         outputs=outputs,
         session=session,

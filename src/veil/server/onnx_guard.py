@@ -41,9 +41,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import fcntl
 import math
+import os
+import re
+import sys
+import threading
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, final
 
 import onnx
 from onnx import (
@@ -57,6 +63,7 @@ from onnx import (
 )
 
 from veil.errors import ApiError, api_error_for_status
+from veil.server.allocator import ConsumedPages
 from veil.server.limits import Limits
 
 __all__ = [
@@ -444,36 +451,144 @@ def session_options(*, intra_op_threads: int = 0) -> Any:
     # 23.9 ms spinning, 12.6 ms not).
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    # Only ONNX: the ORT flatbuffer format, which bytes could otherwise select, is not what the
+    # guard parsed.
+    so.add_session_config_entry("session.load_model_format", "ONNX")
     return so
 
 
+ModelBytes = bytes | bytearray | memoryview
+
+
+@final
+class Handover:
+    """Model bytes given up by their holder, to be read once more and freed.
+
+    `create_session` streams handed-over bytes to ONNX Runtime and drops them as soon as it has
+    read them, before it builds the model's tensors: the server then holds the serialized model
+    and the parsed one at once, then the parsed one and the tensors, never all three. Whoever
+    hands bytes over keeps no other reference to them (or the memory stays, harmlessly).
+    """
+
+    __slots__ = ("_data", "_size")
+
+    def __init__(self, data: ModelBytes) -> None:
+        self._data: ModelBytes | None = data
+        self._size = len(data)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __repr__(self) -> str:
+        state = "held" if self._data is not None else "taken"
+        return f"Handover({self._size} bytes, {state})"
+
+    def view(self) -> ModelBytes:
+        """The bytes, still held here (to store or hash them first; keep no reference)."""
+        if self._data is None:
+            raise RuntimeError("the model bytes were taken already")
+        return self._data
+
+    def take(self) -> ModelBytes:
+        """The bytes; from now on the caller holds the only reference."""
+        data = self.view()
+        self._data = None
+        return data
+
+
+_FEED_CHUNK = 1 << 20
+_PIPE_PATH = re.compile(r"/proc/self/fd/[0-9]+")
+
+
+def _write_all(fd: int, data: ModelBytes, pages: ConsumedPages | None) -> None:
+    """Write `data` to `fd`, telling `pages` (of `data`) what was written."""
+    with memoryview(data) as view, view.cast("B") as flat:
+        offset = 0
+        while offset < len(flat):
+            offset += os.write(fd, flat[offset : offset + _FEED_CHUNK])
+            if pages is not None:
+                pages.consumed(offset)
+
+
+def _streamed_session(box: list[ModelBytes], build: Any) -> Any:
+    """``build(path)`` on a pipe that the bytes in `box` are written into by another thread,
+    which drops them once written: ONNX Runtime parses a model given as a path from the stream,
+    where one given as bytes is first copied whole (its Python binding takes a string). Bytes
+    held by nothing else (a `Handover`'s) are released page by page as they are written, so
+    the serialized model shrinks while ONNX Runtime's parsed copy grows.
+
+    If ONNX Runtime could not read the pipe at all (no ``/proc/self/fd`` on this platform), the
+    bytes were not dropped, and the session is built from them as bytes instead.
+    """
+    read_fd, write_fd = os.pipe()
+    with contextlib.suppress(OSError, AttributeError):  # fewer hand-offs; Linux only
+        fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, _FEED_CHUNK)
+    fed = threading.Event()
+
+    def feed() -> None:
+        data = box.pop()
+        # Held by this frame alone (and getrefcount's argument): no one can read it after.
+        sole = sys.getrefcount(data) == 2
+        pages = ConsumedPages(data) if sole and isinstance(data, bytearray) else None
+        try:
+            _write_all(write_fd, data, pages)
+            fed.set()
+        except OSError:  # the reader stopped (a model it refused, or a path it cannot open)
+            if pages is None or not pages.released:
+                box.append(data)  # intact: it can be loaded from bytes
+        finally:
+            os.close(write_fd)
+            del data
+
+    feeder = threading.Thread(target=feed, name="veil-model-feed", daemon=True)
+    feeder.start()
+    try:
+        try:
+            return build(f"/proc/self/fd/{read_fd}")
+        finally:
+            os.close(read_fd)  # a feeder still writing gets EPIPE and keeps the bytes
+            feeder.join()
+    except Exception:
+        if fed.is_set() or not box:
+            raise  # ONNX Runtime read the whole model: its error stands
+    # ONNX Runtime stopped reading: refusing the model, or unable to open the path at all. From
+    # bytes it either loads it or refuses it with its own reason.
+    return build(bytes(box.pop()))
+
+
 def create_session(
-    model_bytes: bytes,
+    model: ModelBytes | Handover,
     limits: Limits,
     *,
     providers: Sequence[str] = ("CPUExecutionProvider",),
     intra_op_threads: int = 0,
     checked: bool = False,
 ) -> Any:
-    """Check `model_bytes` (unless `checked`) and build an ``InferenceSession`` for it.
+    """Check `model` (unless `checked`) and build an ``InferenceSession`` for it.
 
     Constant folding is disabled so that session creation cannot be made to allocate
     large constants; other graph optimisations stay on. A failure of ONNX Runtime to build the
-    session (unsupported op, bad types) becomes a 422.
+    session (unsupported op, bad types) becomes a 422. A `Handover` is consumed: its bytes are
+    freed once ONNX Runtime has read them.
     """
     import onnxruntime as ort
 
+    box = [model.take() if isinstance(model, Handover) else model]
+    del model
     if not checked:
-        check_model(model_bytes, limits)
-    try:
-        session = ort.InferenceSession(
-            model_bytes,
-            session_options(intra_op_threads=intra_op_threads),
-            providers=list(providers),
-            disabled_optimizers=["ConstantFolding"],
+        check_model(bytes(box[0]), limits)
+    options = session_options(intra_op_threads=intra_op_threads)
+
+    def build(source: str | bytes) -> Any:
+        return ort.InferenceSession(
+            source, options, providers=list(providers), disabled_optimizers=["ConstantFolding"]
         )
+
+    try:
+        session = _streamed_session(box, build)
     except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message = _PIPE_PATH.sub("the model", message)
         raise _invalid(f"ONNX Runtime refused the model: {message[:300]}") from None
     _drop_model_bytes(session)
     return session
