@@ -70,7 +70,8 @@ def test_consumed_pages_read_as_zeros_and_the_rest_stays() -> None:
     # Released pages lie inside the consumed prefix; everything past it is untouched.
     assert buffer[32 * PAGE + 100 :] == b"\xff" * (len(buffer) - 32 * PAGE - 100)
     assert buffer.count(0) >= 30 * PAGE
-    assert buffer.find(0) >= 0 and buffer.rfind(0) < 32 * PAGE + 100
+    assert buffer.find(0) >= 0
+    assert buffer.rfind(0) < 32 * PAGE + 100
     pages.consumed(10 * PAGE)  # going back releases nothing more
     assert buffer[32 * PAGE + 100 :] == b"\xff" * (len(buffer) - 32 * PAGE - 100)
 
@@ -79,7 +80,8 @@ def test_consumed_pages_leave_a_small_buffer_alone() -> None:
     buffer = bytearray(b"\xff" * PAGE)
     pages = ConsumedPages(buffer)
     pages.consumed(PAGE)
-    assert not pages.released and buffer == b"\xff" * PAGE
+    assert not pages.released
+    assert buffer == b"\xff" * PAGE
 
 
 def test_a_path_onnx_runtime_cannot_open_falls_back_to_the_bytes() -> None:
@@ -95,7 +97,8 @@ def test_a_path_onnx_runtime_cannot_open_falls_back_to_the_bytes() -> None:
     box: list[ModelBytes] = [data]
     del data
     assert onnx_guard._streamed_session(box, build) == "from bytes"
-    assert isinstance(seen[0], str) and seen[1] == scale_model()
+    assert isinstance(seen[0], str)
+    assert seen[1] == scale_model()
 
 
 def test_an_error_after_the_whole_model_was_read_stands() -> None:
@@ -168,7 +171,9 @@ def test_an_upload_whose_load_fails_after_storing_is_unstored(
         raise BadRequestError(422, "invalid ONNX model: ONNX Runtime refused the model: test")
 
     monkeypatch.setattr(ModelRegistry, "load_admitted", failing_load)
-    body = wire.encode_upload_request(scale_model(16), model_name="m", model_id="m1", client_info={})
+    body = wire.encode_upload_request(
+        scale_model(16), model_name="m", model_id="m1", client_info={}
+    )
     with TestClient(management) as client:
         refused = client.post("/upload", content=body)
         assert refused.status_code == 422
