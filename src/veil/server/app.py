@@ -610,13 +610,15 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
 
     async def authenticate(request: Request, *, allow_anonymous: bool = False) -> Principal:
         """Step 3 and 4 of the order above: who asks (401), and their rate (429)."""
-        if not auth.enabled():
-            return Principal.unauthenticated()
-        principal = await run_in_threadpool(
-            auth.authenticate,
-            request.headers.get(API_KEY_HEADER),
-            allow_anonymous=allow_anonymous,
-        )
+        api_key = request.headers.get(API_KEY_HEADER)
+        if auth.may_block:
+            principal = await run_in_threadpool(
+                auth.authenticate, api_key, allow_anonymous=allow_anonymous
+            )
+        else:
+            principal = auth.authenticate(api_key, allow_anonymous=allow_anonymous)
+        if principal.key_id is None and not principal.anonymous:
+            return principal  # authentication is off
         if principal.anonymous:
             address = request.client.host if request.client is not None else "-"
             if not anonymous_rates.try_acquire(address):

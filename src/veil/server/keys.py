@@ -287,6 +287,11 @@ class KeyStore:
 
         self._state.update(revoke)
 
+    @property
+    def may_block(self) -> bool:
+        """Whether a look-up may wait on the network (`StateBackend.current_may_block`)."""
+        return self._state.current_may_block
+
     def any_keys(self) -> bool:
         """True when at least one key (valid or revoked) was ever created."""
         return bool(self._state.current().keys)
@@ -385,6 +390,13 @@ class AuthGate:
     @property
     def store(self) -> KeyStore:
         return self._store
+
+    @property
+    def may_block(self) -> bool:
+        """Whether `enabled` and `authenticate` may wait on the network (shared state in a
+        database): an event loop calls them from a worker thread then, else inline (they cost
+        a stat and a SHA-256 while nothing changed, less than a hop to a thread and back)."""
+        return not self._no_auth and self._store.may_block
 
     def describe(self) -> str:
         """One phrase for the server's ready line."""

@@ -198,6 +198,10 @@ class PostgresState:
         typed = [(str(k), str(i), bytes(b), bytes(m)) for k, i, b, m in cast(list[_Row], rows)]
         return self._verify(head, typed)
 
+    @property
+    def current_may_block(self) -> bool:
+        return True  # one query per call
+
     def current(self) -> Manifest:
         """The committed manifest, verified; one small query while nothing changed."""
         with self._lock:

@@ -271,6 +271,12 @@ class StateBackend(Protocol):
     def blob_key(self) -> bytes: ...
     @property
     def receipt_log_key(self) -> bytes: ...
+    @property
+    def current_may_block(self) -> bool:
+        """Whether `current` waits on a network round trip even while nothing changed: an
+        event loop then calls it from a worker thread."""
+        ...
+
     def current(self) -> Manifest: ...
     def open(self) -> Manifest: ...
     def is_new(self) -> bool: ...
@@ -299,6 +305,10 @@ class SealedState:
         self._cached: Manifest | None = None
         self._signature: tuple[int, int, int, bytes] | None = None
         self._seen = 0
+
+    @property
+    def current_may_block(self) -> bool:
+        return False  # a local file: an open, a stat and a 24-byte read while nothing changed
 
     @property
     def directory(self) -> Path:

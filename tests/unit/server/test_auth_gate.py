@@ -149,3 +149,30 @@ def test_anonymous_only_where_allowed_and_switched_on(tmp_path: Path) -> None:
     assert principal.key_id is not None
     assert on.last_used(principal.key_id) == 123.0
     assert off.last_used(principal.key_id) is None
+
+
+class _DatabaseLikeState(SealedState):
+    """A sealed state whose reads stand for a database's: each may wait on the network."""
+
+    @property
+    def current_may_block(self) -> bool:
+        return True
+
+
+def test_only_state_behind_the_network_sends_authentication_to_a_thread(tmp_path: Path) -> None:
+    # A local sealed state is checked on the event loop (a stat and a SHA-256); one behind the
+    # network (PostgreSQL) from a worker thread, so a slow database never stalls the loop.
+    assert gate(tmp_path / "local", "0.0.0.0").may_block is False
+    remote = AuthGate(
+        KeyStore(_DatabaseLikeState(tmp_path / "db", KEY)), host="0.0.0.0", no_auth=False
+    )
+    assert remote.may_block is True
+    off = AuthGate(KeyStore(_DatabaseLikeState(tmp_path / "off", KEY)), host="::", no_auth=True)
+    assert off.may_block is False  # nothing is looked up at all
+
+
+def test_postgres_state_says_its_reads_may_block() -> None:
+    from veil.server.pgstate import PostgresState
+
+    assert PostgresState.current_may_block.fget is not None
+    assert PostgresState.current_may_block.fget(object.__new__(PostgresState)) is True
