@@ -59,8 +59,10 @@ ORT_THREADS = 2
 SYSTEMS = ("inproc", "batcher", "plain", "veil")
 # Not run by default: the plain server with veil's batcher, one per straggler window (ms); and
 # ``veildefault``: veil with its default limits, authentication on and every client on ONE API
-# key (a deployed service's clients), where errors (429/503) count as errors.
+# key (a deployed service's clients), where errors (429/503) count as errors; ``veilgraph`` and
+# ``veilint8``: `veil` serving the model uploaded with that optimization (its report in the note).
 EXTRA_SYSTEMS = {"plainbatch0": 0.0, "plainbatch2": 2.0, "plainbatch5": 5.0, "veildefault": 0.0}
+OPTIMIZED_SYSTEMS = {"veilgraph": "graph", "veilint8": "int8"}
 
 
 @dataclass(frozen=True)
@@ -630,10 +632,17 @@ def bench_veil(
         data = workdir / f"veil-data-{system}-{model.name}"
         data.mkdir(parents=True, exist_ok=True)
         key = create_owner_key(data)
+    optimization = OPTIMIZED_SYSTEMS.get(system)
+    upload_note = ""
     with veil_server(workdir, f"{system}-{model.name}", key) as (server, ports):
         first = veil_connect(ports, key)
         try:
-            first.upload_model(str(model.path), model_id=model.name)
+            reply = first.upload_model(
+                str(model.path), model_id=model.name, optimization=optimization
+            )
+            if optimization is not None:
+                upload_note = f"{optimization}: {reply.optimization}"
+                print(f"  {system} {model.name} upload: {upload_note}", flush=True)
         finally:
             first.close()
         max_conc = max(s.concurrency)
@@ -651,7 +660,8 @@ def bench_veil(
                     lat, errors, seconds, meter, first = run_threads(
                         clients[:concurrency], call, s.cell_seconds, s.cell_requests, server.proc
                     )
-                    row = Row(system, model.name, seq, concurrency, errors=errors, note=first)
+                    note = first or upload_note
+                    row = Row(system, model.name, seq, concurrency, errors=errors, note=note)
                     fill_latency(row, lat, seconds)
                     row.server_cpu_pct, row.client_cpu_pct = meter.server_pct, meter.client_pct
                     row.server_rss_mb = rss_bytes(server.proc) / 2**20
@@ -777,6 +787,14 @@ def compute_ratios(report: Report) -> None:
         plain1 = _find(report.rows, system="plain", model=model, seq=seq, concurrency=1)
         tag = f"{model} seq {seq}"
         target = C1_TARGETS.get((model, seq), "")
+        for system, wanted in (("veilgraph", "<= 1.0"), ("veilint8", "<= 0.4 (2.5x faster)")):
+            optimized = _find(report.rows, system=system, model=model, seq=seq, concurrency=1)
+            if optimized and floor and optimized.p50_ms and floor.p50_ms:
+                add(
+                    f"{tag}: {system} p50 / in-process fp32 p50 (c=1)",
+                    optimized.p50_ms / floor.p50_ms,
+                    wanted,
+                )
         for name, served in (("veil", veil1), ("veildefault", default1)):
             if served is None or not served.p50_ms:
                 continue
@@ -897,7 +915,7 @@ def main(argv: list[str] | None = None) -> int:
         "--systems",
         default=",".join(SYSTEMS),
         help=f"comma-separated subset of {','.join(SYSTEMS)} (default: all), "
-        f"or of {','.join(EXTRA_SYSTEMS)}: the plain server batched with that window (ms)",
+        f"or extra ones: {','.join([*EXTRA_SYSTEMS, *OPTIMIZED_SYSTEMS])} (see the module)",
     )
     parser.add_argument("--no-upload", action="store_true", help="skip connect/upload measurements")
     parser.add_argument("--seconds", type=float, help="time limit per measurement cell")
@@ -916,7 +934,7 @@ def main(argv: list[str] | None = None) -> int:
         pairs = tuple((w.split(":")[0], int(w.split(":")[1])) for w in args.workloads.split(","))
         s = Settings(**{**asdict(s), "workloads": pairs})
     systems = [x for x in args.systems.split(",") if x]
-    unknown = set(systems) - set(SYSTEMS) - set(EXTRA_SYSTEMS)
+    unknown = set(systems) - set(SYSTEMS) - set(EXTRA_SYSTEMS) - set(OPTIMIZED_SYSTEMS)
     if unknown:
         parser.error(
             f"unknown systems {sorted(unknown)}, expected some of {[*SYSTEMS, *EXTRA_SYSTEMS]}"
@@ -954,11 +972,11 @@ def main(argv: list[str] | None = None) -> int:
                 if "batcher" in systems:
                     bench_batcher(model, seq, s, report)
             for system in systems:  # in the order given: lets repeated runs swap the order
-                if system == "veildefault":
+                if system == "veildefault" or system in OPTIMIZED_SYSTEMS:
                     try:
                         bench_veil(model, seqs, s, report, workdir, system)
                     except Exception as exc:
-                        report.skipped.append(f"veildefault {name}: {type(exc).__name__}: {exc}")
+                        report.skipped.append(f"{system} {name}: {type(exc).__name__}: {exc}")
                 elif system == "plain" or system in EXTRA_SYSTEMS:
                     bench_plain(model, seqs, s, report, workdir, system)
             if "veil" in systems:
