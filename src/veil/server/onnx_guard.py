@@ -500,14 +500,15 @@ _FEED_CHUNK = 1 << 20
 _PIPE_PATH = re.compile(r"/proc/self/fd/[0-9]+")
 
 
-def _write_all(fd: int, data: ModelBytes, pages: ConsumedPages | None) -> None:
-    """Write `data` to `fd`, telling `pages` (of `data`) what was written."""
+def _write_all(fd: int, data: ModelBytes, pages: ConsumedPages | None, held: int) -> None:
+    """Write `data` to the pipe `fd`, which holds at most `held` bytes: telling `pages` (of
+    `data`) what its reader has taken out, i.e. all but the last `held` bytes written."""
     with memoryview(data) as view, view.cast("B") as flat:
         offset = 0
         while offset < len(flat):
             offset += os.write(fd, flat[offset : offset + _FEED_CHUNK])
             if pages is not None:
-                pages.consumed(offset)
+                pages.consumed(offset - held)
 
 
 def _streamed_session(box: list[ModelBytes], build: Any) -> Any:
@@ -523,15 +524,23 @@ def _streamed_session(box: list[ModelBytes], build: Any) -> Any:
     read_fd, write_fd = os.pipe()
     with contextlib.suppress(OSError, AttributeError):  # fewer hand-offs; Linux only
         fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, _FEED_CHUNK)
+    try:
+        held: int | None = fcntl.fcntl(write_fd, fcntl.F_GETPIPE_SZ)
+    except (OSError, AttributeError):
+        held = None  # how much the pipe holds is unknown: release nothing
     fed = threading.Event()
 
     def feed() -> None:
         data = box.pop()
         # Held by this frame alone (and getrefcount's argument): no one can read it after.
         sole = sys.getrefcount(data) == 2
-        pages = ConsumedPages(data) if sole and isinstance(data, bytearray) else None
+        release = sole and held is not None
+        pages = ConsumedPages(data) if release and isinstance(data, bytearray) else None
         try:
-            _write_all(write_fd, data, pages)
+            # Only bytes that left the pipe are released: a reader took them, and that can only
+            # be ONNX Runtime. If it never opened the path, nothing is released, and the bytes
+            # are still whole for the fall-back below.
+            _write_all(write_fd, data, pages, held or 0)
             fed.set()
         except OSError:  # the reader stopped (a model it refused, or a path it cannot open)
             if pages is None or not pages.released:

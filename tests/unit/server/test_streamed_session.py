@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -84,21 +85,26 @@ def test_consumed_pages_leave_a_small_buffer_alone() -> None:
     assert buffer == b"\xff" * PAGE
 
 
-def test_a_path_onnx_runtime_cannot_open_falls_back_to_the_bytes() -> None:
+@pytest.mark.parametrize("wait_s", [0.0, 0.3])
+def test_a_path_onnx_runtime_cannot_open_falls_back_to_the_bytes(wait_s: float) -> None:
     seen: list[str | bytes] = []
 
     def build(source: str | bytes) -> str:
         seen.append(source)
         if isinstance(source, str):
-            raise RuntimeError("cannot open")  # as where /proc/self/fd does not exist
+            # As where /proc/self/fd does not exist; meanwhile the writer fills the pipe, and
+            # what sits in the pipe was never read: none of it may be released.
+            time.sleep(wait_s)
+            raise RuntimeError("cannot open")
         return "from bytes"
 
-    data = bytearray(scale_model())
+    model = scale_model(1 << 20)  # 4 MiB: more than the pipe holds
+    data = bytearray(model)
     box: list[ModelBytes] = [data]
     del data
     assert onnx_guard._streamed_session(box, build) == "from bytes"
     assert isinstance(seen[0], str)
-    assert seen[1] == scale_model()
+    assert seen[1] == model
 
 
 def test_an_error_after_the_whole_model_was_read_stands() -> None:
