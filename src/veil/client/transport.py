@@ -14,7 +14,7 @@ import ssl
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import httpcore
@@ -51,18 +51,59 @@ def _clamp(timeout: float | None, error: type[Exception]) -> float | None:
     return left if timeout is None else min(timeout, left)
 
 
+# Writes smaller than this are gathered until the next read: a request's head and body then
+# leave as one TLS record and one send. Larger ones go out at once, so uploads stream.
+_GATHER_BYTES = 64 * 1024
+
+
 class _DeadlineStream(httpcore.NetworkStream):
+    """A stream whose operations obey `deadline`, and which sends a small request in one write.
+
+    An HTTP/1.1 client always reads after its request: writes are held until the next `read`
+    (or `close`, `start_tls`, or ``_GATHER_BYTES`` held), and then sent as one.
+    """
+
     def __init__(self, inner: httpcore.NetworkStream) -> None:
         self._inner = inner
+        self._held: list[bytes] = []
+        self._held_bytes = 0
+        self._write_timeout: float | None = None
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        if self._held:
+            # As httpcore does when a request fails to go out: read on, since a server may have
+            # answered early (413) and closed its side.
+            with suppress(httpcore.WriteError):
+                self._flush()
         return self._inner.read(max_bytes, _clamp(timeout, httpcore.ReadTimeout))
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self._inner.write(buffer, _clamp(timeout, httpcore.WriteTimeout))
+        if not buffer:
+            return
+        clamped = _clamp(timeout, httpcore.WriteTimeout)
+        if self._held_bytes + len(buffer) < _GATHER_BYTES:
+            self._held.append(buffer)
+            self._held_bytes += len(buffer)
+            self._write_timeout = timeout
+            return
+        if self._held:
+            self._flush()
+            clamped = _clamp(timeout, httpcore.WriteTimeout)
+        self._inner.write(buffer, clamped)
+
+    def _flush(self) -> None:
+        held = self._held[0] if len(self._held) == 1 else b"".join(self._held)
+        self._held, self._held_bytes = [], 0
+        self._inner.write(held, _clamp(self._write_timeout, httpcore.WriteTimeout))
 
     def close(self) -> None:
-        self._inner.close()
+        try:
+            if self._held:
+                self._flush()
+        except (httpcore.WriteError, httpcore.WriteTimeout):
+            pass  # the connection is going away: what it could not send is no one's loss
+        finally:
+            self._inner.close()
 
     def start_tls(
         self,
@@ -70,6 +111,8 @@ class _DeadlineStream(httpcore.NetworkStream):
         server_hostname: str | None = None,
         timeout: float | None = None,
     ) -> httpcore.NetworkStream:
+        if self._held:
+            self._flush()
         inner = self._inner.start_tls(
             ssl_context, server_hostname, _clamp(timeout, httpcore.ConnectTimeout)
         )
@@ -108,8 +151,9 @@ _NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 
 
 def deadline_transport(verify: ssl.SSLContext | None = None) -> httpx.HTTPTransport:
-    """An httpx transport whose sockets obey `deadline` (TCP_NODELAY set: httpx writes headers
-    and body separately, and Nagle would hold the body for the peer's delayed ACK)."""
+    """An httpx transport whose sockets obey `deadline` and send each small request in one write
+    (TCP_NODELAY set: a large body still goes out after its head, and Nagle would hold it for
+    the peer's delayed ACK)."""
     transport = httpx.HTTPTransport(verify=verify if verify is not None else True)
     # httpx takes no network backend: give its pool one (the same settings, our sockets).
     transport._pool = httpcore.ConnectionPool(

@@ -194,8 +194,116 @@ def install_log_throttle(loop: asyncio.AbstractEventLoop) -> None:
 # --- the server and its protocols ------------------------------------------------------------
 
 
+# Writes smaller than this are gathered for one event-loop iteration (or until the response is
+# done): a response's head and body then reach TLS as one write, one record and one send.
+# Larger ones pass through as they are, so a large body is never copied once more.
+_GATHER_BYTES = 64 * 1024
+
+
+class _GatheringTransport(asyncio.Transport):
+    """A transport under the h11 protocol that sends the writes of one loop iteration as one.
+
+    `flush` runs on the next iteration (``call_soon``), when the response is complete, before a
+    `close` or `write_eof`, or as soon as a large write arrives; `abort` drops what is held.
+    Everything else (flow control, reading, extra info) is the inner transport's.
+    """
+
+    def __init__(self, inner: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self._inner = inner
+        self._loop = loop
+        self._held: list[bytes] = []
+        self._held_bytes = 0
+        self._scheduled: asyncio.Handle | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        if len(data) >= _GATHER_BYTES:
+            self.flush()
+            self._inner.write(data)
+            return
+        # Held past this call: a caller's bytearray must not change under us.
+        self._held.append(data if isinstance(data, bytes) else bytes(data))
+        self._held_bytes += len(data)
+        if self._held_bytes >= _GATHER_BYTES:
+            self.flush()
+        elif self._scheduled is None:
+            self._scheduled = self._loop.call_soon(self.flush)
+
+    def writelines(self, list_of_data: Any) -> None:
+        for data in list_of_data:
+            self.write(data)
+
+    def flush(self) -> None:
+        """Send what is held, as one write."""
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+            self._scheduled = None
+        if not self._held:
+            return
+        held = self._held[0] if len(self._held) == 1 else b"".join(self._held)
+        self._held, self._held_bytes = [], 0
+        self._inner.write(held)
+
+    def drop(self) -> None:
+        """Forget what is held (the connection is gone, or aborted)."""
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+            self._scheduled = None
+        self._held, self._held_bytes = [], 0
+
+    def close(self) -> None:
+        self.flush()
+        self._inner.close()
+
+    def abort(self) -> None:
+        self.drop()
+        self._inner.abort()
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._inner.write_eof()
+
+    def can_write_eof(self) -> bool:
+        return self._inner.can_write_eof()
+
+    def is_closing(self) -> bool:
+        return self._inner.is_closing()
+
+    def get_write_buffer_size(self) -> int:
+        return self._held_bytes + self._inner.get_write_buffer_size()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._inner.get_write_buffer_limits()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._inner.set_write_buffer_limits(high, low)
+
+    def pause_reading(self) -> None:
+        self._inner.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._inner.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._inner.is_reading()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._inner.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._inner.get_protocol()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._inner.get_extra_info(name, default)
+
+
 class _GuardedH11(H11Protocol):
-    """uvicorn's h11 protocol plus a header-read deadline and the guard's release."""
+    """uvicorn's h11 protocol plus a header-read deadline, the guard's release, and writes
+    gathered (`_GatheringTransport`): a small response leaves as one TLS record."""
+
+    _gathering: _GatheringTransport
 
     def __init__(
         self,
@@ -229,8 +337,13 @@ class _GuardedH11(H11Protocol):
             self.transport.close()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        self._gathering = _GatheringTransport(transport, self.loop)
+        super().connection_made(self._gathering)
         self._arm()
+
+    def on_response_complete(self) -> None:
+        self._gathering.flush()
+        super().on_response_complete()
 
     def data_received(self, data: bytes) -> None:
         if self._header_timer is None and self._awaiting_head():
@@ -241,6 +354,7 @@ class _GuardedH11(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._gathering.drop()
         self.release()
         super().connection_lost(exc)
 
