@@ -13,6 +13,8 @@ and never outlive their purpose (defaults in `veil.server.limits.Limits`):
   ``header_read_timeout_s`` of its first byte (the gate closes a socket silent that long
   from its opening); uvicorn closes idle keep-alive connections
   (``keep_alive_timeout_s``) and caps header bytes (``max_header_bytes``).
+- `_GatheringTransport`, under the h11 protocol, sends the writes of one event-loop iteration as
+  one: a small response's head and body leave in one TLS record and one ``send``.
 - `RequestGate` (ASGI) answers 408 when a body being read stalls for ``body_read_timeout_s``,
   and takes a ``max_concurrent_requests`` slot (waiting in the bounded queue if none is free)
   only once a body is complete: slow senders wait without holding what other tenants need.
