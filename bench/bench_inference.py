@@ -200,7 +200,7 @@ class PeakRss:
 
     def __init__(self, proc: psutil.Process, interval: float = 0.005) -> None:
         self.proc, self.interval = proc, interval
-        self.peak = 0
+        self.peak = self.process_idle = self.process_peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -212,6 +212,10 @@ class PeakRss:
 
     def __enter__(self) -> PeakRss:
         self.peak = rss_bytes(self.proc)
+        # The server process alone: its RSS now, and its kernel high-water mark from now on.
+        self.process_idle = self.proc.memory_info().rss
+        with contextlib.suppress(OSError):
+            Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
         self._thread.start()
         return self
 
@@ -222,10 +226,12 @@ class PeakRss:
             self.peak = max(self.peak, rss_bytes(self.proc))
         # Linux keeps the exact high-water mark (since the process started: a fresh server's
         # start-up stays far below an upload's peak), which no sampling can miss.
+        self.process_peak = self.process_idle
         with contextlib.suppress(OSError, ValueError, StopIteration):
             status = Path(f"/proc/{self.proc.pid}/status").read_text()
             hwm_kb = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
-            self.peak = max(self.peak, int(hwm_kb.split()[1]) * 1024)
+            self.process_peak = int(hwm_kb.split()[1]) * 1024
+            self.peak = max(self.peak, self.process_peak)
 
 
 def new_session(path: Path) -> ort.InferenceSession:
@@ -718,7 +724,7 @@ def bench_upload(s: Settings, report: Report, workdir: Path) -> None:
                 seconds = time.perf_counter() - t0
         finally:
             conn.close()
-        report.upload.append(_upload_row("veil", size, seconds, idle, peak.peak))
+        report.upload.append(_upload_row("veil", size, seconds, idle, peak))
 
     blindai_python = REPO / ".work" / "blindai-venv" / "bin" / "python"
     if not s.blindai_upload:
@@ -745,18 +751,20 @@ def bench_upload(s: Settings, report: Report, workdir: Path) -> None:
             report.skipped.append(f"upload via BlindAI client failed: {done.stderr[-800:]}")
             return
         seconds = float(json.loads(done.stdout.strip().splitlines()[-1])["seconds"])
-        report.upload.append(_upload_row("blindai-0.6.3", size, seconds, idle, peak.peak))
+        report.upload.append(_upload_row("blindai-0.6.3", size, seconds, idle, peak))
 
 
-def _upload_row(client: str, size: int, seconds: float, idle: int, peak: int) -> dict[str, Any]:
+def _upload_row(client: str, size: int, seconds: float, idle: int, peak: PeakRss) -> dict[str, Any]:
     return {
         "client": client,
         "model_mb": size / 1e6,
         "seconds": seconds,
         "mb_per_s": size / 1e6 / seconds,
         "server_idle_rss_mb": idle / 2**20,
-        "server_peak_rss_mb": peak / 2**20,
-        "peak_rss_over_model": peak / size,
+        "server_peak_rss_mb": peak.peak / 2**20,
+        "peak_rss_over_model": peak.peak / size,
+        # The figure the target is about: the server process's growth over the model's size.
+        "process_growth_over_model": (peak.process_peak - peak.process_idle) / size,
     }
 
 
@@ -899,9 +907,10 @@ def print_report(report: Report) -> None:
     for u in report.upload:
         print(
             f"upload {u['model_mb']:.0f} MB via {u['client']}: {u['mb_per_s']:.0f} MB/s "
-            f"({u['seconds']:.2f} s); server RSS idle {u['server_idle_rss_mb']:.0f} MB, "
-            f"peak {u['server_peak_rss_mb']:.0f} MB = {u['peak_rss_over_model']:.2f}x model "
-            "(targets >= 100 MB/s, <= 2x)"
+            f"({u['seconds']:.2f} s); server process (peak - idle) = "
+            f"{u['process_growth_over_model']:.2f}x model (targets >= 150 MB/s, <= 2x); "
+            f"with the admission child and idle: idle {u['server_idle_rss_mb']:.0f} MB, "
+            f"peak {u['server_peak_rss_mb']:.0f} MB = {u['peak_rss_over_model']:.2f}x model"
         )
     for line in report.skipped:
         print(f"skipped: {line}")
