@@ -838,18 +838,16 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
                         model = await load_admitted(
                             admitted, model_id, model_name, model_hash, owner
                         )
-                    except BaseException:
+                    except BaseException as exc:
                         await run_in_threadpool(state.store.delete, meta.key)
+                        if isinstance(exc, ApiError):  # ONNX Runtime refused what was admitted
+                            metrics.observe_admission(loaded=False)
                         raise
-                except ApiError as exc:
-                    metrics.observe_admission(loaded=False)
-                    registry.release_room(room)
-                    raise exc from None
+                    metrics.observe_admission(loaded=True)
                 except BaseException:
                     registry.release_room(room)
                     raise
                 del admitted, graph
-                metrics.observe_admission(loaded=True)
             finally:
                 storage["pending"] -= size
             install(meta, model, room, "upload")
