@@ -123,7 +123,7 @@ def test_oversized_headers_are_refused(quick: VeilServer) -> None:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 6000)
         answer = _closed_within(sock, 5)
         assert answer is not None
-        assert answer.startswith(b"HTTP/1.1 400")
+        assert answer.startswith(b"HTTP/1.1 431")
     with _open(quick.unattested_port) as sock:  # under the limit: served
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 3000 + b"\r\n\r\n")
         answer = _closed_within(sock, 5)

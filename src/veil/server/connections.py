@@ -9,11 +9,13 @@ and never outlive their purpose (defaults in `veil.server.limits.Limits`):
   open-file limit at start (`connection_caps`), so ``accept`` never runs out of descriptors.
   HTTP and TLS state are allocated only once a client sends its first bytes; the handshake has
   a deadline (``tls_handshake_timeout_s``).
-- `_GuardedH11` closes a connection whose request headers are not complete within
-  ``header_read_timeout_s`` of its first byte (the gate closes a socket silent that long
-  from its opening); uvicorn closes idle keep-alive connections
-  (``keep_alive_timeout_s``) and caps header bytes (``max_header_bytes``).
-- `_GatheringTransport`, under the h11 protocol, sends the writes of one event-loop iteration as
+- `_GuardedHttp` (uvicorn's protocol on the httptools parser) closes a connection whose request
+  headers are not complete within ``header_read_timeout_s`` of its first byte (the gate closes
+  a socket silent that long from its opening), answers 431 and closes when a request's line and
+  headers pass ``max_header_bytes`` (counted as they are fed to the parser, which has no cap of
+  its own), serves no protocol upgrade, and gives the connection's place back when it closes;
+  uvicorn closes idle keep-alive connections (``keep_alive_timeout_s``).
+- `_GatheringTransport`, under that protocol, sends the writes of one event-loop iteration as
   one: a small response's head and body leave in one TLS record and one ``send``.
 - `RequestGate` (ASGI) answers 408 when a body being read stalls for ``body_read_timeout_s``,
   and takes a ``max_concurrent_requests`` slot (waiting in the bounded queue if none is free)
@@ -34,8 +36,9 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
+import httptools
 import uvicorn
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from veil.errors import ApiError
 from veil.server.limits import AdmissionQueue, Limits, limit_error
@@ -203,7 +206,7 @@ _GATHER_BYTES = 64 * 1024
 
 
 class _GatheringTransport(asyncio.Transport):
-    """A transport under the h11 protocol that sends the writes of one loop iteration as one.
+    """A transport under the HTTP protocol that sends the writes of one loop iteration as one.
 
     `flush` runs on the next iteration (``call_soon``), when the response is complete, before a
     `close` or `write_eof`, or as soon as a large write arrives; `abort` drops what is held.
@@ -301,9 +304,17 @@ class _GatheringTransport(asyncio.Transport):
         return self._inner.get_extra_info(name, default)
 
 
-class _GuardedH11(H11Protocol):
-    """uvicorn's h11 protocol plus a header-read deadline, the guard's release, and writes
-    gathered (`_GatheringTransport`): a small response leaves as one TLS record."""
+class _GuardedHttp(HttpToolsProtocol):
+    """uvicorn's httptools protocol plus a header-read deadline, a cap on header bytes, the
+    guard's release, and writes gathered (`_GatheringTransport`): a small response leaves as
+    one TLS record.
+
+    The cap counts the bytes fed to the parser while it reads a request's line and headers: a
+    read that would pass it is fed only up to the cap, and a head still incomplete there is
+    answered 431 and the connection closed, before the parser buffers more. (A pipelined
+    request whose head starts inside a read that finished the previous request has that read's
+    rest uncounted: it may pass the cap by at most one read.)
+    """
 
     _gathering: _GatheringTransport
 
@@ -314,12 +325,18 @@ class _GuardedH11(H11Protocol):
         app_state: dict[str, Any],
         *,
         header_timeout_s: float,
+        max_header_bytes: int,
         release: Callable[[], None],
     ) -> None:
         super().__init__(config=config, server_state=server_state, app_state=app_state)
         self._header_timeout_s = header_timeout_s
+        self._max_header_bytes = max_header_bytes
         self.release = release
         self._header_timer: asyncio.TimerHandle | None = None
+        self._head_bytes = 0  # fed while the parser reads the current request's head
+        self._in_body = False  # the parser is past a head, in its body
+        self._heads = 0  # heads completed on this connection
+        self._refused = False
 
     def _awaiting_head(self) -> bool:
         return self.cycle is None or self.cycle.response_complete
@@ -343,16 +360,79 @@ class _GuardedH11(H11Protocol):
         super().connection_made(self._gathering)
         self._arm()
 
+    def on_headers_complete(self) -> None:
+        self._in_body = True
+        self._heads += 1
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        self._head_bytes = 0
+        super().on_message_complete()
+
     def on_response_complete(self) -> None:
         self._gathering.flush()
         super().on_response_complete()
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._unset_keepalive_if_required()
         if self._header_timer is None and self._awaiting_head():
             self._arm()  # the first byte of the next request on a kept-alive connection
-        super().data_received(data)
+        while data and not self._refused:
+            if self._in_body:
+                self._feed(data)
+                break
+            room = self._max_header_bytes - self._head_bytes
+            if len(data) <= room:
+                self._head_bytes += len(data)
+                self._feed(data)
+                break
+            heads = self._heads
+            self._head_bytes = self._max_header_bytes
+            self._feed(data[:room])
+            data = data[room:]
+            if self._heads == heads and not self._refused:
+                _log.info("request refused: headers exceed max_header_bytes")
+                self._refuse(
+                    431, f"request headers exceed max_header_bytes={self._max_header_bytes}"
+                )
         if not self._awaiting_head():
             self._disarm()
+
+    def _feed(self, data: bytes) -> None:
+        while True:
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserUpgrade as upgrade:
+                # No upgrade is served (``ws="none"``): the request stays plain HTTP, and
+                # what followed its head in this read is parsed as such.
+                offset = upgrade.args[0] if upgrade.args else len(data)
+                data = data[offset:]
+                if data:
+                    continue
+            except httptools.HttpParserError:
+                _log.info("request refused: invalid HTTP")
+                self._refuse(400, "Invalid HTTP request received.")
+            return
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer `status` with `message` (ASCII), and close: the parser cannot go on."""
+        self._refused = True
+        body = message.encode("ascii")
+        head = [STATUS_LINE[status]]
+        for name, value in self.server_state.default_headers:
+            head += [name, b": ", value, b"\r\n"]
+        head += [
+            b"content-type: text/plain; charset=utf-8\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"connection: close\r\n\r\n",
+            body,
+        ]
+        if not self.transport.is_closing():
+            self.transport.write(b"".join(head))
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -425,7 +505,7 @@ class _Gate(asyncio.Protocol):
         )
 
         def handshake_done(future: asyncio.Future[None]) -> None:
-            # On success the h11 protocol took over (and releases when it closes).
+            # On success the HTTP protocol took over (and releases when it closes).
             if future.cancelled() or future.exception() is not None:
                 _log.info("TLS handshake failed or timed out")
                 transport.abort()
@@ -507,12 +587,13 @@ class GuardedServer(uvicorn.Server):
 
         return release
 
-    def make_protocol(self, release: Callable[[], None]) -> _GuardedH11:
-        return _GuardedH11(
+    def make_protocol(self, release: Callable[[], None]) -> _GuardedHttp:
+        return _GuardedHttp(
             self.config,
             self.server_state,
             self.lifespan.state,
             header_timeout_s=self.limits.header_read_timeout_s,
+            max_header_bytes=self.limits.max_header_bytes,
             release=release,
         )
 

@@ -103,7 +103,7 @@ class Limits:
             reading (408, then the connection is closed).
         keep_alive_timeout_s: an idle connection between two requests is closed after this.
         tls_handshake_timeout_s: a TLS handshake not finished by then is aborted.
-        max_header_bytes: request line and headers of one request (400, then closed).
+        max_header_bytes: request line and headers of one request (431, then closed).
         max_connections: open connections on all three ports together, TLS handshakes
             included; sized down at start to fit under the open-file limit.
         max_connections_per_client: open connections from one client address.

@@ -452,11 +452,13 @@ async def _run(
             date_header=True,
             headers=[("server", server_header)],
             timeout_graceful_shutdown=5,
-            http="h11",
+            # `GuardedServer` makes the connections' protocol (`_GuardedHttp`, on httptools);
+            # no upgrade is served: a websocket's protocol would escape the connection guard.
+            http="httptools",
+            ws="none",
             backlog=caps.backlog,
             # clients keep one verified connection open between requests
             timeout_keep_alive=max(1, math.ceil(limits.keep_alive_timeout_s)),
-            h11_max_incomplete_event_size=limits.max_header_bytes,
         )
         uv_config.load()
         if tls:

@@ -9,7 +9,7 @@ from typing import Any
 import uvicorn
 from uvicorn.server import ServerState
 
-from veil.server.connections import _GATHER_BYTES, _GatheringTransport, _GuardedH11
+from veil.server.connections import _GATHER_BYTES, _GatheringTransport, _GuardedHttp
 
 
 class _Recorder(asyncio.Transport):
@@ -181,15 +181,17 @@ async def _hello(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"hello"})
 
 
-def _protocol(inner: _Recorder) -> _GuardedH11:
+def _protocol(inner: _Recorder) -> _GuardedHttp:
     config = uvicorn.Config(_hello, lifespan="off", log_level="critical")
     config.load()
-    protocol = _GuardedH11(config, ServerState(), {}, header_timeout_s=30, release=lambda: None)
+    protocol = _GuardedHttp(
+        config, ServerState(), {}, header_timeout_s=30, max_header_bytes=16384, release=lambda: None
+    )
     protocol.connection_made(inner)
     return protocol
 
 
-def test_a_small_response_leaves_the_h11_protocol_as_one_write() -> None:
+def test_a_small_response_leaves_the_http_protocol_as_one_write() -> None:
     async def main() -> _Recorder:
         inner = _Recorder()
         protocol = _protocol(inner)
