@@ -44,7 +44,7 @@ COMPONENTS: tuple[tuple[str, str], ...] = (
     ("tensor conversion (numpy, veil.tensors)", r"numpy/|veil/tensors\.py"),
     ("CBOR decode/encode (veil.wire)", r"veil/wire/"),
     ("batcher", r"veil/server/batching\.py"),
-    ("connection hygiene (_GuardedH11)", r"veil/server/connections\.py"),
+    ("connection hygiene (_GuardedHttp)", r"veil/server/connections\.py"),
     ("h11 parser", r"h11/"),
     ("uvicorn protocol", r"uvicorn/"),
     ("starlette routing/request/response", r"starlette/"),
