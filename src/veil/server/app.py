@@ -61,7 +61,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar, cast
 
 import cbor2
@@ -751,9 +751,9 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
             await run_in_threadpool(decoder.feed, b"".join(pending))
         return await _in_thread(decoder.finish)
 
-    async def store_model(meta: StoredModel, graph: Handover) -> None:
+    async def store_model(meta: StoredModel, graph: ModelBytes) -> None:
         try:
-            await _in_thread(state.store.put_stream, meta, _slices(graph.view()), exclusive=True)
+            await _in_thread(state.store.put_stream, meta, _slices(graph), exclusive=True)
         except OSError as exc:
             # One line, no traceback: the path and the model stay out of the log.
             _log.error(
@@ -766,6 +766,15 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
                     507, "insufficient storage: the model was not stored"
                 ) from None
             raise api_error_for_status(500, "storing the model failed") from None
+
+    async def unstore(key: str, storing: asyncio.Future[None] | None) -> None:
+        """Remove the model of a failed upload: stored, or being stored by `storing` (whose
+        thread runs on whatever happened meanwhile: wait for it, then remove what it stored)."""
+        if storing is not None:
+            await asyncio.wait({storing})
+            if storing.cancelled() or storing.exception() is not None:
+                return
+        await run_in_threadpool(state.store.delete, key)
 
     async def upload(request: Request) -> Response:
         principal = await authenticate(request)
@@ -803,51 +812,73 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
             storage["pending"] += size
             try:
                 model_hash = await _in_thread(_sha256, upload.view())
-                # Admitted (checked, loaded, measured) in a child process first: the server's
-                # ONNX Runtime never sees what it refuses. Then stored, then loaded: the load
-                # consumes the bytes, so the server never holds them next to the session's.
+                meta = StoredModel(
+                    model_id,
+                    model_hash,
+                    model_name,
+                    size,
+                    owner=owner,
+                    visibility=visibility,
+                    allowed_keys=allowed,
+                    created_at=time.time(),
+                )
+                # Served as uploaded, the model is stored while the child admits it (sealing and
+                # writing take about as long as admission); it is removed again if refused.
+                # The view is taken now: admission takes the bytes from the handover.
+                early = (
+                    asyncio.ensure_future(store_model(meta, upload.view()))
+                    if optimization == "off"
+                    else None
+                )
+                stored = False
                 try:
-                    admitted, room = await admit_with_room(upload, optimization)
-                except ApiError as exc:
-                    if exc.status != 503:  # admitted, but no room in the memory budget now
-                        metrics.observe_admission(loaded=False)
-                    raise
-                try:
-                    graph = admitted.graph
-                    cost = cost_of(len(graph), admitted.loaded_bytes)
-                    limits.check_storage(storage["used"] + storage["pending"] - size, cost)
-                    report = admitted.optimization
-                    # What is served is what is stored: the optimized graph when admission kept
-                    # one, under the upload's hash (the one clients pin) and its own.
-                    optimized = admitted.optimized
-                    meta = StoredModel(
-                        model_id,
-                        model_hash,
-                        model_name,
-                        size,
-                        owner=owner,
-                        visibility=visibility,
-                        allowed_keys=allowed,
-                        created_at=time.time(),
-                        optimization=report["mode"] if optimized and report else None,
-                        graph_hash=await _in_thread(_sha256, graph.view()) if optimized else None,
-                        graph_size=len(graph) if optimized else None,
-                    )
-                    await store_model(meta, graph)
+                    # Admitted (checked, loaded, measured) in a child process first: the
+                    # server's ONNX Runtime never sees what it refuses. Then loaded, once
+                    # stored: the load consumes the bytes, so the server never holds them next
+                    # to the session's.
                     try:
-                        model = await load_admitted(
-                            admitted, model_id, model_name, model_hash, owner
-                        )
-                    except BaseException as exc:
-                        await run_in_threadpool(state.store.delete, meta.key)
-                        if isinstance(exc, ApiError):  # ONNX Runtime refused what was admitted
+                        admitted, room = await admit_with_room(upload, optimization)
+                    except ApiError as exc:
+                        if exc.status != 503:  # admitted, but no room in the memory budget now
                             metrics.observe_admission(loaded=False)
                         raise
-                    metrics.observe_admission(loaded=True)
+                    try:
+                        graph = admitted.graph
+                        cost = cost_of(len(graph), admitted.loaded_bytes)
+                        limits.check_storage(storage["used"] + storage["pending"] - size, cost)
+                        report = admitted.optimization
+                        if early is not None:
+                            await early
+                        else:
+                            # What is served is what is stored: the optimized graph when
+                            # admission kept one, under the upload's hash (the one clients pin)
+                            # and its own.
+                            if admitted.optimized and report:
+                                meta = replace(
+                                    meta,
+                                    optimization=report["mode"],
+                                    graph_hash=await _in_thread(_sha256, graph.view()),
+                                    graph_size=len(graph),
+                                )
+                            await store_model(meta, graph.view())
+                        stored = True
+                        try:
+                            model = await load_admitted(
+                                admitted, model_id, model_name, model_hash, owner
+                            )
+                        except ApiError:  # ONNX Runtime refused what was admitted
+                            metrics.observe_admission(loaded=False)
+                            raise
+                        metrics.observe_admission(loaded=True)
+                    except BaseException:
+                        registry.release_room(room)
+                        raise
                 except BaseException:
-                    registry.release_room(room)
+                    if stored or early is not None:
+                        # Shielded: a cancelled upload still removes what it stored.
+                        await asyncio.shield(unstore(meta.key, None if stored else early))
                     raise
-                del admitted, graph
+                del admitted, graph, early
             finally:
                 storage["pending"] -= size
             install(meta, model, room, "upload")

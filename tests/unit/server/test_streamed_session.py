@@ -1,9 +1,10 @@
 """Model bytes streamed to ONNX Runtime and freed as read (`onnx_guard.Handover`,
-`allocator.ConsumedPages`), and an upload whose load fails after it was stored."""
+`allocator.ConsumedPages`), and an upload stored while it is admitted, unstored when it fails."""
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from starlette.testclient import TestClient
 from veil import wire
 from veil.errors import BadRequestError, SimulationModeWarning
 from veil.server import onnx_guard
+from veil.server.admission import Admitter
 from veil.server.allocator import ConsumedPages
 from veil.server.app import build_apps
 from veil.server.config import ServerConfig
@@ -188,4 +190,110 @@ def test_an_upload_whose_load_fails_after_storing_is_unstored(
         monkeypatch.undo()
         accepted = client.post("/upload", content=body)  # the id is free again
     assert accepted.status_code == 200
+    assert list(store.stored) == ["m1"]
+
+
+class GatedStore(RecordingStore):
+    """A RecordingStore whose writes start when asked and wait for `release` to finish."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.finished = threading.Event()
+
+    def put_stream(
+        self, meta: StoredModel, chunks: Iterable[bytes], *, exclusive: bool = False
+    ) -> int:
+        self.started.set()
+        assert self.release.wait(30), "the test never released the store"
+        try:
+            return super().put_stream(meta, chunks, exclusive=exclusive)
+        finally:
+            self.finished.set()
+
+
+def _overlap_app(tmp_path: Path, store: RecordingStore) -> tuple[Any, Any]:
+    config = ServerConfig(data_dir=tmp_path, platform="simulated", no_auth=True)
+    with pytest.warns(SimulationModeWarning):
+        state, _ = prepare_state(config, store=store)
+    return state, build_apps(state)[2]
+
+
+def test_an_upload_is_stored_while_it_is_admitted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = GatedStore()
+    state, management = _overlap_app(tmp_path, store)
+    admit = Admitter.admit
+    seen: list[bool] = []
+
+    def admit_once_storing(self: Admitter, blob: Any, optimization: str = "off") -> Any:
+        # Admission waits for the store to have begun: both run at once.
+        seen.append(store.started.wait(30))
+        store.release.set()
+        return admit(self, blob, optimization)
+
+    monkeypatch.setattr(Admitter, "admit", admit_once_storing)
+    body = wire.encode_upload_request(
+        scale_model(16), model_name="m", model_id="m1", client_info={}
+    )
+    with TestClient(management) as client:
+        accepted = client.post("/upload", content=body)
+        assert accepted.status_code == 200
+        assert seen == [True]
+    assert list(store.stored) == ["m1"]
+    assert "m1" in state.access
+
+
+def test_an_upload_refused_by_admission_while_being_stored_is_unstored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = GatedStore()
+    state, management = _overlap_app(tmp_path, store)
+
+    def refuse_then_let_the_store_finish(
+        self: Admitter, blob: Any, optimization: str = "off"
+    ) -> Any:
+        assert store.started.wait(30)
+        # The store finishes only after admission has refused: the upload must wait for it
+        # and remove what it wrote.
+        threading.Timer(0.2, store.release.set).start()
+        raise BadRequestError(422, "invalid ONNX model: refused by the test")
+
+    monkeypatch.setattr(Admitter, "admit", refuse_then_let_the_store_finish)
+    body = wire.encode_upload_request(
+        scale_model(16), model_name="m", model_id="m1", client_info={}
+    )
+    with TestClient(management) as client:
+        refused = client.post("/upload", content=body)
+    assert refused.status_code == 422
+    assert wire.decode_error(refused.content) == "invalid ONNX model: refused by the test"
+    # The answer came after the store's write ended (nothing writes behind it).
+    assert store.finished.is_set()
+    assert store.stored == {}
+    assert "m1" not in state.access
+
+
+def test_an_optimized_upload_is_stored_after_admission(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The stored graph depends on what admission keeps: nothing is written before it answers.
+    store = RecordingStore()
+    _, management = _overlap_app(tmp_path, store)
+    admit = Admitter.admit
+    stored_before: list[dict[str, bytes]] = []
+
+    def admit_and_look(self: Admitter, blob: Any, optimization: str = "off") -> Any:
+        stored_before.append(dict(store.stored))
+        return admit(self, blob, optimization)
+
+    monkeypatch.setattr(Admitter, "admit", admit_and_look)
+    body = wire.encode_upload_request(
+        scale_model(16), model_name="m", model_id="m1", client_info={}, optimization="graph"
+    )
+    with TestClient(management) as client:
+        accepted = client.post("/upload", content=body)
+    assert accepted.status_code == 200
+    assert stored_before == [{}]
     assert list(store.stored) == ["m1"]
