@@ -37,8 +37,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import httpx
-
 from veil import __version__, wire
 from veil.attestation.claims import VerifiedEvidence
 from veil.attestation.policy import Policy, SgxPolicy
@@ -60,7 +58,7 @@ from veil.client.responses import (
     Tensor,
     UploadResponse,
 )
-from veil.client.transport import deadline, deadline_transport, read_capped
+from veil.client.transport import Headers, HttpClient, ResponseError
 from veil.errors import (
     ApiError,
     AttestationError,
@@ -89,7 +87,6 @@ API_KEY_HEADER = "X-Veil-Api-Key"
 _RECEIPT_HEADER = "X-Veil-Receipt"
 # The receipt key this connection attested: the server refuses (421) to sign with another.
 _RECEIPT_KEY_HEADER = "X-Veil-Receipt-Key"
-_SNI = {"sni_hostname": SERVER_NAME}
 _UPLOAD_CHUNK = 1 << 20
 # Certificate, evidence and collateral each fit in a few dozen KiB; this leaves room for long
 # certificate chains and CRLs, not for a plain-HTTP peer to fill the client's memory.
@@ -288,11 +285,9 @@ class Connection:
                     "measurements you accept"
                 )
             policy = _simulated_policy()
-        self._timeout = httpx.Timeout(timeout)
         self._total = timeout
         self._upload_total = upload_timeout
         self._max_response_bytes = max_response_bytes
-        self._upload_timeout = httpx.Timeout(timeout, read=upload_timeout, write=upload_timeout)
         host = _host(addr)
         self._unattested_url = f"http://{host}:{unattested_port}"
         self._attested_url = f"https://{host}:{attested_port}"
@@ -353,10 +348,8 @@ class Connection:
             context = pinned_client_context(certificate)
         except ssl.SSLError:
             raise BindingError("the bound server certificate is not a usable certificate") from None
-        previous: httpx.Client | None = getattr(self, "_client", None)
-        self._client = httpx.Client(
-            transport=deadline_transport(context), headers=headers, timeout=self._timeout
-        )
+        previous: HttpClient | None = getattr(self, "_client", None)
+        self._client = HttpClient(context=context, server_name=SERVER_NAME, headers=headers)
         if previous is not None:
             previous.close()
         try:
@@ -370,35 +363,30 @@ class Connection:
     ) -> tuple[bytes, bytes, Any, str, bytes | None]:
         """Step 1: certificate, quote, collateral (an empty map without), the Server header and
         the encoded key map (None from servers that serve none)."""
-        with httpx.Client(
-            transport=deadline_transport(),
-            headers=dict(headers),
-            timeout=self._timeout,
-        ) as plain:
+        plain = HttpClient(headers=headers)
+        try:
 
             def get(path: str, *, optional: bool = False) -> tuple[bytes, str] | None:
                 """(body, Server header); each fetch within `timeout` and the size limit.
                 None for a 404 on an `optional` path."""
                 url = f"{self._unattested_url}{path}"
                 try:
-                    with deadline(self._total), plain.stream("GET", url) as response:
-                        if optional and response.status_code == 404:
-                            return None
-                        if response.status_code >= 400:
-                            raise EvidenceUnavailableError(f"{url}: status {response.status_code}")
-                        body = read_capped(response, MAX_EVIDENCE_RESPONSE_BYTES, url)
-                        return body, response.headers.get("server", "")
-                except httpx.HTTPError as exc:
-                    hint = ""
-                    if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError):
-                        # What a TLS port answers to plain HTTP: often the attested port given
-                        # as the unattested one.
-                        hint = (
-                            f" (is {self._unattested_url.rsplit(':', 1)[1]} the server's "
-                            "unattested plain-HTTP port? "
-                            "the attested and management ports speak TLS; see unattested_port=)"
-                        )
-                    raise TransportError(f"{url}: {type(exc).__name__}: {exc}{hint}") from None
+                    status, answer, body = plain.request(
+                        "GET", url, timeout=self._total, max_body=MAX_EVIDENCE_RESPONSE_BYTES
+                    )
+                except ResponseError as exc:
+                    # What a TLS port answers to plain HTTP: often the attested port given as
+                    # the unattested one.
+                    raise TransportError(
+                        f"{exc} (is {self._unattested_url.rsplit(':', 1)[1]} the server's "
+                        "unattested plain-HTTP port? "
+                        "the attested and management ports speak TLS; see unattested_port=)"
+                    ) from None
+                if optional and status == 404:
+                    return None
+                if status >= 400:
+                    raise EvidenceUnavailableError(f"{url}: status {status}")
+                return body, answer.get("server", "")
 
             def decode(response: tuple[bytes, str] | None, kind: type, what: str) -> Any:
                 if response is None:
@@ -421,6 +409,8 @@ class Connection:
             # BlindAI and older veil servers serve no key map: step 4 then wants zeros.
             served_keys = get("/keys", optional=True)
             key_map = None if served_keys is None else decode(served_keys, bytes, "key map")
+        finally:
+            plain.close()
         return certificate, quote, collateral, server, key_map
 
     def _request(
@@ -428,7 +418,7 @@ class Connection:
         method: str,
         url: str,
         body: Body = None,
-        timeout: httpx.Timeout | None = None,
+        timeout: float | None = None,
         headers: Mapping[str, str] | None = None,
         *,
         idempotent: bool = False,
@@ -440,11 +430,11 @@ class Connection:
         method: str,
         url: str,
         body: Body = None,
-        timeout: httpx.Timeout | None = None,
+        timeout: float | None = None,
         headers: Mapping[str, str] | None = None,
         *,
         idempotent: bool = False,
-    ) -> tuple[bytes, httpx.Headers]:
+    ) -> tuple[bytes, Headers]:
         """One call, (body, response headers).
 
         A call refused at the TLS handshake because the server shows another certificate than
@@ -488,9 +478,9 @@ class Connection:
         method: str,
         url: str,
         body: Body = None,
-        timeout: httpx.Timeout | None = None,
+        timeout: float | None = None,
         headers: Mapping[str, str] | None = None,
-    ) -> tuple[bytes, httpx.Headers]:
+    ) -> tuple[bytes, Headers]:
         """One call, (body, response headers); a busy refusal (503 + ``Retry-After``) is
         retried if the body can be sent again."""
         attempt = 0
@@ -512,9 +502,9 @@ class Connection:
         method: str,
         url: str,
         body: Body = None,
-        timeout: httpx.Timeout | None = None,
+        timeout: float | None = None,
         headers: Mapping[str, str] | None = None,
-    ) -> tuple[bytes, httpx.Headers]:
+    ) -> tuple[bytes, Headers]:
         status, answer, content = self._exchange(method, url, body, timeout, headers)
         if status == 421:
             # Refused before any work: the server's keys are not the ones attested here.
@@ -532,7 +522,7 @@ class Connection:
         path: str,
         body: bytes | None = None,
         headers: Mapping[str, str] | None = None,
-    ) -> tuple[int, httpx.Headers, bytes]:
+    ) -> tuple[int, Headers, bytes]:
         """Send one HTTP request on the attested channel and return the answer as it is.
 
         For `veil proxy`, which relays the Open Inference Protocol: (status, headers, body),
@@ -552,39 +542,20 @@ class Connection:
         method: str,
         url: str,
         body: Body,
-        timeout: httpx.Timeout | None,
+        timeout: float | None,
         headers: Mapping[str, str] | None,
-    ) -> tuple[int, httpx.Headers, bytes]:
-        total = self._upload_total if timeout is not None else self._total
+    ) -> tuple[int, Headers, bytes]:
         try:
-            with (
-                deadline(total),
-                self._client.stream(
-                    method,
-                    url,
-                    content=body() if callable(body) else body,
-                    timeout=timeout or self._timeout,
-                    headers=headers,
-                    extensions=_SNI,
-                ) as response,
-            ):
-                status = response.status_code
-                answer_headers = response.headers
-                # Errors are short texts: no reason to read a long one.
-                limit = self._max_response_bytes if status < 400 else 64 << 10
-                content = read_capped(response, limit, url)
-        except httpx.ConnectError as exc:
-            if (
-                isinstance(exc.__context__, ssl.SSLCertVerificationError)
-                or "CERTIFICATE" in str(exc).upper()
-            ):
-                raise BindingError(
-                    f"{url}: the server's certificate is not the attested one ({exc})"
-                ) from None
-            raise TransportError(f"{url}: {type(exc).__name__}: {exc}") from None
-        except httpx.HTTPError as exc:
-            raise TransportError(f"{url}: {type(exc).__name__}: {exc}") from None
-        return status, answer_headers, content
+            return self._client.request(
+                method,
+                url,
+                body=body() if callable(body) else body,
+                headers=headers,
+                timeout=self._total if timeout is None else timeout,
+                max_body=self._max_response_bytes,
+            )
+        except BindingError as exc:
+            raise BindingError(f"{exc}: the server's certificate is not the attested one") from None
 
     # ---- receipts ---------------------------------------------------------------------------
 
@@ -597,7 +568,7 @@ class Connection:
 
     def _check_receipt(
         self,
-        headers: httpx.Headers,
+        headers: Headers,
         op: str,
         *,
         model_id: str | None,
@@ -810,7 +781,7 @@ class Connection:
                     "POST",
                     url,
                     functools.partial(body, report),
-                    self._upload_timeout,
+                    self._upload_total,
                     headers=request_headers,
                 )
             except TransportError as exc:
