@@ -1,183 +1,158 @@
-"""The client's stream sends a small request in one write, streams large ones, and keeps the
-call's deadline on what it held."""
+"""The client sends a small request in one write, streams large ones uncopied, gives every socket
+operation what is left of the call's deadline, and reads an early answer after a failed send."""
 
 from __future__ import annotations
 
-import ssl
-from typing import Any
+import socket
+from collections.abc import Iterator
 
-import httpcore
 import pytest
 
-from veil.client.transport import _GATHER_BYTES, _DeadlineStream, deadline
+from veil.client.transport import _GATHER_BYTES, HttpClient, _Conn, _Deadline, _Writer
+from veil.errors import TransportError
+
+OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
 
 
-class _Recorder(httpcore.NetworkStream):
-    """An inner stream that records what it is asked to do, and answers reads with `answer`."""
+class Recorder:
+    """A socket that records what it is asked to do, and answers each read with the next of
+    `answers`. Its descriptor is a real socket's that never becomes readable (the idle check)."""
 
-    def __init__(self, answer: bytes = b"", fail_writes: bool = False) -> None:
-        self.calls: list[tuple[str, Any, float | None]] = []
-        self.answer = answer
-        self.fail_writes = fail_writes
+    def __init__(self, *answers: bytes, fail_sends: bool = False) -> None:
+        self.calls: list[tuple[str, object]] = []
+        self.answers = list(answers)
+        self.fail_sends = fail_sends
+        self._pair = socket.socketpair()
 
-    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        self.calls.append(("read", max_bytes, timeout))
-        answer, self.answer = self.answer, b""
-        return answer
+    def fileno(self) -> int:
+        return self._pair[0].fileno()
 
-    def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self.calls.append(("write", buffer, timeout))
-        if self.fail_writes:
-            raise httpcore.WriteError("connection reset by peer")
+    def settimeout(self, seconds: float | None) -> None:
+        self.calls.append(("timeout", seconds))
+
+    def sendall(self, data: bytes) -> None:
+        self.calls.append(("send", data))
+        if self.fail_sends:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    def recv(self, size: int) -> bytes:
+        self.calls.append(("recv", size))
+        return self.answers.pop(0) if self.answers else b""
 
     def close(self) -> None:
-        self.calls.append(("close", None, None))
+        self.calls.append(("close", None))
+        for end in self._pair:
+            end.close()
 
-    def start_tls(
-        self,
-        ssl_context: ssl.SSLContext,
-        server_hostname: str | None = None,
-        timeout: float | None = None,
-    ) -> httpcore.NetworkStream:
-        self.calls.append(("start_tls", server_hostname, timeout))
-        return _Recorder()
+    def sends(self) -> list[bytes]:
+        return [data for name, data in self.calls if name == "send"]  # type: ignore[misc]
 
-    def writes(self) -> list[bytes]:
-        return [buffer for name, buffer, _ in self.calls if name == "write"]
+    def names(self) -> list[str]:
+        return [name for name, _ in self.calls if name != "timeout"]
 
 
-def test_head_and_body_of_a_small_request_leave_as_one_write_before_the_read() -> None:
-    inner = _Recorder(answer=b"HTTP/1.1 200 OK\r\n")
-    stream = _DeadlineStream(inner)
-    stream.write(b"POST /run HTTP/1.1\r\ncontent-length: 4\r\n\r\n", 5.0)
-    stream.write(b"body", 5.0)
-    stream.write(b"", 5.0)  # h11's end of a sized body
-    assert inner.calls == []
-    assert stream.read(65536, 5.0) == b"HTTP/1.1 200 OK\r\n"
-    assert [name for name, _, _ in inner.calls] == ["write", "read"]
-    assert inner.writes() == [b"POST /run HTTP/1.1\r\ncontent-length: 4\r\n\r\nbody"]
+class OnRecorder(HttpClient):
+    """A client whose one connection is `recorder`."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        super().__init__()
+        self.recorder = recorder
+        self.opened = 0
+
+    def _open(self, origin: tuple[str, str, int], url: str, deadline: _Deadline) -> _Conn:
+        self.opened += 1
+        return _Conn(self.recorder)  # type: ignore[arg-type]
 
 
-def test_each_request_on_a_kept_alive_connection_is_flushed_by_its_read() -> None:
-    inner = _Recorder()
-    stream = _DeadlineStream(inner)
+@pytest.fixture
+def recorder() -> Iterator[Recorder]:
+    made = Recorder(OK, OK, OK)
+    yield made
+    for end in made._pair:
+        end.close()
+
+
+def post(client: HttpClient, body: object, **headers: str) -> tuple[int, bytes]:
+    status, _, answer = client.request(
+        "POST", "http://h:1/run", body=body, headers=headers, timeout=30, max_body=99
+    )  # type: ignore[arg-type]
+    return status, answer
+
+
+def test_head_and_body_of_a_small_request_leave_as_one_write_before_the_read(
+    recorder: Recorder,
+) -> None:
+    assert post(OnRecorder(recorder), b"0123456789") == (200, b"ok")
+    assert recorder.names() == ["send", "recv"]
+    (request,) = recorder.sends()
+    assert request.startswith(b"POST /run HTTP/1.1\r\nhost: h:1\r\n")
+    assert request.endswith(b"content-length: 10\r\n\r\n0123456789")
+
+
+def test_each_request_on_a_kept_alive_connection_is_one_write(recorder: Recorder) -> None:
+    client = OnRecorder(recorder)
     for n in range(3):
-        stream.write(b"head%d" % n)
-        stream.write(b"body%d" % n)
-        stream.read(100)
-    assert [name for name, _, _ in inner.calls] == ["write", "read"] * 3
-    assert inner.writes() == [b"head0body0", b"head1body1", b"head2body2"]
+        assert post(client, b"body%d" % n) == (200, b"ok")
+    assert client.opened == 1
+    assert recorder.names() == ["send", "recv"] * 3
+    assert [request[-5:] for request in recorder.sends()] == [b"body0", b"body1", b"body2"]
 
 
-def test_a_large_body_is_not_held_and_not_copied() -> None:
-    inner = _Recorder()
-    stream = _DeadlineStream(inner)
+def test_a_large_body_is_not_held_and_not_copied(recorder: Recorder) -> None:
     body = b"x" * (4 * _GATHER_BYTES)
-    stream.write(b"head")
-    stream.write(body)
-    # The held head goes first, then the body itself (the same object), before any read.
-    assert inner.writes() == [b"head", body]
-    assert inner.writes()[1] is body
-    stream.read(100)
-    assert [name for name, _, _ in inner.calls] == ["write", "write", "read"]
+    post(OnRecorder(recorder), body)
+    head, sent = recorder.sends()
+    assert head.endswith(b"content-length: %d\r\n\r\n" % len(body))
+    assert sent is body
+    assert recorder.names() == ["send", "send", "recv"]
 
 
-def test_small_pieces_are_sent_once_they_add_up_to_the_gather_size() -> None:
-    inner = _Recorder()
-    stream = _DeadlineStream(inner)
+def test_a_streamed_body_goes_out_in_gathered_pieces(recorder: Recorder) -> None:
     piece = b"y" * (_GATHER_BYTES // 4)
-    for _ in range(4):
-        stream.write(piece)
-    assert inner.writes() == [piece * 3, piece]
+    total = str(8 * len(piece))
+    post(OnRecorder(recorder), iter([piece] * 8), **{"content-length": total})
+    head, *pieces = recorder.sends()
+    # Held until the next piece would fill the gather size: what is held goes, then that piece
+    # (uncopied); the head leaves with the first three.
+    assert head.startswith(b"POST /run")
+    assert head.endswith(b"\r\n\r\n" + piece * 3)
+    assert pieces == [piece, piece * 3, piece]
+    assert recorder.names()[-1] == "recv"
 
 
-def test_the_flush_keeps_the_calls_deadline() -> None:
-    inner = _Recorder()
-    stream = _DeadlineStream(inner)
-    with deadline(30):
-        stream.write(b"request", None)
-        stream.read(100, None)
-    (_, _, write_timeout), (_, _, read_timeout) = inner.calls
-    assert write_timeout is not None
-    assert 0 < write_timeout <= 30
-    assert read_timeout is not None
-    assert 0 < read_timeout <= 30
+def test_every_socket_operation_gets_what_is_left_of_the_deadline(recorder: Recorder) -> None:
+    client = OnRecorder(recorder)
+    client.request("GET", "http://h:1/", timeout=30, max_body=9)
+    timeouts = [seconds for name, seconds in recorder.calls if name == "timeout"]
+    assert len(timeouts) == 2  # one send, one receive
+    assert all(isinstance(t, float) and 0 < t <= 30 for t in timeouts)
 
 
-def test_a_deadline_that_passes_while_held_fails_the_flush() -> None:
-    inner = _Recorder()
-    stream = _DeadlineStream(inner)
-    with deadline(30):
-        stream.write(b"request", 10.0)
-    # deadline(0) has passed by the time anything checks it, whatever the machine's load.
-    with deadline(0), pytest.raises(httpcore.WriteTimeout, match="total deadline passed"):
-        stream.read(100, 10.0)
-    assert inner.calls == []
+def test_a_deadline_that_has_passed_sends_nothing(recorder: Recorder) -> None:
+    writer = _Writer(recorder, _Deadline(30))  # type: ignore[arg-type]
+    writer.write(b"held")
+    assert recorder.calls == []
+    writer._deadline = _Deadline(0)  # passed by the time anything checks it, whatever the load
+    with pytest.raises(TimeoutError, match="total deadline passed"):
+        writer.flush()
+    assert recorder.sends() == []
+    with pytest.raises(TransportError, match=r"http://h:1/: WriteTimeout: .*deadline passed"):
+        OnRecorder(recorder).request("GET", "http://h:1/", timeout=0, max_body=9)
+    assert recorder.sends() == []
 
 
-def test_a_write_after_the_deadline_fails_at_once() -> None:
-    inner = _Recorder()
-    stream = _DeadlineStream(inner)
-    with deadline(0), pytest.raises(httpcore.WriteTimeout, match="total deadline passed"):
-        stream.write(b"request", 10.0)
-    assert inner.calls == []
+def test_a_failed_send_still_reads_the_servers_early_answer() -> None:
+    early = b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 3\r\n\r\nbig"
+    recorder = Recorder(early, fail_sends=True)
+    client = OnRecorder(recorder)
+    assert post(client, bytes(4 * _GATHER_BYTES)) == (413, b"big")
+    # The head failed: the body is not tried, and the connection is not kept.
+    assert recorder.names() == ["send", "recv", "close"]
+    assert client._idle == {}
 
 
-def test_a_failed_flush_still_reads_the_servers_early_answer() -> None:
-    # httpcore itself reads on after a WriteError: the server may have answered 413 and closed.
-    inner = _Recorder(answer=b"HTTP/1.1 413 Content Too Large\r\n", fail_writes=True)
-    stream = _DeadlineStream(inner)
-    stream.write(b"head")
-    assert stream.read(100) == b"HTTP/1.1 413 Content Too Large\r\n"
-    stream.read(100)  # nothing held any more: no second attempt
-    assert [name for name, _, _ in inner.calls] == ["write", "read", "read"]
-
-
-def test_close_sends_what_is_held_then_closes() -> None:
-    inner = _Recorder()
-    stream = _DeadlineStream(inner)
-    stream.write(b"held")
-    stream.close()
-    assert [(name, buffer) for name, buffer, _ in inner.calls] == [
-        ("write", b"held"),
-        ("close", None),
-    ]
-
-
-def test_close_closes_even_when_the_held_bytes_cannot_go_out() -> None:
-    inner = _Recorder(fail_writes=True)
-    stream = _DeadlineStream(inner)
-    stream.write(b"held")
-    stream.close()
-    assert [name for name, _, _ in inner.calls] == ["write", "close"]
-    stream = _DeadlineStream(inner := _Recorder())
-    with deadline(30):
-        stream.write(b"held")
-    with deadline(0):
-        stream.close()
-    assert [name for name, _, _ in inner.calls] == ["close"]
-
-
-def test_start_tls_sends_what_is_held_first() -> None:
-    inner = _Recorder()
-    stream = _DeadlineStream(inner)
-    stream.write(b"CONNECT x:443 HTTP/1.1\r\n\r\n")
-    stream.start_tls(ssl.create_default_context(), "x")
-    assert [name for name, _, _ in inner.calls] == ["write", "start_tls"]
-
-
-def test_an_http_call_through_the_stream_sends_its_request_in_one_write() -> None:
-    inner = _Recorder(answer=b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-
-    class Backend(httpcore.NetworkBackend):
-        def connect_tcp(self, *args: Any, **kwargs: Any) -> httpcore.NetworkStream:
-            return _DeadlineStream(inner)
-
-    pool = httpcore.ConnectionPool(network_backend=Backend())
-    response = pool.request("POST", "http://127.0.0.1:1/run", content=b"0123456789")
-    assert response.status == 200
-    assert response.content == b"ok"
-    (request,) = inner.writes()
-    assert request.startswith(b"POST /run HTTP/1.1\r\n")
-    assert request.endswith(b"\r\n\r\n0123456789")
-    pool.close()
+def test_a_failed_send_without_an_answer_is_the_error() -> None:
+    recorder = Recorder(fail_sends=True)
+    with pytest.raises(TransportError, match=r"http://h:1/run: WriteError: .*Broken pipe"):
+        post(OnRecorder(recorder), b"body")
+    assert recorder.names() == ["send", "recv", "close"]

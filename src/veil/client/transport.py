@@ -51,8 +51,8 @@ ERROR_BODY_BYTES = 64 << 10
 _GATHER_BYTES = 64 * 1024
 # Below glibc's mmap threshold: each receive buffer comes from the heap, not a fresh mapping.
 _RECV_BYTES = 64 * 1024
-# A status line and headers (a receipt header included) fit in a few KiB.
-_MAX_HEAD_BYTES = 64 * 1024
+# A status line and headers: room for a receipt header at its 64 KiB cap.
+_MAX_HEAD_BYTES = 128 * 1024
 # Connections kept idle per origin; more concurrent calls than this open and close their own.
 _MAX_IDLE = 32
 _NO_BODY_STATUSES = (204, 304)
@@ -230,7 +230,7 @@ class _Answer:
         )
 
     def on_body(self, body: bytes) -> None:
-        if self.over:
+        if self.over or self.complete:  # past the cap, or past the answer
             return
         if self.body_bytes + len(body) > self.limit:
             self.over = True
