@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import cbor2
-import httpx
 import numpy as np
 import pytest
 from onnx_models import identity_model
@@ -26,6 +25,7 @@ from server_process import (
 
 import veil
 from veil import wire
+from veil.client.transport import HttpClient
 from veil.server.keys import NO_AUTH_BANNER
 
 X = np.arange(6, dtype=np.float32).reshape(2, 3)
@@ -266,13 +266,20 @@ def test_client_sends_the_key_only_on_the_attested_channel(
     server: VeilServer, keys: Keys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[tuple[str, bool]] = []
-    real = httpx.HTTPTransport.handle_request
+    real = HttpClient._head
 
-    def recording(self: httpx.HTTPTransport, request: httpx.Request) -> httpx.Response:
-        seen.append((request.url.scheme, "x-veil-api-key" in request.headers))
-        return real(self, request)
+    def recording(self: HttpClient, method: str, target: str, host: str, *args: Any) -> Any:
+        head, sized = real(self, method, target, host, *args)
+        port = int(host.rsplit(":", 1)[1])
+        seen.append(
+            (
+                "http" if port == server.unattested_port else "https",
+                b"x-veil-api-key" in head.lower(),
+            )
+        )
+        return head, sized
 
-    monkeypatch.setattr(httpx.HTTPTransport, "handle_request", recording)
+    monkeypatch.setattr(HttpClient, "_head", recording)
     with server.connect(api_key=keys.carol[1]) as client:
         client.list_models()
     assert {scheme for scheme, _ in seen} == {"http", "https"}

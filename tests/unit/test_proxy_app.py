@@ -11,10 +11,10 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 from starlette.testclient import TestClient
 
+from veil.client.transport import Headers
 from veil.commands.proxy import listen, parse_listen
 from veil.errors import BindingError, PolicyError, TransportError
 from veil.proxy import AttestedUpstream, ProxySettings, build_proxy_app
@@ -31,11 +31,11 @@ class FakeConnection:
 
     def forward(
         self, method: str, path: str, body: bytes | None, headers: dict[str, str]
-    ) -> tuple[int, httpx.Headers, bytes]:
+    ) -> tuple[int, Headers, bytes]:
         if self.fail is not None:
             raise self.fail
         self.sent.append((method, path, body, headers))
-        answer = httpx.Headers({"content-type": "application/json", "set-cookie": "no"})
+        answer = Headers([("Content-Type", "application/json"), ("set-cookie", "no")])
         return 200, answer, b'{"ok": true}'
 
     def close(self) -> None:
