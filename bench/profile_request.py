@@ -54,7 +54,10 @@ COMPONENTS: tuple[tuple[str, str], ...] = (
         r"anyio/|concurrent/|threading\.py|queue\.py|_write_to_self|_read_from_self"
         r"|_process_self_data|call_soon_threadsafe|run_in_executor|wrap_future|_chain_future",
     ),
-    ("client transport (httpx/httpcore)", r"httpx/|httpcore/|veil/client/transport\.py"),
+    (
+        "client transport (veil.client.transport, httptools)",
+        r"veil/client/transport\.py|httpx/|httpcore/",
+    ),
     ("client (veil.client)", r"veil/client/"),
     ("asyncio event loop (tasks, timers, select)", r"asyncio/|selectors\.py"),
     ("socket", r"socket\.py"),
