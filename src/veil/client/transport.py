@@ -247,11 +247,10 @@ class _Answer:
 
 
 class _Conn:
-    __slots__ = ("reused", "sock")
+    __slots__ = ("sock",)
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.reused = False
 
     def close(self) -> None:
         with suppress(OSError):
@@ -354,7 +353,6 @@ class HttpClient:
             return conn
 
     def _put(self, origin: tuple[str, str, int], conn: _Conn) -> None:
-        conn.reused = True
         with self._lock:
             conns = self._idle.setdefault(origin, [])
             if not self._closed and len(conns) < _MAX_IDLE:
