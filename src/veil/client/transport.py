@@ -467,10 +467,7 @@ class HttpClient:
             raise
         content = b"".join(answer.body)
         keep = (
-            unsent is None
-            and not answer.until_close
-            and not answer.trailing
-            and answer.keep_alive
+            unsent is None and not answer.until_close and not answer.trailing and answer.keep_alive
         )
         return answer.status, Headers(answer.pairs), content, keep
 
