@@ -922,7 +922,12 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
             by_hash = bytes.fromhex(model_hash) if model_hash and not model_id else None
         except ValueError:
             return
-        entries = await run_in_threadpool(store.find, model_id, by_hash)
+        if store.may_block:
+            entries = await run_in_threadpool(store.find, model_id, by_hash)
+        else:
+            # A local manifest (a stat while nothing changed): cheaper than a thread's hop,
+            # which every request would pay.
+            entries = store.find(model_id, by_hash)
         entries = [e for e in entries if e.meta.key not in access and usable(e.meta)]
         if not entries:
             return

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import resource
 import time
 from asyncio import sslproto
@@ -52,6 +53,7 @@ __all__ = [
     "connection_caps",
     "install_log_throttle",
     "open_file_limit",
+    "server_config",
 ]
 
 _log = logging.getLogger("veil.server.connections")
@@ -533,6 +535,44 @@ class _Gate(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self._server.waiting.discard(self)
+
+
+def server_config(
+    app: ASGIApp,
+    *,
+    host: str,
+    port: int,
+    log_level: str,
+    server_header: str,
+    limits: Limits,
+    backlog: int,
+) -> uvicorn.Config:
+    """The loaded uvicorn configuration of one `GuardedServer` port (TLS is set by the caller)."""
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        lifespan="off",
+        server_header=False,
+        date_header=True,
+        headers=[("server", server_header)],
+        timeout_graceful_shutdown=5,
+        # `GuardedServer` makes the connections' protocol (`_GuardedHttp`, on httptools); no
+        # upgrade is served: a websocket's protocol would escape the connection guard.
+        http="httptools",
+        ws="none",
+        # Nothing forwards for veil (TLS ends in the TEE): a client's ``X-Forwarded-For``
+        # through a balancer on this host would otherwise pick the address its anonymous rate
+        # is counted by. (Also one middleware less per request.)
+        proxy_headers=False,
+        backlog=backlog,
+        # clients keep one verified connection open between requests
+        timeout_keep_alive=max(1, math.ceil(limits.keep_alive_timeout_s)),
+    )
+    config.load()
+    return config
 
 
 class GuardedServer(uvicorn.Server):

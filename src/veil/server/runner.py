@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import signal
 import socket
 import sys
@@ -61,6 +60,7 @@ from veil.server.connections import (
     connection_caps,
     install_log_throttle,
     open_file_limit,
+    server_config,
 )
 from veil.server.keys import NO_AUTH_BANNER, AuthGate, KeyStore
 from veil.server.models import ModelRegistry, cost_of
@@ -441,26 +441,15 @@ async def _run(
         (attested, config.attested_port, True),
         (management, config.management_port, True),
     ):
-        uv_config = uvicorn.Config(
+        uv_config = server_config(
             app,
             host=config.host,
             port=port,
             log_level=config.log_level,
-            access_log=False,
-            lifespan="off",
-            server_header=False,
-            date_header=True,
-            headers=[("server", server_header)],
-            timeout_graceful_shutdown=5,
-            # `GuardedServer` makes the connections' protocol (`_GuardedHttp`, on httptools);
-            # no upgrade is served: a websocket's protocol would escape the connection guard.
-            http="httptools",
-            ws="none",
+            server_header=server_header,
+            limits=limits,
             backlog=caps.backlog,
-            # clients keep one verified connection open between requests
-            timeout_keep_alive=max(1, math.ceil(limits.keep_alive_timeout_s)),
         )
-        uv_config.load()
         if tls:
             # One context for both TLS ports; a rotation swaps the identity it presents.
             uv_config.ssl = state.keys.server_context

@@ -87,6 +87,12 @@ class SealedModelStore:
     def directory(self) -> Path:
         return self._dir
 
+    @property
+    def may_block(self) -> bool:
+        """Whether `find` may wait on the network (`StateBackend.current_may_block`): an event
+        loop then calls it from a worker thread."""
+        return self._state.current_may_block
+
     def _tag(self, name: str) -> bytes:
         return hmac.new(self._name_key, name.encode("utf-8"), hashlib.sha256).digest()
 

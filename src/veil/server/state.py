@@ -331,12 +331,16 @@ class SealedState:
     def _signature_now(self) -> tuple[int, int, int, bytes] | None:
         # The header's random nonce prefix changes with every write, whatever the clock's
         # granularity or the inode numbers the file system reuses.
+        # Plain descriptors, no file object: this runs several times per request.
         try:
-            with open(self.manifest_path, "rb") as f:
-                st = os.fstat(f.fileno())
-                header = f.read(24)
+            fd = os.open(self._manifest_path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
+        try:
+            st = os.fstat(fd)
+            header = os.read(fd, 24)
+        finally:
+            os.close(fd)
         return (st.st_ino, st.st_mtime_ns, st.st_size, header)
 
     def current(self) -> Manifest:

@@ -11,7 +11,8 @@ from typing import Any
 import uvicorn
 from uvicorn.server import ServerState
 
-from veil.server.connections import _GuardedHttp
+from veil.server.connections import _GuardedHttp, server_config
+from veil.server.limits import Limits
 
 _CAP = 1024
 
@@ -25,6 +26,7 @@ class _Wire(asyncio.Transport):
         self.closed = False
         self.paused = False
         self.pauses = 0
+        self.peer = ("192.0.2.1", 4000)
 
     def write(self, data: Any) -> None:
         self.sent += data
@@ -49,7 +51,7 @@ class _Wire(asyncio.Transport):
         return 0
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return {"peername": ("192.0.2.1", 4000), "sockname": ("192.0.2.2", 80)}.get(name, default)
+        return {"peername": self.peer, "sockname": ("192.0.2.2", 80)}.get(name, default)
 
 
 class _Echo:
@@ -272,3 +274,46 @@ def test_a_large_body_is_streamed_under_flow_control() -> None:
     assert wire.pauses > 0
     assert len(app.pieces) > 1
     assert max(app.pieces) <= 4 * len(piece)  # never the whole body buffered at once
+
+
+def test_the_client_address_is_the_peer_whatever_it_forwards() -> None:
+    """The anonymous rate limit counts by ``scope["client"]``: a client reaching the server
+    through a balancer on its own host must not choose it with ``X-Forwarded-For``."""
+    seen: list[Any] = []
+
+    async def client_of(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(scope["client"])
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def main() -> None:
+        config = server_config(
+            client_of,
+            host="127.0.0.1",
+            port=0,
+            log_level="critical",
+            server_header="veil/test",
+            limits=Limits(),
+            backlog=8,
+        )
+        wire = _Wire()
+        wire.peer = ("127.0.0.1", 4000)
+        protocol = _GuardedHttp(
+            config,
+            ServerState(),
+            {},
+            header_timeout_s=30,
+            max_header_bytes=_CAP,
+            release=lambda: None,
+        )
+        protocol.connection_made(wire)
+        protocol.data_received(
+            b"GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 203.0.113.9\r\n"
+            b"X-Forwarded-Proto: https\r\n\r\n"
+        )
+        await _settle()
+        protocol.connection_lost(None)
+        assert wire.sent.startswith(b"HTTP/1.1 204 ")
+
+    asyncio.run(main())
+    assert seen == [("127.0.0.1", 4000)]

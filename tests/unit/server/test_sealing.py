@@ -365,3 +365,14 @@ def test_sigkill_during_puts_and_deletes(tmp_path: Path) -> None:
     assert start > 0
     # The kills did land inside writes (not only between them): the test exercised recovery.
     assert interrupted_writes >= 1
+
+
+def test_find_blocks_only_where_the_state_does(tmp_path: Path) -> None:
+    class NetworkState(SealedState):
+        @property
+        def current_may_block(self) -> bool:
+            return True
+
+    assert not open_store(tmp_path / "local").may_block
+    remote = tmp_path / "remote"
+    assert SealedModelStore(remote / "sealed", NetworkState(remote, KEY)).may_block
