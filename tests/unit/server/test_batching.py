@@ -635,3 +635,64 @@ def test_onnxruntime_error_reaches_only_the_bad_request() -> None:
     assert isinstance(results[1], Exception)
     for request, result in zip(good, [results[0], results[2], results[3]], strict=True):
         np.testing.assert_array_equal(result[0], session.run(None, request)[0])
+
+
+def test_runs_in_a_given_executor_return_raise_and_run_in_its_threads() -> None:
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="given-pool")
+    threads: list[str] = []
+
+    def run(feeds: dict[str, Any]) -> list[Any]:
+        threads.append(threading.current_thread().name)
+        if float(feeds["x"][0, 0]) < 0:
+            raise ValueError("negative")
+        return [feeds["x"] * 2]
+
+    batcher = DynamicBatcher(run, executor=pool, config=BatchingConfig(enabled=False))
+
+    async def scenario() -> tuple[Any, BaseException | None]:
+        ok = await batcher.submit(rows_of(1, start=1.0))
+        try:
+            await batcher.submit(rows_of(1, start=-5.0))
+        except ValueError as exc:
+            return ok, exc
+        return ok, None
+
+    try:
+        ok, exc = asyncio.run(scenario())
+    finally:
+        pool.shutdown()
+    np.testing.assert_array_equal(ok[0], rows_of(1, start=1.0)["x"] * 2)
+    assert isinstance(exc, ValueError)
+    assert str(exc) == "negative"
+    assert len(threads) == 2
+    assert all(name.startswith("given-pool") for name in threads)
+
+
+def test_a_cancelled_run_not_yet_started_in_a_busy_executor_never_runs() -> None:
+    pool = ThreadPoolExecutor(max_workers=1)
+    release = threading.Event()
+    ran: list[float] = []
+
+    def run(feeds: dict[str, Any]) -> list[Any]:
+        ran.append(float(feeds["x"][0, 0]))
+        return [feeds["x"]]
+
+    batcher = DynamicBatcher(run, executor=pool, config=BatchingConfig(enabled=False))
+
+    async def scenario() -> None:
+        blocker = asyncio.get_running_loop().run_in_executor(pool, release.wait, 60)
+        waiting = asyncio.create_task(batcher.submit(rows_of(1, start=7.0)))
+        for _ in range(100):  # the batcher's run is queued behind the blocker
+            await asyncio.sleep(0)
+        assert batcher._worker is not None
+        batcher._worker.cancel()  # as the loop shutting down does
+        with pytest.raises(RuntimeError, match="batcher stopped"):
+            await waiting
+        release.set()
+        await blocker
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        pool.shutdown(wait=True)
+    assert ran == []
