@@ -204,18 +204,27 @@ class Manifest:
     version: int = 0
     models: Mapping[str, ModelEntry] = field(default_factory=dict)
     keys: Mapping[str, KeyRecord] = field(default_factory=dict)
+    # Asked per request: found once per manifest, not by a walk over every model each time.
+    _auth_on: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", _frozen(self.models))
         object.__setattr__(self, "keys", _frozen(self.keys))
+        object.__setattr__(
+            self,
+            "_auth_on",
+            bool(self.keys)
+            or any(
+                e.meta.visibility != "public" or e.meta.owner is not None
+                for e in self.models.values()
+            ),
+        )
 
     @property
     def auth_on(self) -> bool:
         """Whether keys were ever created (records are never removed) or a model is restricted:
         then a request without a valid key is refused, whatever else is on disk."""
-        return bool(self.keys) or any(
-            e.meta.visibility != "public" or e.meta.owner is not None for e in self.models.values()
-        )
+        return self._auth_on
 
     def replace(
         self,
