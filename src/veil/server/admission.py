@@ -221,6 +221,7 @@ _REPORT_FIELDS: dict[str, tuple[type, ...]] = {
     "max_abs_diff": (float, int, type(None)),
     "speedup": (float, int, type(None)),
     "top1_agreement": (float, int, type(None)),
+    "fusions": (str,),
 }
 
 

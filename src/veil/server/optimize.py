@@ -2,8 +2,10 @@
 
 Two named choices, never applied silently:
 
-- ``graph``: ONNX Runtime's extended graph optimizations, saved as a new graph: full constant
-  folding and the fusions ONNX Runtime finds (layer norm, GELU, attention, MatMul+Add…). The
+- ``graph``: for transformers, the rewrites of `veil.server.fusion` first (attention fused, and
+  a classifier's last layer run for the one token it reads); then ONNX Runtime's extended graph
+  optimizations, saved as a new graph: full constant folding and the fusions ONNX Runtime finds
+  (layer norm, GELU, MatMul+Add…). The report's ``fusions`` names what the first part did. The
   new graph is kept only if its outputs on a probe input are within ``GRAPH_TOLERANCE`` of the
   original's and it is not slower; otherwise the original is served and the report says why.
   Constant folding runs here only, in the child under ``RLIMIT_AS`` and ``RLIMIT_CPU``: a graph
@@ -32,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from veil.server.fusion import fuse_transformer
 from veil.server.limits import Limits
 from veil.server.onnx_guard import check_model_lean, create_session
 
@@ -101,6 +104,17 @@ def _max_abs_diff(reference: Sequence[Any], candidate: Sequence[Any]) -> float:
     return worst
 
 
+def _transformer_fused(blob: bytes) -> tuple[bytes, str]:
+    """`blob` after `veil.server.fusion`'s rewrites, and what they did ("" for nothing)."""
+    import onnx
+
+    model, counts = fuse_transformer(onnx.load_from_string(blob))
+    done = {name: count for name, count in counts.items() if count and name != "scores_rewritten"}
+    if not done:
+        return blob, ""
+    return bytes(model.SerializeToString()), ", ".join(f"{k} {v}" for k, v in sorted(done.items()))
+
+
 def _graph_optimized(blob: bytes, workdir: str) -> bytes:
     import onnxruntime as ort
 
@@ -151,7 +165,8 @@ def optimize_graph(blob: bytes, mode: str, limits: Limits) -> tuple[bytes | None
     """The graph to serve instead of `blob` (None: serve `blob`) and a report for the reply.
 
     The report: ``mode``, ``kept`` (bool), ``reason`` (why not kept, or ``""``), and where
-    measured ``max_abs_diff``, ``speedup`` (original median run time / new one), and for
+    measured ``max_abs_diff``, ``speedup`` (original median run time / new one), for ``graph``
+    ``fusions`` (the transformer rewrites that ran with their counts, ``""`` for none), and for
     ``int8`` ``top1_agreement`` (fraction of probes whose first output's arg-max agrees).
     Never raises for a graph that fails to optimize: the original is then served.
     """
@@ -162,9 +177,15 @@ def optimize_graph(blob: bytes, mode: str, limits: Limits) -> tuple[bytes | None
     report: dict[str, Any] = {"mode": mode, "kept": False, "reason": ""}
     original = create_session(blob, limits, intra_op_threads=1, checked=True)
     probes = [probe_inputs(original, seed) for seed in range(_PROBES if mode == "int8" else 1)]
+    source = blob
+    if mode == "graph":
+        try:
+            source, report["fusions"] = _transformer_fused(blob)
+        except Exception as exc:  # a pattern the rewrites mishandle: ONNX Runtime's part still runs
+            report["fusions"] = f"failed ({type(exc).__name__})"
     try:
         with tempfile.TemporaryDirectory(prefix="veil-optimize-") as workdir:
-            candidate = (_graph_optimized if mode == "graph" else _int8)(blob, workdir)
+            candidate = (_graph_optimized if mode == "graph" else _int8)(source, workdir)
         # The graph kept is stored and admitted again at each start, like an upload: it must
         # pass the same checks (`check_model_lean`), or a restart would not serve it.
         check_model_lean(candidate, limits)

@@ -1,0 +1,322 @@
+"""Transformer rewrites for ``optimization="graph"``, on the ONNX protobuf, in the admission child.
+
+Three steps, each skipped when the graph does not have its shape (`fuse_transformer`):
+
+1. Scaled attention scores into the form ONNX Runtime's BERT fusion matches. It knows a
+   mask-less attention only as ``Softmax(Div(MatMul(q, k), c))``; Transformers 5 exports
+   ``Softmax(MatMul(Mul(q, s), Mul(k, s)))`` (SDPA) or ``Softmax(Mul(MatMul(q, k), s))`` (eager).
+2. ``onnxruntime.transformers``' BERT fusions (Attention, SkipLayerNormalization, BiasGelu,
+   EmbedLayerNormalization), the head count read from the graph's reshapes.
+3. Query rows no output reads. A classifier reads the last layer at token 0 only
+   (``Gather(hidden, 0, axis=1)``): everything of the last layer after its key and value
+   projections is per token, so its query side runs on that one row (the fused Attention becomes
+   a MultiHeadAttention with one query row over all keys). This is where the time goes: at fp32
+   the fusions of step 2 cost what they replace (MatMul is ~88 % of DistilBERT's kernel time,
+   see bench/README.md), while the last layer's queries, output projection and feed-forward
+   block are ~14 % of its arithmetic at sequence length 128.
+
+The caller (`veil.server.optimize`) keeps the result only if its outputs match the original's
+on a probe input and it is not slower.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import logging
+from typing import Any
+
+import numpy as np
+
+__all__ = ["fuse_transformer"]
+
+_MS = "com.microsoft"
+# Operators that act on each token (row of axis 1) alone, given constant weights.
+_ROWWISE = {
+    ("", "MatMul"),
+    ("", "Add"),
+    ("", "Sub"),
+    ("", "Mul"),
+    ("", "Div"),
+    ("", "Relu"),
+    ("", "Erf"),
+    ("", "Tanh"),
+    ("", "Sigmoid"),
+    ("", "LayerNormalization"),
+    (_MS, "SkipLayerNormalization"),
+    (_MS, "BiasGelu"),
+    (_MS, "FastGelu"),
+    (_MS, "Gelu"),
+}
+
+
+def _constants(graph: Any) -> dict[str, np.ndarray[Any, Any]]:
+    from onnx import numpy_helper
+
+    found = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+            continue
+        if node.attribute and node.attribute[0].name == "value":
+            found[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return found
+
+
+def _scalar(constants: dict[str, np.ndarray[Any, Any]], name: str) -> float | None:
+    value = constants.get(name)
+    if value is None or value.size != 1 or not np.issubdtype(value.dtype, np.floating):
+        return None
+    scale = float(value.reshape(()))
+    return scale if np.isfinite(scale) and scale != 0.0 else None
+
+
+def divide_attention_scores(model: Any) -> int:
+    """Step 1 on `model` (an ``onnx.ModelProto``, changed in place); how many were rewritten."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    constants = _constants(graph)
+    producer = {out: node for node in graph.node for out in node.output}
+    users = collections.Counter(name for node in graph.node for name in node.input)
+    rewritten = 0
+    for softmax in [n for n in graph.node if n.op_type == "Softmax" and n.domain == ""]:
+        before = producer.get(softmax.input[0])
+        if before is None or before.domain != "" or users[before.output[0]] != 1:
+            continue
+        if before.op_type == "Mul":  # eager: (q @ k) * s
+            matmul = producer.get(before.input[0])
+            scale = _scalar(constants, before.input[1])
+            if matmul is None or matmul.op_type != "MatMul" or scale is None:
+                continue
+            scores = matmul.output[0]
+        elif before.op_type == "MatMul":  # SDPA: (q * s) @ (k * s)
+            left, right = producer.get(before.input[0]), producer.get(before.input[1])
+            if not (left and right and left.op_type == "Mul" and right.op_type == "Mul"):
+                continue
+            if users[left.output[0]] != 1 or users[right.output[0]] != 1:
+                continue
+            sl, sr = _scalar(constants, left.input[1]), _scalar(constants, right.input[1])
+            if sl is None or sr is None:
+                continue
+            before.input[0], before.input[1] = left.input[0], right.input[0]
+            scale, scores = sl * sr, before.output[0]
+        else:
+            continue
+        name = f"veil_fusion_scale_{rewritten}"
+        graph.initializer.append(numpy_helper.from_array(np.array(1.0 / scale, np.float32), name))
+        divide = helper.make_node("Div", [scores, name], [f"{name}_out"], name=name)
+        softmax.input[0] = divide.output[0]
+        graph.node.insert(list(graph.node).index(softmax), divide)
+        rewritten += 1
+    return rewritten
+
+
+def attention_heads(model: Any) -> tuple[int, int]:
+    """(heads, hidden size) of the attention reshapes, (0, 0) when they do not agree.
+
+    Exports reshape each projection to ``[batch, seq, heads, head_size]`` with a Concat whose
+    heads entry is often -1: the hidden size then comes from the projection's weight.
+    """
+    graph = model.graph
+    constants = _constants(graph)
+    producer = {out: node for node in graph.node for out in node.output}
+    seen: collections.Counter[tuple[int, int]] = collections.Counter()
+    for node in graph.node:
+        if node.op_type != "Reshape" or len(node.input) < 2:
+            continue
+        shape = producer.get(node.input[1])
+        if shape is None or shape.op_type != "Concat" or len(shape.input) != 4:
+            continue
+        heads_c, size_c = constants.get(shape.input[2]), constants.get(shape.input[3])
+        if size_c is None or size_c.size != 1 or int(size_c.reshape(())) <= 0:
+            continue
+        head_size = int(size_c.reshape(()))
+        heads = int(heads_c.reshape(())) if heads_c is not None and heads_c.size == 1 else -1
+        if heads <= 0:
+            add = producer.get(node.input[0])
+            parents = [producer.get(i) for i in add.input] if add and add.op_type == "Add" else []
+            matmul = next((p for p in parents if p is not None and p.op_type == "MatMul"), None)
+            if matmul is None:
+                continue
+            weight = constants.get(matmul.input[1])
+            if weight is None or weight.ndim != 2 or weight.shape[1] % head_size:
+                continue
+            heads = weight.shape[1] // head_size
+        seen[heads, heads * head_size] += 1
+    return seen.most_common(1)[0][0] if len(seen) == 1 else (0, 0)
+
+
+def _bert_fused(model: Any, heads: int, hidden: int) -> tuple[Any, dict[str, int]]:
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.onnx_model_bert import BertOnnxModel
+
+    # It logs and prints its progress; the child's output is not the place for it.
+    logging.getLogger().setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()):
+        bert = BertOnnxModel(model, heads, hidden)
+        # SDPA exports reshape the attention context to its own shape, which hides the pattern.
+        bert.utils.remove_useless_reshape_nodes()
+        bert.optimize(FusionOptions("bert"), add_dynamic_axes=False)
+        bert.topological_sort()
+        stats = bert.get_fused_operator_statistics()
+    return bert.model, {str(k): int(v) for k, v in stats.items() if v}
+
+
+def _rowwise_ok(node: Any, constants: dict[str, np.ndarray[Any, Any]]) -> bool:
+    """Whether `node` treats each row of axis 1 alone (its constant operands span no axis 1)."""
+    if (node.domain, node.op_type) not in _ROWWISE:
+        return False
+    if node.op_type == "MatMul":
+        weight = constants.get(node.input[1])
+        return weight is not None and weight.ndim == 2 and node.input[0] not in constants
+    if node.op_type == "LayerNormalization":
+        axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
+        if axis != -1:
+            return False
+    # Constant operands (biases, scales, LayerNorm weights) must not vary along the token axis.
+    return all(constants[i].ndim <= 1 for i in node.input if i in constants)
+
+
+def prune_query_rows(model: Any) -> int:
+    """Step 3 on a fused `model` (changed in place); how many attention nodes now run one row."""
+    graph = model.graph
+    constants = _constants(graph)
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list[Any]] = collections.defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    outputs = {o.name for o in graph.output}
+    attention_inputs = {
+        n.input[0] for n in graph.node if n.domain == _MS and n.op_type == "Attention"
+    }
+    for gather in [n for n in graph.node if n.op_type == "Gather" and n.domain == ""]:
+        axis = next((a.i for a in gather.attribute if a.name == "axis"), 0)
+        index = constants.get(gather.input[1])
+        if axis != 1 or index is None or index.shape != () or int(index) != 0:
+            continue
+        # Walk back over per-token operators to the attention they start from; the walk stops
+        # at the attention's output and at its input (the residual), nowhere else.
+        region: dict[int, Any] = {}
+        attentions: set[int] = set()
+        found: Any = None
+        stops: set[str] = set()
+        pending, ok = [gather.input[0]], True
+        while pending and ok:
+            name = pending.pop()
+            node = producer.get(name)
+            if name in attention_inputs:
+                stops.add(name)
+            elif node is None:
+                ok = False
+            elif node.domain == _MS and node.op_type == "Attention":
+                attentions.add(id(node))
+                found = node
+            elif id(node) not in region:
+                ok = _rowwise_ok(node, constants)
+                region[id(node)] = node
+                pending.extend(i for i in node.input if i and i not in constants)
+        if not ok or len(attentions) != 1 or stops - {found.input[0]}:
+            continue
+        source = found.input[0]
+        # The region's tensors must stay private to it: its rows are about to disappear.
+        private = all(
+            out not in outputs and all(id(c) in region or c is gather for c in consumers[out])
+            for node in region.values()
+            for out in node.output
+            if out
+        )
+        if not private or any(id(c) not in region for c in consumers[found.output[0]]):
+            continue
+        replacement = _one_row_attention(found, source, constants)
+        if replacement is None:
+            continue
+        new_nodes, new_inits, row = replacement
+        for node in region.values():
+            for position, name in enumerate(node.input):
+                if name == source:
+                    node.input[position] = row
+        at = list(graph.node).index(found)
+        graph.node.remove(found)
+        for offset, node in enumerate(new_nodes):
+            graph.node.insert(at + offset, node)
+        graph.initializer.extend(new_inits)
+        for name in found.input[1:3]:  # the packed weights, now split, unless shared
+            if len(consumers[name]) == 1 and name in {i.name for i in graph.initializer}:
+                graph.initializer.remove(next(i for i in graph.initializer if i.name == name))
+        # One classifier head per graph: a second one would need the maps rebuilt.
+        return 1
+    return 0
+
+
+def _one_row_attention(
+    attention: Any, source: str, constants: dict[str, np.ndarray[Any, Any]]
+) -> tuple[list[Any], list[Any], str] | None:
+    """The nodes that compute `attention` for row 0 of `source` only (None: not this shape)."""
+    from onnx import helper, numpy_helper
+
+    if {a.name for a in attention.attribute} - {"num_heads", "scale"}:
+        return None
+    if len(attention.input) < 3 or any(attention.input[3:]) or len(attention.output) != 1:
+        return None
+    weight, bias = constants.get(attention.input[1]), constants.get(attention.input[2])
+    if weight is None or bias is None or weight.ndim != 2 or bias.ndim != 1:
+        return None
+    hidden = weight.shape[1] // 3
+    if weight.shape[1] != 3 * hidden or bias.shape[0] != 3 * hidden:
+        return None
+    prefix = "veil_row_attention"
+    inits = [
+        numpy_helper.from_array(np.array([0], np.int64), f"{prefix}_start"),
+        numpy_helper.from_array(np.array([1], np.int64), f"{prefix}_end"),
+        numpy_helper.from_array(np.array([1], np.int64), f"{prefix}_axis"),
+    ]
+    for part, label in enumerate("qkv"):
+        block = np.ascontiguousarray(weight[:, part * hidden : (part + 1) * hidden])
+        inits.append(numpy_helper.from_array(block, f"{prefix}_w{label}"))
+    inits.append(numpy_helper.from_array(bias, f"{prefix}_bias"))
+    row = f"{prefix}_row"
+    nodes = [
+        helper.make_node(
+            "Slice",
+            [source, f"{prefix}_start", f"{prefix}_end", f"{prefix}_axis"],
+            [row],
+            name=f"{prefix}_slice",
+        ),
+        helper.make_node("MatMul", [row, f"{prefix}_wq"], [f"{prefix}_q"], name=f"{prefix}_q"),
+        helper.make_node("MatMul", [source, f"{prefix}_wk"], [f"{prefix}_k"], name=f"{prefix}_k"),
+        helper.make_node("MatMul", [source, f"{prefix}_wv"], [f"{prefix}_v"], name=f"{prefix}_v"),
+        helper.make_node(
+            "MultiHeadAttention",
+            [f"{prefix}_q", f"{prefix}_k", f"{prefix}_v", f"{prefix}_bias"],
+            [attention.output[0]],
+            name=prefix,
+            domain=_MS,
+        ),
+    ]
+    nodes[-1].attribute.extend(attention.attribute)
+    return nodes, inits, row
+
+
+def fuse_transformer(model: Any) -> tuple[Any, dict[str, int]]:
+    """Steps 1-3 on `model` (an ``onnx.ModelProto``): the rewritten model and what each did.
+
+    The counts: ``scores_rewritten``, each fused operator type (``Attention``…), and
+    ``query_rows_pruned``. A graph that is no transformer comes back with nothing fused.
+    """
+    report: dict[str, int] = {}
+    if not any(n.op_type == "Softmax" for n in model.graph.node):
+        return model, report
+    report["scores_rewritten"] = divide_attention_scores(model)
+    heads, hidden = attention_heads(model)
+    model, fused = _bert_fused(model, heads, hidden)
+    report.update(fused)
+    if fused.get("Attention"):
+        report["query_rows_pruned"] = prune_query_rows(model)
+    declared = {opset.domain for opset in model.opset_import}
+    if _MS not in declared and any(n.domain == _MS for n in model.graph.node):
+        from onnx import helper
+
+        model.opset_import.append(helper.make_opsetid(_MS, 1))
+    return model, report
