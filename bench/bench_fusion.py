@@ -1,23 +1,18 @@
-"""Does ONNX Runtime's BERT attention fusion make the benchmark DistilBERT faster? (~1 min)
+"""What the transformer rewrites of ``optimization="graph"`` gain on the bench DistilBERT (~1 min).
 
     python bench/bench_fusion.py [--seqs 8,128] [--runs 15] [--repeats 2]
 
-Three graphs of bench/_models.py's ``distilbert`` (torch's SDPA attention, no attention mask):
+Four graphs of bench/_models.py's ``distilbert`` (torch's SDPA attention, no attention mask):
 
 - ``default``: the exported file, which ONNX Runtime optimizes at ``ORT_ENABLE_ALL`` when the
   session is built (in-process default ONNX Runtime);
-- ``extended``: ONNX Runtime's ``ORT_ENABLE_EXTENDED`` graph, saved: what ``optimization="graph"``
-  keeps today (it finds SkipLayerNormalization / BiasGelu, no Attention);
-- ``bert``: ``onnxruntime.transformers``' BERT fusions (Attention, EmbedLayerNormalization,
-  SkipLayerNormalization, BiasGelu) after two rewrites that let its attention patterns match.
+- ``extended``: ONNX Runtime's ``ORT_ENABLE_EXTENDED`` graph alone, saved (what
+  ``optimization="graph"`` kept before `veil.server.fusion`: SkipLayerNormalization / BiasGelu);
+- ``bert``: `veil.server.fusion` steps 1-2 (attention scores rewritten, then
+  ``onnxruntime.transformers``' BERT fusions: Attention, EmbedLayerNormalization, ...);
+- ``veil``: steps 1-3: also the classifier's last layer run for the one token it reads.
 
-Why the rewrites: the fusion knows a mask-less attention only as ``Softmax(Div(MatMul(q, k), c))``.
-Transformers 5 exports ``Softmax(MatMul(Mul(q, s), Mul(k, s)))`` (SDPA: both sides scaled by
-``sqrt(1/sqrt(d))``) or ``Softmax(Mul(MatMul(q, k), s))`` (eager), and SDPA adds a Reshape to the
-same shape after the attention MatMul that hides the output path; the head count must be given
-(the export's Reshape targets are ``[batch, seq, -1, 64]``).
-
-Prints, per graph: the fused operators, the largest output difference from ``default``, and per
+Prints, per graph: what the rewrites did, the largest output difference from ``default``, and per
 sequence length the median CPU time (user+sys of this process, intra-op spinning off) and wall time
 of interleaved runs with 2 intra-op threads, as ratios to ``default``; then the share of kernel
 time per operator type from ONNX Runtime's profiler (1 thread, seq 128). CPU time is the figure
@@ -29,7 +24,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import logging
 import os
 import resource
 import statistics
@@ -42,7 +36,8 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper, numpy_helper
+
+from veil.server.fusion import fuse_transformer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _models import ensure_model
@@ -50,67 +45,9 @@ from _models import ensure_model
 THREADS = 2
 
 
-def _constants(model: onnx.ModelProto) -> dict[str, Any]:
-    found = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            found[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    return found
-
-
-def _scalar(constants: dict[str, Any], name: str) -> float | None:
-    value = constants.get(name)
-    return float(value) if value is not None and np.size(value) == 1 else None
-
-
-def divide_attention_scores(model: onnx.ModelProto) -> int:
-    """Rewrite both scaled-attention shapes into ``Softmax(Div(MatMul(q, k), c))``; the count."""
-    graph = model.graph
-    constants = _constants(model)
-    producer = {out: node for node in graph.node for out in node.output}
-    rewritten = 0
-    for softmax in [n for n in graph.node if n.op_type == "Softmax"]:
-        before = producer.get(softmax.input[0])
-        scale: float | None = None
-        if before is not None and before.op_type == "Mul":  # eager: (q @ k) * s
-            matmul = producer.get(before.input[0])
-            scale = _scalar(constants, before.input[1])
-            if matmul is None or matmul.op_type != "MatMul" or scale is None:
-                continue
-            scores = matmul.output[0]
-        elif before is not None and before.op_type == "MatMul":  # SDPA: (q * s) @ (k * s)
-            left, right = producer.get(before.input[0]), producer.get(before.input[1])
-            if not (left and right and left.op_type == "Mul" and right.op_type == "Mul"):
-                continue
-            sl, sr = _scalar(constants, left.input[1]), _scalar(constants, right.input[1])
-            if sl is None or sr is None:
-                continue
-            before.input[0], before.input[1] = left.input[0], right.input[0]
-            scale, scores = sl * sr, before.output[0]
-        else:
-            continue
-        name = f"bench_fusion_scale_{rewritten}"
-        graph.initializer.append(numpy_helper.from_array(np.float32(1.0 / scale), name))
-        divide = helper.make_node("Div", [scores, name], [f"{name}_out"], name=name)
-        softmax.input[0] = divide.output[0]
-        graph.node.insert(list(graph.node).index(softmax), divide)
-        rewritten += 1
-    return rewritten
-
-
-def bert_fused(path: Path, num_heads: int, hidden_size: int) -> tuple[bytes, dict[str, int]]:
-    from onnxruntime.transformers.fusion_options import FusionOptions
-    from onnxruntime.transformers.onnx_model_bert import BertOnnxModel
-
-    logging.getLogger().setLevel(logging.ERROR)
-    model = onnx.load(str(path))
-    divide_attention_scores(model)
-    bert = BertOnnxModel(model, num_heads, hidden_size)
-    bert.utils.remove_useless_reshape_nodes()  # SDPA's Reshape to the same shape
-    bert.optimize(FusionOptions("bert"), add_dynamic_axes=False)
-    bert.topological_sort()
-    fused = {k: int(v) for k, v in bert.get_fused_operator_statistics().items() if v}
-    return bytes(bert.model.SerializeToString()), fused
+def transformer_rewritten(blob: bytes, query_rows: bool) -> tuple[bytes, dict[str, int]]:
+    model, report = fuse_transformer(onnx.load_from_string(blob), query_rows=query_rows)
+    return bytes(model.SerializeToString()), report
 
 
 def ort_extended(path: Path) -> bytes:
@@ -185,8 +122,9 @@ def main() -> None:
         "default": bench.path.read_bytes(),
         "extended": ort_extended(bench.path),
     }
-    graphs["bert"], fused = bert_fused(bench.path, num_heads=12, hidden_size=768)
-    print(f"bert fusions: {fused}")
+    graphs["bert"], fused = transformer_rewritten(graphs["default"], query_rows=False)
+    graphs["veil"], rewrites = transformer_rewritten(graphs["default"], query_rows=True)
+    print(f"bert: {fused}\nveil: {rewrites}")
     sessions = {name: session(blob, THREADS) for name, blob in graphs.items()}
     for batch, seq in ((1, 8), (3, 128)):
         feeds = bench.inputs(batch, seq, seed=1)
@@ -210,7 +148,7 @@ def main() -> None:
                 )
             print(f"| {seq} | {name} | {cells[0]} | {cells[1]} |")
     feeds = bench.inputs(1, 128)
-    for name in ("default", "bert"):
+    for name in ("default", "bert", "veil"):
         shares = ", ".join(f"{op} {share:.1%}" for op, share in op_shares(graphs[name], feeds))
         print(f"kernel time, {name}, 1 thread, seq 128: {shares}")
 

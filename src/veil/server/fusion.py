@@ -25,6 +25,7 @@ import collections
 import contextlib
 import io
 import logging
+import math
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,7 @@ import numpy as np
 __all__ = ["fuse_transformer"]
 
 _MS = "com.microsoft"
+_SMALL = 64  # elements: constants read as values; larger ones only by shape
 # Operators that act on each token (row of axis 1) alone, given constant weights.
 _ROWWISE = {
     ("", "MatMul"),
@@ -52,15 +54,30 @@ _ROWWISE = {
 
 
 def _constants(graph: Any) -> dict[str, np.ndarray[Any, Any]]:
+    """The graph's small constants (scales, indices, shape pieces), as arrays.
+
+    Small only: converting every weight would copy the whole model once more, in a child whose
+    address space is capped.
+    """
     from onnx import numpy_helper
 
-    found = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    found = {
+        i.name: numpy_helper.to_array(i) for i in graph.initializer if math.prod(i.dims) <= _SMALL
+    }
     for node in graph.node:
         if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
             continue
-        if node.attribute and node.attribute[0].name == "value":
-            found[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        value = node.attribute[0] if node.attribute else None
+        if value is not None and value.name == "value" and math.prod(value.t.dims) <= _SMALL:
+            found[node.output[0]] = numpy_helper.to_array(value.t)
     return found
+
+
+def _ranks(graph: Any) -> dict[str, int]:
+    """Rank of every initializer and small constant: what the row-wise checks need of weights."""
+    ranks = {i.name: len(i.dims) for i in graph.initializer}
+    ranks.update({name: value.ndim for name, value in _constants(graph).items()})
+    return ranks
 
 
 def _scalar(constants: dict[str, np.ndarray[Any, Any]], name: str) -> float | None:
@@ -120,6 +137,7 @@ def attention_heads(model: Any) -> tuple[int, int]:
     """
     graph = model.graph
     constants = _constants(graph)
+    dims = {i.name: tuple(i.dims) for i in graph.initializer}
     producer = {out: node for node in graph.node for out in node.output}
     seen: collections.Counter[tuple[int, int]] = collections.Counter()
     for node in graph.node:
@@ -139,10 +157,10 @@ def attention_heads(model: Any) -> tuple[int, int]:
             matmul = next((p for p in parents if p is not None and p.op_type == "MatMul"), None)
             if matmul is None:
                 continue
-            weight = constants.get(matmul.input[1])
-            if weight is None or weight.ndim != 2 or weight.shape[1] % head_size:
+            weight = dims.get(matmul.input[1])
+            if weight is None or len(weight) != 2 or weight[1] % head_size:
                 continue
-            heads = weight.shape[1] // head_size
+            heads = weight[1] // head_size
         seen[heads, heads * head_size] += 1
     return seen.most_common(1)[0][0] if len(seen) == 1 else (0, 0)
 
@@ -157,31 +175,37 @@ def _bert_fused(model: Any, heads: int, hidden: int) -> tuple[Any, dict[str, int
         bert = BertOnnxModel(model, heads, hidden)
         # SDPA exports reshape the attention context to its own shape, which hides the pattern.
         bert.utils.remove_useless_reshape_nodes()
-        bert.optimize(FusionOptions("bert"), add_dynamic_axes=False)
+        options = FusionOptions("bert")
+        # Its shape inference copies the model several times (~1.3 GB more for DistilBERT):
+        # past the child's address space. The fusions match without it.
+        options.enable_shape_inference = False
+        bert.optimize(options, add_dynamic_axes=False)
         bert.topological_sort()
         stats = bert.get_fused_operator_statistics()
     return bert.model, {str(k): int(v) for k, v in stats.items() if v}
 
 
-def _rowwise_ok(node: Any, constants: dict[str, np.ndarray[Any, Any]]) -> bool:
+def _rowwise_ok(node: Any, ranks: dict[str, int]) -> bool:
     """Whether `node` treats each row of axis 1 alone (its constant operands span no axis 1)."""
     if (node.domain, node.op_type) not in _ROWWISE:
         return False
     if node.op_type == "MatMul":
-        weight = constants.get(node.input[1])
-        return weight is not None and weight.ndim == 2 and node.input[0] not in constants
+        return ranks.get(node.input[1]) == 2 and node.input[0] not in ranks
     if node.op_type == "LayerNormalization":
         axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
         if axis != -1:
             return False
     # Constant operands (biases, scales, LayerNorm weights) must not vary along the token axis.
-    return all(constants[i].ndim <= 1 for i in node.input if i in constants)
+    return all(ranks[i] <= 1 for i in node.input if i in ranks)
 
 
 def prune_query_rows(model: Any) -> int:
     """Step 3 on a fused `model` (changed in place); how many attention nodes now run one row."""
+    from onnx import numpy_helper
+
     graph = model.graph
     constants = _constants(graph)
+    ranks = _ranks(graph)
     producer = {out: node for node in graph.node for out in node.output}
     consumers: dict[str, list[Any]] = collections.defaultdict(list)
     for node in graph.node:
@@ -214,9 +238,9 @@ def prune_query_rows(model: Any) -> int:
                 attentions.add(id(node))
                 found = node
             elif id(node) not in region:
-                ok = _rowwise_ok(node, constants)
+                ok = _rowwise_ok(node, ranks)
                 region[id(node)] = node
-                pending.extend(i for i in node.input if i and i not in constants)
+                pending.extend(i for i in node.input if i and i not in ranks)
         if not ok or len(attentions) != 1 or stops - {found.input[0]}:
             continue
         source = found.input[0]
@@ -229,7 +253,10 @@ def prune_query_rows(model: Any) -> int:
         )
         if not private or any(id(c) not in region for c in consumers[found.output[0]]):
             continue
-        replacement = _one_row_attention(found, source, constants)
+        weights = {
+            i.name: numpy_helper.to_array(i) for i in graph.initializer if i.name in found.input
+        }
+        replacement = _one_row_attention(found, source, weights)
         if replacement is None:
             continue
         new_nodes, new_inits, row = replacement
@@ -299,8 +326,10 @@ def _one_row_attention(
     return nodes, inits, row
 
 
-def fuse_transformer(model: Any) -> tuple[Any, dict[str, int]]:
+def fuse_transformer(model: Any, query_rows: bool = True) -> tuple[Any, dict[str, int]]:
     """Steps 1-3 on `model` (an ``onnx.ModelProto``): the rewritten model and what each did.
+
+    `query_rows` false skips step 3 (bench/bench_fusion.py measures the steps apart).
 
     The counts: ``scores_rewritten``, each fused operator type (``Attention``…), and
     ``query_rows_pruned``. A graph that is no transformer comes back with nothing fused.
@@ -312,7 +341,7 @@ def fuse_transformer(model: Any) -> tuple[Any, dict[str, int]]:
     heads, hidden = attention_heads(model)
     model, fused = _bert_fused(model, heads, hidden)
     report.update(fused)
-    if fused.get("Attention"):
+    if fused.get("Attention") and query_rows:
         report["query_rows_pruned"] = prune_query_rows(model)
     declared = {opset.domain for opset in model.opset_import}
     if _MS not in declared and any(n.domain == _MS for n in model.graph.node):
