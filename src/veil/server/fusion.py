@@ -15,8 +15,10 @@ Three steps, each skipped when the graph does not have its shape (`fuse_transfor
    see bench/README.md), while the last layer's queries, output projection and feed-forward
    block are ~14 % of its arithmetic at sequence length 128.
 
-The caller (`veil.server.optimize`) keeps the result only if its outputs match the original's
-on a probe input and it is not slower.
+A graph where any Softmax reads something else than scaled scores (a masked attention) is left
+as it is: the probe that vouches for the result feeds all-zero masks, which cannot show a mask
+handled wrongly. The caller (`veil.server.optimize`) keeps the result only if its outputs match
+the original's on that probe and it is not slower.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import contextlib
 import io
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -88,45 +91,72 @@ def _scalar(constants: dict[str, np.ndarray[Any, Any]], name: str) -> float | No
     return scale if np.isfinite(scale) and scale != 0.0 else None
 
 
+@dataclass(frozen=True, slots=True)
+class _Scores:
+    """How one Softmax's input becomes ``Div(MatMul(q, k), c)``."""
+
+    softmax: Any
+    scores: str  # the MatMul output to divide
+    scale: float | None  # what it is multiplied by; None: already divided
+    sdpa: tuple[Any, str, str] | None = None  # the MatMul and its unscaled q, k inputs
+
+
+def _scores(softmax: Any, producer: dict[str, Any], users: Any, constants: Any) -> _Scores | None:
+    """The plan for `softmax`, None when its input is no mask-less scaled ``MatMul``."""
+    before = producer.get(softmax.input[0])
+    if softmax.domain != "" or before is None or before.domain != "":
+        return None
+    if users[before.output[0]] != 1:
+        return None
+    if before.op_type in ("Mul", "Div"):  # eager: (q @ k) * s; older exports: (q @ k) / c
+        matmul = producer.get(before.input[0])
+        scale = _scalar(constants, before.input[1])
+        if matmul is None or matmul.op_type != "MatMul" or scale is None:
+            return None
+        return _Scores(softmax, matmul.output[0], scale if before.op_type == "Mul" else None)
+    if before.op_type != "MatMul":
+        return None
+    left, right = producer.get(before.input[0]), producer.get(before.input[1])  # SDPA
+    if not (left and right and left.op_type == "Mul" and right.op_type == "Mul"):
+        return None
+    sl, sr = _scalar(constants, left.input[1]), _scalar(constants, right.input[1])
+    if sl is None or sr is None or users[left.output[0]] != 1 or users[right.output[0]] != 1:
+        return None
+    return _Scores(softmax, before.output[0], sl * sr, (before, left.input[0], right.input[0]))
+
+
 def divide_attention_scores(model: Any) -> int:
-    """Step 1 on `model` (an ``onnx.ModelProto``, changed in place); how many were rewritten."""
+    """Step 1 on `model` (an ``onnx.ModelProto``, changed in place): how many Softmax inputs are
+    now ``Div(MatMul(q, k), c)``, or -1, leaving `model` unchanged, when some Softmax reads
+    anything else (a masked attention: see `fuse_transformer`)."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
     constants = _constants(graph)
     producer = {out: node for node in graph.node for out in node.output}
     users = collections.Counter(name for node in graph.node for name in node.input)
-    rewritten = 0
-    for softmax in [n for n in graph.node if n.op_type == "Softmax" and n.domain == ""]:
-        before = producer.get(softmax.input[0])
-        if before is None or before.domain != "" or users[before.output[0]] != 1:
+    plans = [
+        _scores(node, producer, users, constants)
+        for node in graph.node
+        if node.op_type == "Softmax"
+    ]
+    if any(plan is None for plan in plans):
+        return -1
+    for index, plan in enumerate(plans):
+        assert plan is not None
+        if plan.scale is None:
             continue
-        if before.op_type == "Mul":  # eager: (q @ k) * s
-            matmul = producer.get(before.input[0])
-            scale = _scalar(constants, before.input[1])
-            if matmul is None or matmul.op_type != "MatMul" or scale is None:
-                continue
-            scores = matmul.output[0]
-        elif before.op_type == "MatMul":  # SDPA: (q * s) @ (k * s)
-            left, right = producer.get(before.input[0]), producer.get(before.input[1])
-            if not (left and right and left.op_type == "Mul" and right.op_type == "Mul"):
-                continue
-            if users[left.output[0]] != 1 or users[right.output[0]] != 1:
-                continue
-            sl, sr = _scalar(constants, left.input[1]), _scalar(constants, right.input[1])
-            if sl is None or sr is None:
-                continue
-            before.input[0], before.input[1] = left.input[0], right.input[0]
-            scale, scores = sl * sr, before.output[0]
-        else:
-            continue
-        name = f"veil_fusion_scale_{rewritten}"
-        graph.initializer.append(numpy_helper.from_array(np.array(1.0 / scale, np.float32), name))
-        divide = helper.make_node("Div", [scores, name], [f"{name}_out"], name=name)
-        softmax.input[0] = divide.output[0]
-        graph.node.insert(list(graph.node).index(softmax), divide)
-        rewritten += 1
-    return rewritten
+        if plan.sdpa is not None:
+            matmul, q, k = plan.sdpa
+            matmul.input[0], matmul.input[1] = q, k
+        name = f"veil_fusion_scale_{index}"
+        graph.initializer.append(
+            numpy_helper.from_array(np.array(1.0 / plan.scale, np.float32), name)
+        )
+        divide = helper.make_node("Div", [plan.scores, name], [f"{name}_out"], name=name)
+        plan.softmax.input[0] = divide.output[0]
+        graph.node.insert(list(graph.node).index(plan.softmax), divide)
+    return len(plans)
 
 
 def attention_heads(model: Any) -> tuple[int, int]:
@@ -334,12 +364,18 @@ def fuse_transformer(model: Any, query_rows: bool = True) -> tuple[Any, dict[str
     `query_rows` false skips step 3 (bench/bench_fusion.py measures the steps apart).
 
     The counts: ``scores_rewritten``, each fused operator type (``Attention``…), and
-    ``query_rows_pruned``. A graph that is no transformer comes back with nothing fused.
+    ``query_rows_pruned``. A graph that is no transformer, or whose attention takes a mask,
+    comes back unchanged with nothing counted.
     """
     report: dict[str, int] = {}
     if not any(n.op_type == "Softmax" for n in model.graph.node):
         return model, report
-    report["scores_rewritten"] = divide_attention_scores(model)
+    # Masked attention is left to ONNX Runtime: the probe that vouches for the result feeds
+    # all-zero integer inputs, masks included, so it could not see a mask handled wrongly.
+    scores = divide_attention_scores(model)
+    if scores < 0:
+        return model, report
+    report["scores_rewritten"] = scores
     heads, hidden = attention_heads(model)
     model, fused = _bert_fused(model, heads, hidden)
     report.update(fused)

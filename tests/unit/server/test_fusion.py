@@ -173,3 +173,17 @@ def test_a_failing_rewrite_still_runs_onnx_runtimes_part(
     _, report = optimize.optimize_graph(tiny, "graph", Limits())
     assert report["fusions"] == "failed (RuntimeError)"
     assert report["max_abs_diff"] <= optimize.GRAPH_TOLERANCE
+
+
+def test_a_masked_attention_is_left_to_onnx_runtime(tiny: bytes) -> None:
+    # A zero-mask probe could not tell a mask handled wrongly: no rewrite at all, not even step 1.
+    model = onnx.load_from_string(tiny)
+    softmax = next(n for n in model.graph.node if n.op_type == "Softmax")
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros(1, np.float32), "mask"))
+    masked = helper.make_node("Add", [softmax.input[0], "mask"], ["masked_scores"])
+    model.graph.node.insert(list(model.graph.node).index(softmax), masked)
+    softmax.input[0] = "masked_scores"
+    before = model.SerializeToString()
+    rewritten, report = fusion.fuse_transformer(model)
+    assert report == {}
+    assert rewritten.SerializeToString() == before
