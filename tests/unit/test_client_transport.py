@@ -195,7 +195,8 @@ def test_drip_fed_headers_end_at_the_deadline(
 def test_a_server_that_never_reads_ends_an_upload_at_the_deadline(
     serve: Callable[..., Loopback], client: HttpClient
 ) -> None:
-    server = serve(lambda conn: time.sleep(60))
+    done = threading.Event()
+    server = serve(lambda conn: done.wait(60))  # reads nothing
     piece = bytes(1 << 20)
 
     def endless() -> Iterator[bytes]:
@@ -203,8 +204,11 @@ def test_a_server_that_never_reads_ends_an_upload_at_the_deadline(
             yield piece
 
     start = time.monotonic()
-    with pytest.raises(TransportError, match=r"WriteTimeout: .*(deadline|timed)"):
-        client.request("POST", server.url("/upload"), body=endless(), timeout=1.0, max_body=100)
+    try:
+        with pytest.raises(TransportError, match=r"WriteTimeout: .*(deadline|timed)"):
+            client.request("POST", server.url("/upload"), body=endless(), timeout=1.0, max_body=100)
+    finally:
+        done.set()
     assert time.monotonic() - start < 15
 
 
