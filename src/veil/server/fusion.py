@@ -1,24 +1,24 @@
 """Transformer rewrites for ``optimization="graph"``, on the ONNX protobuf, in the admission child.
 
-Three steps, each skipped when the graph does not have its shape (`fuse_transformer`):
+A classifier reads the last layer at token 0 only (``Gather(hidden, 0, axis=1)``), and after that
+layer's key and value projections everything is per token: its queries, output projection and
+feed-forward block need run for that one row (~14 % of DistilBERT's arithmetic at sequence
+length 128). Three steps get there:
 
-1. Scaled attention scores into the form ONNX Runtime's BERT fusion matches. It knows a
+1. The last attention's scaled scores into the form ONNX Runtime's BERT fusion matches. It knows a
    mask-less attention only as ``Softmax(Div(MatMul(q, k), c))``; Transformers 5 exports
    ``Softmax(MatMul(Mul(q, s), Mul(k, s)))`` (SDPA) or ``Softmax(Mul(MatMul(q, k), s))`` (eager).
-2. ``onnxruntime.transformers``' BERT fusions (Attention, SkipLayerNormalization, BiasGelu,
-   EmbedLayerNormalization), the head count read from the graph's reshapes.
-3. Query rows no output reads. A classifier reads the last layer at token 0 only
-   (``Gather(hidden, 0, axis=1)``): everything of the last layer after its key and value
-   projections is per token, so its query side runs on that one row (the fused Attention becomes
-   a MultiHeadAttention with one query row over all keys). This is where the time goes: at fp32
-   the fusions of step 2 cost what they replace (MatMul is ~88 % of DistilBERT's kernel time,
-   see bench/README.md), while the last layer's queries, output projection and feed-forward
-   block are ~14 % of its arithmetic at sequence length 128.
+   Only the last: fused, the other layers would cost as much or more (bench/README.md).
+2. ``onnxruntime.transformers``' BERT attention fusion, the head count read from the graph's
+   reshapes: the last layer's attention becomes one Attention node.
+3. That node becomes a MultiHeadAttention with one query row over all keys, and the per-token
+   operators between it and the ``Gather`` get that row instead of every token.
 
-A graph where any Softmax reads something else than scaled scores (a masked attention) is left
-as it is: the probe that vouches for the result feeds all-zero masks, which cannot show a mask
-handled wrongly. The caller (`veil.server.optimize`) keeps the result only if its outputs match
-the original's on that probe and it is not slower.
+The result is offered only when step 3 applied. A graph where any Softmax reads something else
+than scaled scores (a masked attention) is left as it is: the probe that vouches for the result
+feeds all-zero masks, which cannot show a mask handled wrongly. The caller
+(`veil.server.optimize`) keeps the result only if its outputs match the original's on that probe
+and it is not slower.
 """
 
 from __future__ import annotations
@@ -125,38 +125,32 @@ def _scores(softmax: Any, producer: dict[str, Any], users: Any, constants: Any) 
     return _Scores(softmax, before.output[0], sl * sr, (before, left.input[0], right.input[0]))
 
 
-def divide_attention_scores(model: Any) -> int:
-    """Step 1 on `model` (an ``onnx.ModelProto``, changed in place): how many Softmax inputs are
-    now ``Div(MatMul(q, k), c)``, or -1, leaving `model` unchanged, when some Softmax reads
-    anything else (a masked attention: see `fuse_transformer`)."""
+def divide_last_attention_scores(model: Any) -> bool:
+    """Step 1 on `model` (an ``onnx.ModelProto``, changed in place): the last Softmax's input
+    made ``Div(MatMul(q, k), c)``. False, leaving `model` unchanged, when some Softmax reads
+    anything else than scaled scores (a masked attention: see the module docstring)."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
     constants = _constants(graph)
     producer = {out: node for node in graph.node for out in node.output}
     users = collections.Counter(name for node in graph.node for name in node.input)
-    plans = [
-        _scores(node, producer, users, constants)
-        for node in graph.node
-        if node.op_type == "Softmax"
-    ]
-    if any(plan is None for plan in plans):
-        return -1
-    for index, plan in enumerate(plans):
-        assert plan is not None
-        if plan.scale is None:
-            continue
-        if plan.sdpa is not None:
-            matmul, q, k = plan.sdpa
+    plans = [_scores(n, producer, users, constants) for n in graph.node if n.op_type == "Softmax"]
+    last = plans[-1] if plans and all(plans) else None
+    if last is None:
+        return False
+    if last.scale is not None:
+        if last.sdpa is not None:
+            matmul, q, k = last.sdpa
             matmul.input[0], matmul.input[1] = q, k
-        name = f"veil_fusion_scale_{index}"
+        name = "veil_fusion_scale"
         graph.initializer.append(
-            numpy_helper.from_array(np.array(1.0 / plan.scale, np.float32), name)
+            numpy_helper.from_array(np.array(1.0 / last.scale, np.float32), name)
         )
-        divide = helper.make_node("Div", [plan.scores, name], [f"{name}_out"], name=name)
-        plan.softmax.input[0] = divide.output[0]
-        graph.node.insert(list(graph.node).index(plan.softmax), divide)
-    return len(plans)
+        divide = helper.make_node("Div", [last.scores, name], [f"{name}_out"], name=name)
+        last.softmax.input[0] = divide.output[0]
+        graph.node.insert(list(graph.node).index(last.softmax), divide)
+    return True
 
 
 def attention_heads(model: Any) -> tuple[int, int]:
@@ -211,6 +205,13 @@ def _bert_fused(model: Any, heads: int, hidden: int) -> tuple[Any, dict[str, int
         # Its shape inference copies the model several times (~1.3 GB more for DistilBERT):
         # past the child's address space. The fusions match without it.
         options.enable_shape_inference = False
+        # Attention only: the other fused kernels cost as much as what they replace, or more
+        # (SkipLayerNormalization), and ONNX Runtime's session finds what it wants of them.
+        options.enable_skip_layer_norm = False
+        options.enable_bias_skip_layer_norm = False
+        options.enable_embed_layer_norm = False
+        options.enable_gelu = False
+        options.enable_bias_gelu = False
         bert.optimize(options, add_dynamic_axes=False)
         bert.topological_sort()
         stats = bert.get_fused_operator_statistics()
@@ -358,31 +359,25 @@ def _one_row_attention(
     return nodes, inits, row
 
 
-def fuse_transformer(model: Any, query_rows: bool = True) -> tuple[Any, dict[str, int]]:
-    """Steps 1-3 on `model` (an ``onnx.ModelProto``): the rewritten model and what each did.
+def fuse_transformer(model: Any) -> tuple[Any | None, dict[str, int]]:
+    """Steps 1-3 on `model` (an ``onnx.ModelProto``, changed in place).
 
-    `query_rows` false skips step 3 (bench/bench_fusion.py measures the steps apart).
-
-    The counts: ``scores_rewritten``, each fused operator type (``Attention``…), and
-    ``query_rows_pruned``. A graph that is no transformer, or whose attention takes a mask,
-    comes back unchanged with nothing counted.
+    Returns the rewritten model and what was done (``Attention``: attention nodes fused,
+    ``query_rows_pruned``), or None when there is nothing worth serving instead of `model`: no
+    transformer, a masked attention, or a last layer whose every token is read (the fusion alone
+    does not pay). `model` may then have been changed: serve the original bytes.
     """
-    report: dict[str, int] = {}
-    if not any(n.op_type == "Softmax" for n in model.graph.node):
-        return model, report
-    # Masked attention is left to ONNX Runtime: the probe that vouches for the result feeds
-    # all-zero integer inputs, masks included, so it could not see a mask handled wrongly.
-    scores = divide_attention_scores(model)
-    if scores < 0:
-        return model, report
-    report["scores_rewritten"] = scores
+    if not divide_last_attention_scores(model):
+        return None, {}
     heads, hidden = attention_heads(model)
     model, fused = _bert_fused(model, heads, hidden)
-    report.update(fused)
-    if fused.get("Attention") and query_rows:
-        report["query_rows_pruned"] = prune_query_rows(model)
+    if fused.get("Attention") != 1:
+        return None, {}
+    report = {"Attention": 1, "query_rows_pruned": prune_query_rows(model)}
+    if not report["query_rows_pruned"]:
+        return None, {}
     declared = {opset.domain for opset in model.opset_import}
-    if _MS not in declared and any(n.domain == _MS for n in model.graph.node):
+    if _MS not in declared:
         from onnx import helper
 
         model.opset_import.append(helper.make_opsetid(_MS, 1))
