@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -127,6 +128,23 @@ def test_plain_http_through_the_proxy(served: VeilServer, start_proxy: ProxyFact
     assert missing.json() == {"error": "unknown model id 'ghost'"}
     # Only the protocol's routes: BlindAI's CBOR /run is not relayed.
     assert httpx.post(f"{proxy.url}/run", content=b"", timeout=30).status_code == 404
+    # The request line and headers are capped (16 KiB): 431, then closed; under it, served.
+    assert _raw_head(proxy, 20_000).startswith(b"HTTP/1.1 431 ")
+    assert _raw_head(proxy, 8_000).startswith(b"HTTP/1.1 200 ")
+
+
+def _raw_head(proxy: Proxy, pad: int) -> bytes:
+    """What the proxy answers a GET with a `pad`-byte header, up to its close."""
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as sock:
+        sock.sendall(
+            b"GET /v2/health/ready HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nX-Pad: "
+            + b"a" * pad
+            + b"\r\n\r\n"
+        )
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")

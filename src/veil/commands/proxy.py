@@ -159,6 +159,7 @@ def _proxy(args: argparse.Namespace) -> int:
     from veil.attestation.policy import Policy
     from veil.client.connection import Connection
     from veil.proxy import AttestedUpstream, ProxySettings, build_proxy_app
+    from veil.server.connections import header_capped_http
 
     if args.policy is None and not args.simulation:
         print("veil proxy: --policy FILE is required (or --simulation, insecure)", file=sys.stderr)
@@ -218,7 +219,9 @@ def _proxy(args: argparse.Namespace) -> int:
         access_log=False,
         timeout_keep_alive=30,
         limit_concurrency=64,
-        h11_max_incomplete_event_size=16 * 1024,
+        # httptools has no cap of its own on a request's line and headers
+        http=header_capped_http(16 * 1024),
+        ws="none",
     )
     try:
         asyncio.run(uvicorn.Server(config).serve(sockets=[listener]))

@@ -51,6 +51,7 @@ __all__ = [
     "LogThrottle",
     "RequestGate",
     "connection_caps",
+    "header_capped_http",
     "install_log_throttle",
     "open_file_limit",
     "server_config",
@@ -306,10 +307,9 @@ class _GatheringTransport(asyncio.Transport):
         return self._inner.get_extra_info(name, default)
 
 
-class _GuardedHttp(HttpToolsProtocol):
-    """uvicorn's httptools protocol plus a header-read deadline, a cap on header bytes, the
-    guard's release, and writes gathered (`_GatheringTransport`): a small response leaves as
-    one TLS record.
+class _CappedHttp(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a cap on a request's header bytes (httptools has
+    none), and no upgrade: a request asking for one is served as plain HTTP/1.1.
 
     The cap counts the bytes fed to the parser while it reads a request's line and headers: a
     read that would pass it is fed only up to the cap, and a head still incomplete there is
@@ -318,49 +318,20 @@ class _GuardedHttp(HttpToolsProtocol):
     rest uncounted: it may pass the cap by at most one read.)
     """
 
-    _gathering: _GatheringTransport
-
     def __init__(
         self,
         config: uvicorn.Config,
         server_state: Any,
         app_state: dict[str, Any],
         *,
-        header_timeout_s: float,
         max_header_bytes: int,
-        release: Callable[[], None],
     ) -> None:
         super().__init__(config=config, server_state=server_state, app_state=app_state)
-        self._header_timeout_s = header_timeout_s
         self._max_header_bytes = max_header_bytes
-        self.release = release
-        self._header_timer: asyncio.TimerHandle | None = None
         self._head_bytes = 0  # fed while the parser reads the current request's head
         self._in_body = False  # the parser is past a head, in its body
         self._heads = 0  # heads completed on this connection
         self._refused = False
-
-    def _awaiting_head(self) -> bool:
-        return self.cycle is None or self.cycle.response_complete
-
-    def _arm(self) -> None:
-        self._header_timer = self.loop.call_later(self._header_timeout_s, self._header_timeout)
-
-    def _disarm(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
-
-    def _header_timeout(self) -> None:
-        self._header_timer = None
-        if self._awaiting_head() and not self.transport.is_closing():
-            _log.info("closing a connection: headers not complete in %g s", self._header_timeout_s)
-            self.transport.close()
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        self._gathering = _GatheringTransport(transport, self.loop)
-        super().connection_made(self._gathering)
-        self._arm()
 
     def on_headers_complete(self) -> None:
         self._in_body = True
@@ -372,16 +343,10 @@ class _GuardedHttp(HttpToolsProtocol):
         self._head_bytes = 0
         super().on_message_complete()
 
-    def on_response_complete(self) -> None:
-        self._gathering.flush()
-        super().on_response_complete()
-
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
         self._unset_keepalive_if_required()
-        if self._header_timer is None and self._awaiting_head():
-            self._arm()  # the first byte of the next request on a kept-alive connection
         while data and not self._refused:
             if self._in_body:
                 self._feed(data)
@@ -400,8 +365,6 @@ class _GuardedHttp(HttpToolsProtocol):
                 self._refuse(
                     431, f"request headers exceed max_header_bytes={self._max_header_bytes}"
                 )
-        if not self._awaiting_head():
-            self._disarm()
 
     def _feed(self, data: bytes) -> None:
         while True:
@@ -435,6 +398,78 @@ class _GuardedHttp(HttpToolsProtocol):
         if not self.transport.is_closing():
             self.transport.write(b"".join(head))
             self.transport.close()
+
+
+def header_capped_http(max_header_bytes: int) -> type[asyncio.Protocol]:
+    """The protocol class for a plain `uvicorn.Server` (``http=``, with ``ws="none"``) whose
+    requests' line and headers are capped at `max_header_bytes` (431, then closed)."""
+
+    class HeaderCappedHttp(_CappedHttp):
+        def __init__(
+            self,
+            config: uvicorn.Config,
+            server_state: Any,
+            app_state: dict[str, Any],
+            _loop: asyncio.AbstractEventLoop | None = None,
+        ) -> None:
+            super().__init__(config, server_state, app_state, max_header_bytes=max_header_bytes)
+
+    return HeaderCappedHttp
+
+
+class _GuardedHttp(_CappedHttp):
+    """`_CappedHttp` plus a header-read deadline, the guard's release, and writes gathered
+    (`_GatheringTransport`): a small response leaves as one TLS record."""
+
+    _gathering: _GatheringTransport
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        server_state: Any,
+        app_state: dict[str, Any],
+        *,
+        header_timeout_s: float,
+        max_header_bytes: int,
+        release: Callable[[], None],
+    ) -> None:
+        super().__init__(config, server_state, app_state, max_header_bytes=max_header_bytes)
+        self._header_timeout_s = header_timeout_s
+        self.release = release
+        self._header_timer: asyncio.TimerHandle | None = None
+
+    def _awaiting_head(self) -> bool:
+        return self.cycle is None or self.cycle.response_complete
+
+    def _arm(self) -> None:
+        self._header_timer = self.loop.call_later(self._header_timeout_s, self._header_timeout)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if self._awaiting_head() and not self.transport.is_closing():
+            _log.info("closing a connection: headers not complete in %g s", self._header_timeout_s)
+            self.transport.close()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._gathering = _GatheringTransport(transport, self.loop)
+        super().connection_made(self._gathering)
+        self._arm()
+
+    def on_response_complete(self) -> None:
+        self._gathering.flush()
+        super().on_response_complete()
+
+    def data_received(self, data: bytes) -> None:
+        if self._header_timer is None and self._awaiting_head():
+            self._arm()  # the first byte of the next request on a kept-alive connection
+        super().data_received(data)
+        if not self._awaiting_head():
+            self._disarm()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()

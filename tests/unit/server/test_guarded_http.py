@@ -11,7 +11,7 @@ from typing import Any
 import uvicorn
 from uvicorn.server import ServerState
 
-from veil.server.connections import _GuardedHttp, server_config
+from veil.server.connections import _GuardedHttp, header_capped_http, server_config
 from veil.server.limits import Limits
 
 _CAP = 1024
@@ -317,3 +317,25 @@ def test_the_client_address_is_the_peer_whatever_it_forwards() -> None:
 
     asyncio.run(main())
     assert seen == [("127.0.0.1", 4000)]
+
+
+def test_a_plain_uvicorn_server_gets_the_header_cap() -> None:
+    """`header_capped_http` (``veil proxy``): uvicorn builds it as it builds its own."""
+
+    async def main(pad: int) -> bytes:
+        config = uvicorn.Config(
+            _Echo(), lifespan="off", log_level="critical", ws="none", http=header_capped_http(_CAP)
+        )
+        config.load()
+        wire = _Wire()
+        protocol = config.http_protocol_class(
+            config=config, server_state=ServerState(), app_state={}
+        )
+        protocol.connection_made(wire)
+        protocol.data_received(_head(pad))
+        await _settle()
+        protocol.connection_lost(None)
+        return bytes(wire.sent)
+
+    assert asyncio.run(main(_CAP - len(_head(0)))).startswith(b"HTTP/1.1 200 ")
+    assert asyncio.run(main(_CAP - len(_head(0)) + 1)).startswith(b"HTTP/1.1 431 ")
