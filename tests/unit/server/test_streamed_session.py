@@ -165,14 +165,18 @@ class RecordingStore:
         return iter(())
 
 
+def _overlap_app(tmp_path: Path, store: RecordingStore) -> tuple[Any, Any]:
+    config = ServerConfig(data_dir=tmp_path, platform="simulated", no_auth=True)
+    with pytest.warns(SimulationModeWarning):
+        state, _ = prepare_state(config, store=store)
+    return state, build_apps(state)[2]
+
+
 def test_an_upload_whose_load_fails_after_storing_is_unstored(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = ServerConfig(data_dir=tmp_path, platform="simulated", no_auth=True)
     store = RecordingStore()
-    with pytest.warns(SimulationModeWarning):
-        state, _ = prepare_state(config, store=store)
-    _, _, management = build_apps(state)
+    state, management = _overlap_app(tmp_path, store)
 
     def failing_load(self: ModelRegistry, *args: Any, **kwargs: Any) -> Any:
         assert store.stored, "the model is stored before the server loads it"
@@ -211,13 +215,6 @@ class GatedStore(RecordingStore):
             return super().put_stream(meta, chunks, exclusive=exclusive)
         finally:
             self.finished.set()
-
-
-def _overlap_app(tmp_path: Path, store: RecordingStore) -> tuple[Any, Any]:
-    config = ServerConfig(data_dir=tmp_path, platform="simulated", no_auth=True)
-    with pytest.warns(SimulationModeWarning):
-        state, _ = prepare_state(config, store=store)
-    return state, build_apps(state)[2]
 
 
 def test_an_upload_is_stored_while_it_is_admitted(
