@@ -249,6 +249,9 @@ def load_run(clients: int, seconds: float, n: int) -> bool:
         peak = [rss_start]
         warm: list[int | None] = [None]
         warm_after = [float("nan")]
+        # (seconds since start, RSS) from warm-up on: one sample is taken at a random moment,
+        # while uploads of 64 clients come and go; medians over a window are the steady state.
+        samples: list[tuple[float, int]] = []
         stop = threading.Event()
         filled = threading.Semaphore(0)
         t0 = time.monotonic()
@@ -263,6 +266,8 @@ def load_run(clients: int, seconds: float, n: int) -> bool:
                     pending -= 1
                 if warm[0] is None and not pending and time.monotonic() >= warm_at:
                     warm[0], warm_after[0] = rss, time.monotonic() - t0
+                if warm[0] is not None:
+                    samples.append((time.monotonic() - t0, rss))
 
         stats = Stats()
         deadline = time.monotonic() + seconds
@@ -317,7 +322,24 @@ def load_run(clients: int, seconds: float, n: int) -> bool:
             f"{rss_end / 2**20:.0f} MiB ({(rss_end - warm[0]) / warm[0]:+.1%} since warm-up; "
             "target within 10%)"
         )
+        print(_steady_state(samples, elapsed))
     return total_5xx == 0
+
+
+def _steady_state(samples: list[tuple[float, int]], elapsed: float) -> str:
+    """Median RSS over the first and the last window after warm-up (a minute, or a quarter of
+    what is left of the run), and the change between them."""
+    if not samples:
+        return "steady state: no sample after warm-up"
+    window = min(60.0, (elapsed - samples[0][0]) / 4)
+    first = [rss for t, rss in samples if t <= samples[0][0] + window]
+    last = [rss for t, rss in samples if t >= elapsed - window] or [samples[-1][1]]
+    a, b = statistics.median(first), statistics.median(last)
+    return (
+        f"steady state: median RSS over the first {window:.0f} s after warm-up "
+        f"{a / 2**20:.0f} MiB, over the last {window:.0f} s {b / 2**20:.0f} MiB "
+        f"({(b - a) / a:+.1%}; target within 10%)"
+    )
 
 
 # ---- fault run ------------------------------------------------------------------------------
