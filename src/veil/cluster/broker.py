@@ -53,6 +53,7 @@ from veil.cluster.exchange import (
 from veil.errors import AttestationError, SealedStateError, TransportError
 from veil.providers.base import Evidence, EvidenceProvider
 from veil.server.collateral import CollateralKeeper, keep_collateral_fresh
+from veil.server.connections import run_event_loop
 from veil.server.sealed_file import SealedFileError, derive_key, read_sealed, write_sealed
 from veil.tls import certificate_digest, generate_identity
 
@@ -295,5 +296,5 @@ def serve_broker(
                 with contextlib.suppress(asyncio.CancelledError):
                     await refresher
 
-    asyncio.run(run())
+    run_event_loop(run())
     return 0 if server.started else 1

@@ -6,7 +6,6 @@ See `veil.proxy` for what is relayed and how verification fails closed.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import ipaddress
 import logging
 import os
@@ -159,7 +158,7 @@ def _proxy(args: argparse.Namespace) -> int:
     from veil.attestation.policy import Policy
     from veil.client.connection import Connection
     from veil.proxy import AttestedUpstream, ProxySettings, build_proxy_app
-    from veil.server.connections import header_capped_http
+    from veil.server.connections import header_capped_http, run_event_loop
 
     if args.policy is None and not args.simulation:
         print("veil proxy: --policy FILE is required (or --simulation, insecure)", file=sys.stderr)
@@ -224,7 +223,7 @@ def _proxy(args: argparse.Namespace) -> int:
         ws="none",
     )
     try:
-        asyncio.run(uvicorn.Server(config).serve(sockets=[listener]))
+        run_event_loop(uvicorn.Server(config).serve(sockets=[listener]))
     except KeyboardInterrupt:
         pass
     finally:

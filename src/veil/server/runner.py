@@ -60,6 +60,7 @@ from veil.server.connections import (
     connection_caps,
     install_log_throttle,
     open_file_limit,
+    run_event_loop,
     server_config,
 )
 from veil.server.keys import NO_AUTH_BANNER, AuthGate, KeyStore
@@ -559,4 +560,4 @@ def serve(
     def announce(line: str) -> None:
         print(line, flush=True)
 
-    return asyncio.run(_run(config, state, ready or announce))
+    return run_event_loop(_run(config, state, ready or announce))
