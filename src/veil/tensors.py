@@ -98,6 +98,11 @@ _BY_ONNX: Mapping[str, DatumType] = {
 }
 
 _SUPPORTED = ", ".join(t.label for t in DatumType)
+# What every request resolves (wire codes in, output dtypes out), found without a detour.
+_BY_CODE: Mapping[int, DatumType] = {t.value: t for t in DatumType}
+_BY_NATIVE_DTYPE: Mapping[np.dtype[Any], DatumType] = {
+    np.dtype(name): t for name, t in _BY_NUMPY_NAME.items()
+}
 
 
 def format_shape(dims: Sequence[int | str | None]) -> str:
@@ -123,6 +128,10 @@ def datum_type_of(value: Any) -> DatumType:
     """
     if isinstance(value, DatumType):
         return value
+    if type(value) is int and value in _BY_CODE:
+        return _BY_CODE[value]
+    if isinstance(value, np.dtype) and value in _BY_NATIVE_DTYPE:
+        return _BY_NATIVE_DTYPE[value]
     if isinstance(value, bool):
         raise TensorError(f"datum type: got {value!r}, expected a code 0..10 or a name")
     if isinstance(value, int):

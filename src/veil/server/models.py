@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import sys
 import threading
 import time
 import typing
@@ -65,6 +66,8 @@ _T = typing.TypeVar("_T")
 # Outputs up to this many bytes in all are encoded on the event loop (as small request bodies
 # are decoded there, veil.server.app).
 _INLINE_FINISH_BYTES = 4 << 10
+# Byte orders an output leaves in as it is: little-endian on the wire ("|": single bytes).
+_LITTLE_ENDIAN = ("<", "|", "=") if sys.byteorder == "little" else ("<", "|")
 
 
 def _small(results: Sequence[Any]) -> bool:
@@ -272,8 +275,9 @@ class LoadedModel:
         for spec, value in zip(self.outputs, results, strict=True):
             array = np.asarray(value)
             datum_type = datum_type_of(array.dtype)
-            # Not np.ascontiguousarray: it turns a scalar output (shape []) into shape [1].
-            array = np.asarray(array, dtype=array.dtype.newbyteorder("<"), order="C")
+            if not (array.flags.c_contiguous and array.dtype.byteorder in _LITTLE_ENDIAN):
+                # Not np.ascontiguousarray: it turns a scalar output (shape []) into shape [1].
+                array = np.asarray(array, dtype=array.dtype.newbyteorder("<"), order="C")
             outputs.append(WireTensor(tuple(array.shape), datum_type, spec.name, array.tobytes()))
         return outputs
 

@@ -162,3 +162,19 @@ def test_small_outputs_encoded_on_the_loop_large_ones_in_a_thread(rows: int, inl
     (alone,) = model.run(wire(x))
     assert got == alone.data
     assert (threads == [threading.main_thread()]) is inline
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        np.arange(6, dtype=">f4").reshape(2, 3),  # big-endian
+        np.arange(6, dtype=np.float32).reshape(3, 2).T,  # not C-contiguous
+        np.arange(6, dtype=np.float32).reshape(2, 3),  # as ONNX Runtime returns them
+    ],
+)
+def test_outputs_leave_little_endian_and_row_major(value: np.ndarray) -> None:
+    model = load(dense(), ModelRegistry())
+    (tensor,) = model._wire([value])
+    assert tensor.shape == (2, 3)
+    assert tensor.datum_type is DatumType.F32
+    assert tensor.data == np.ascontiguousarray(value, dtype="<f4").tobytes()
