@@ -67,7 +67,6 @@ from typing import Any, TypeVar, cast
 import cbor2
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -272,6 +271,35 @@ class _RequestLog:
                 )
 
 
+class _ExactRoutes:
+    """ASGI: a request whose method and path name a route without parameters goes straight to
+    its endpoint; the rest (OIP's parameterized routes, a wrong method, an unknown path) to
+    `fallback`, Starlette's router with its 404, 405 and error pages.
+
+    Every endpoint here is wrapped by `_endpoint`, which turns any exception into its response,
+    so Starlette's error layers have nothing to add on this path; skipping them and the route
+    scan took ~8 % of a null request's server CPU.
+    """
+
+    def __init__(self, routes: tuple[Route, ...], fallback: ASGIApp) -> None:
+        self._fallback = fallback
+        self._endpoints: dict[tuple[str, str], Handler] = {
+            (method, route.path): route.endpoint
+            for route in routes
+            if not route.param_convertors
+            for method in route.methods or ()
+        }
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            endpoint = self._endpoints.get((scope["method"], scope["path"]))
+            if endpoint is not None:
+                response = await endpoint(Request(scope, receive, send))
+                await response(scope, receive, send)
+                return
+        await self._fallback(scope, receive, send)
+
+
 def _note(request: Request, **values: Any) -> None:
     """Record fields for the request's log line (model id, key id)."""
     info = request.scope.get(_LOG_KEY)
@@ -382,7 +410,7 @@ def _cbor(value: Any) -> Response:
     return Response(cbor2.dumps(value), media_type=_CBOR)
 
 
-def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
+def build_apps(state: ServerState) -> tuple[ASGIApp, ASGIApp, ASGIApp]:
     """(unattested, attested, management) apps sharing `state`."""
     config = state.config
     limits = config.limits
@@ -1162,17 +1190,15 @@ def build_apps(state: ServerState) -> tuple[Starlette, Starlette, Starlette]:
         )
     ]
 
-    def app(port: str, *routes: Route) -> Starlette:
+    def app(port: str, *routes: Route) -> ASGIApp:
+        router = _ExactRoutes(routes, Starlette(routes=list(routes)))
         # Work (POST) is counted against the concurrency limit once its body is in; the cheap
         # GETs are not.
-        gate = Middleware(
-            RequestGate, limiter=limiter, body_read_timeout_s=limits.body_read_timeout_s
-        )
+        gate = RequestGate(router, limiter=limiter, body_read_timeout_s=limits.body_read_timeout_s)
         paths = frozenset(r.path for r in routes)
-        log = Middleware(
-            _RequestLog, port=port, metrics=metrics, routes=paths, replica=config.replica_name
+        return _RequestLog(
+            gate, port=port, metrics=metrics, routes=paths, replica=config.replica_name
         )
-        return Starlette(middleware=[log, gate], routes=list(routes))
 
     handshake_route = route("/", handshake, "GET")
     # BlindAI 0.6 clients manage models on the attested port too; veil's own use the management one.
