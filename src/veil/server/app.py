@@ -277,8 +277,8 @@ class _ExactRoutes:
     `fallback`, Starlette's router with its 404, 405 and error pages.
 
     Every endpoint here is wrapped by `_endpoint`, which turns any exception into its response,
-    so Starlette's error layers have nothing to add on this path; skipping them and the route
-    scan took ~8 % of a null request's server CPU.
+    so Starlette's error layers have nothing to add on this path (with the route scan, ~5 % of a
+    null request's server samples).
     """
 
     def __init__(self, routes: tuple[Route, ...], fallback: ASGIApp) -> None:

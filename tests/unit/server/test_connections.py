@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -13,11 +16,17 @@ from veil.errors import ApiError, ServiceUnavailableError
 from veil.server.connections import (
     ConnectionCaps,
     ConnectionGuard,
+    GuardedServer,
     LogThrottle,
     RequestGate,
+    _LeanSSLProtocol,
+    _tls_protocol,
     connection_caps,
+    run_event_loop,
+    server_config,
 )
 from veil.server.limits import AdmissionQueue, Limits
+from veil.tls import SERVER_NAME, generate_identity, pinned_client_context, server_context
 
 
 @pytest.mark.parametrize(
@@ -222,3 +231,66 @@ def test_a_queued_body_waits_for_the_slot_counted_by_its_size() -> None:
         assert (limiter.active, limiter.queued) == (0, 0)
 
     asyncio.run(main())
+
+
+async def _hello(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"hello " + scope["path"].encode()})
+
+
+@pytest.mark.parametrize("loop_kind", ["uvloop", "asyncio"])
+def test_tls_through_the_gate_on_either_loop(loop_kind: str) -> None:
+    # The gate hands TLS to the running loop's own protocol (uvloop's, or asyncio's with the
+    # smaller buffer): a pinned client gets its answer over both, and the server says which.
+    uvloop = pytest.importorskip("uvloop")
+    identity = generate_identity()
+    limits = Limits()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    port = sock.getsockname()[1]
+    config = server_config(
+        _hello,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        server_header="t",
+        limits=limits,
+        backlog=8,
+    )
+    config.ssl = server_context(identity)
+    server = GuardedServer(
+        config, guard=ConnectionGuard(connection_caps(limits, 1 << 16)), limits=limits
+    )
+    seen: list[Any] = []
+
+    async def serve() -> None:
+        seen.append(_tls_protocol(asyncio.get_running_loop()))
+        await server.serve(sockets=[sock])
+
+    if loop_kind == "uvloop":
+        thread = threading.Thread(target=run_event_loop, args=(serve(),), daemon=True)
+    else:
+        thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        context = pinned_client_context(identity.certificate_der)
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            context.wrap_socket(raw, server_hostname=SERVER_NAME) as tls,
+        ):
+            tls.sendall(b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := tls.recv(4096):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200")
+        assert b"\r\nhello /x\r\n" in answer
+        expected = uvloop.loop.SSLProtocol if loop_kind == "uvloop" else _LeanSSLProtocol
+        assert seen == [expected]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    assert not thread.is_alive()
