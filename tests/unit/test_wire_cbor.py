@@ -124,6 +124,11 @@ def test_text_limit() -> None:
     assert decode(cbor2.dumps("abcd"), "x", limits=limits) == "abcd"
     _refused(cbor2.dumps("abcde"), "a text string of 5 bytes, more than 4", limits)
     _refused(b"\x7f\x63abc\x62de\xff", "a text string of more than 4 bytes", limits)
+    # map keys too (the whole-body decoder reads short keys on a path of their own)
+    _refused(cbor2.dumps({"abcde": 1}), "a text string of 5 bytes, more than 4", limits)
+    decoder = StrictDecoder("x", limits=limits)
+    with pytest.raises(BadRequestError, match="a text string of 5 bytes, more than 4"):
+        decoder.feed(cbor2.dumps({"abcde": 1}))
     # byte strings are bounded by the body only (tensors are long)
     assert decode(cbor2.dumps(b"abcdefgh"), "x", limits=limits) == b"abcdefgh"
 

@@ -561,7 +561,7 @@ class _WholeBody:
         while (count is None and not self._at_break()) or (count is not None and pairs < count):
             pos = self._pos
             size = buf[pos] - 0x60 if pos < end else -1
-            if 0 <= size < 24 and pos + 1 + size <= end:
+            if 0 <= size < 24 and size <= self._limits.max_text_bytes and pos + 1 + size <= end:
                 # A short text key, the common case, read here.
                 self._pos = pos + 1 + size
                 self._items += 1
