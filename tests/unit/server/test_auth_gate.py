@@ -176,3 +176,26 @@ def test_postgres_state_says_its_reads_may_block() -> None:
 
     assert PostgresState.current_may_block.fget is not None
     assert PostgresState.current_may_block.fget(object.__new__(PostgresState)) is True
+
+
+def test_one_authentication_reads_one_manifest(tmp_path: Path) -> None:
+    # Auth on, a key sent: whether keys are demanded, whether any exist and whose key it is all
+    # come from one committed manifest, checked for a newer commit once per request.
+    state = SealedState(tmp_path, KEY)
+    store = KeyStore(state)
+    _, secret = store.create("owner")
+    reads = 0
+    current = state.current
+
+    def counted() -> object:
+        nonlocal reads
+        reads += 1
+        return current()
+
+    state.current = counted  # type: ignore[method-assign]
+    g = AuthGate(store, host="127.0.0.1", no_auth=False)
+    assert g.authenticate(secret).key_id is not None
+    assert reads == 1
+    with pytest.raises(AuthenticationError):
+        g.authenticate(secret[:-1] + ("0" if secret[-1] != "0" else "1"))
+    assert reads == 2
