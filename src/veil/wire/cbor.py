@@ -557,22 +557,8 @@ class _WholeBody:
     def _map(self, depth: int, count: int | None) -> dict[str, Any]:
         out: dict[str, Any] = {}
         pairs = 0
-        buf, end = self._buf, self._end
         while (count is None and not self._at_break()) or (count is not None and pairs < count):
-            pos = self._pos
-            size = buf[pos] - 0x60 if pos < end else -1
-            if 0 <= size < 24 and size <= self._limits.max_text_bytes and pos + 1 + size <= end:
-                # A short text key, the common case, read here.
-                self._pos = pos + 1 + size
-                self._items += 1
-                if self._items > self._limits.max_items:
-                    raise self._error(f"more than {self._limits.max_items} items")
-                try:
-                    key = str(buf[pos + 1 : pos + 1 + size], "utf-8")
-                except UnicodeDecodeError:
-                    raise self._error("a text string that is not UTF-8") from None
-            else:
-                key = self._item(depth, None)
+            key = self._item(depth, None)
             if not isinstance(key, str):
                 raise self._error(f"a map key of type {type(key).__name__}, expected text")
             if key in out:
