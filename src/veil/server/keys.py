@@ -438,9 +438,10 @@ class AuthGate:
 
     def enabled(self) -> bool:
         """Whether this request must carry a valid API key."""
-        if self._no_auth:
-            return False
-        return self._always or self._store.auth_on()
+        return not self._no_auth and self._demands_keys(self._store.snapshot())
+
+    def _demands_keys(self, keys: KeySnapshot) -> bool:
+        return self._always or keys.auth_on
 
     @property
     def anonymous(self) -> bool:
@@ -464,7 +465,7 @@ class AuthGate:
         if self._no_auth:
             return Principal.unauthenticated()
         keys = self._store.snapshot()  # one manifest for every check below
-        if not (self._always or keys.auth_on):
+        if not self._demands_keys(keys):
             return Principal.unauthenticated()
         if allow_anonymous and self._anonymous and not api_key:
             return Principal.anonymous_caller()
